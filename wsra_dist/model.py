@@ -1,0 +1,152 @@
+"""The scoring function φ (fused over all snippet-query pairs) and referring attention (Eq. 1-2).
+
+φ(v, t) = Sigmoid(MLP(Cat(v, t))).  The first layer of the MLP acting on Cat(v, t) equals
+W_v v + W_t t + b, so snippets and queries are projected once and broadcast-added: the
+(videos x snippets x queries x D) concatenation is never built.  A single linear layer would be
+additive in v and t and could not rank snippets differently for different queries, hence the MLP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+
+@dataclass
+class ScorerConfig:
+    video_dim: int
+    text_dim: int
+    hidden: int = 256
+    depth: int = 2  # number of hidden layers (>= 1)
+    dropout: float = 0.0
+    input_norm: str = "l2"  # none | l2 | layernorm, applied to v and t separately
+    query_chunk: int = 0  # 0: all queries at once; else queries per chunk in all_pairs
+    recompute: bool = False  # recompute each chunk's activations in backward (activation checkpointing)
+
+
+class Scorer(nn.Module):
+    """φ as an MLP on Cat(v, t) whose first layer is split into a video and a text projection."""
+
+    def __init__(self, cfg: ScorerConfig):
+        super().__init__()
+        if cfg.depth < 1:
+            raise ValueError(f"model.depth must be >= 1, got {cfg.depth}")
+        if cfg.input_norm not in ("none", "l2", "layernorm"):
+            raise ValueError(f"model.input_norm must be none|l2|layernorm, got {cfg.input_norm!r}")
+        self.cfg = cfg
+        if cfg.input_norm == "layernorm":
+            self.norm_v: nn.Module = nn.LayerNorm(cfg.video_dim)
+            self.norm_t: nn.Module = nn.LayerNorm(cfg.text_dim)
+        else:
+            self.norm_v = self.norm_t = nn.Identity()
+        # First layer of FC(Cat(v, t)): W = [W_v | W_t], bias lives on the video side.
+        self.proj_v = nn.Linear(cfg.video_dim, cfg.hidden)
+        self.proj_t = nn.Linear(cfg.text_dim, cfg.hidden, bias=False)
+        layers: list[nn.Module] = []
+        for _ in range(cfg.depth - 1):
+            layers += [nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.hidden)]
+        layers += [nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, 1)]
+        self.tail = nn.Sequential(*layers)
+
+    # -- inputs -------------------------------------------------------------------------------
+    def _nv(self, v: torch.Tensor) -> torch.Tensor:
+        return F.normalize(v, dim=-1, eps=1e-6) if self.cfg.input_norm == "l2" else self.norm_v(v)
+
+    def _nt(self, t: torch.Tensor) -> torch.Tensor:
+        return F.normalize(t, dim=-1, eps=1e-6) if self.cfg.input_norm == "l2" else self.norm_t(t)
+
+    def project_video(self, v: torch.Tensor) -> torch.Tensor:
+        return self.proj_v(self._nv(v))
+
+    def project_text(self, t: torch.Tensor) -> torch.Tensor:
+        return self.proj_t(self._nt(t))
+
+    # -- scores -------------------------------------------------------------------------------
+    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        return self.tail(h).squeeze(-1)
+
+    def pair_logits(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Logit of φ for aligned pairs: v (..., Dv) with t broadcastable to (..., Dt)."""
+        return self.logits_from_hidden(self.project_video(v) + self.project_text(t))
+
+    def pair(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """φ(v, t) for aligned pairs."""
+        return torch.sigmoid(self.pair_logits(v, t))
+
+    def all_pairs_logits(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Logits for every (snippet, query) pair: v (B, T, Dv), t (N, Dt) -> (B, T, N)."""
+        pv = self.project_video(v)  # (B, T, H), once
+        pt = self.project_text(t)  # (N, H), once
+        chunk = self.cfg.query_chunk or pt.shape[0]
+        outs = []
+        for s in range(0, pt.shape[0], chunk):
+            ptc = pt[s : s + chunk]
+            if self.cfg.recompute and torch.is_grad_enabled():
+                outs.append(_checkpoint(self._chunk_logits, pv, ptc, use_reentrant=False))
+            else:
+                outs.append(self._chunk_logits(pv, ptc))
+        return torch.cat(outs, dim=-1)
+
+    def _chunk_logits(self, pv: torch.Tensor, ptc: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_hidden(pv.unsqueeze(-2) + ptc)  # (B, T, n, H) -> (B, T, n)
+
+    def all_pairs(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """φ for every (snippet, query) pair: (B, T, Dv) x (N, Dt) -> (B, T, N)."""
+        return torch.sigmoid(self.all_pairs_logits(v, t))
+
+    def all_pairs_naive(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Baseline that materialises Cat(v, t) for every pair (benchmarks and tests only)."""
+        B, T, _ = v.shape
+        N = t.shape[0]
+        x = torch.cat(
+            [self._nv(v).unsqueeze(2).expand(B, T, N, -1), self._nt(t).expand(B, T, N, -1)], dim=-1
+        )
+        w = torch.cat([self.proj_v.weight, self.proj_t.weight], dim=1)
+        return torch.sigmoid(self.logits_from_hidden(F.linear(x, w, self.proj_v.bias)))
+
+
+def referring_attention(scores: torch.Tensor, mask: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Eq. 2: α_t = softmax over the valid snippets of exp(φ(v_t, t)); scores, mask (B, T)."""
+    return torch.softmax((scale * scores).masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def pool_foreground_background(
+    v: torch.Tensor, alpha: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 1: v_f = Σ α_t v_t and v_b = 1/(T-1) Σ (1-α_t) v_t over the valid T snippets."""
+    m = mask.to(v.dtype)
+    fg = torch.einsum("bt,btd->bd", alpha * m, v)
+    length = m.sum(-1, keepdim=True)
+    # T = 1 has no background; the clamp keeps it finite (v_b = 0 there since 1 - α = 0).
+    bg = torch.einsum("bt,btd->bd", (1 - alpha) * m, v) / (length - 1).clamp_min(1)
+    return fg, bg
+
+
+@dataclass
+class WSRAOutput:
+    scores: torch.Tensor  # (B, T) φ(v_t, t_own)
+    logits: torch.Tensor  # (B, T) pre-sigmoid
+    alpha: torch.Tensor  # (B, T)
+    fg: torch.Tensor  # (B, Dv)
+    bg: torch.Tensor  # (B, Dv)
+
+
+class WSRA(nn.Module):
+    """Referring attention for a batch of (video, own query) samples."""
+
+    def __init__(self, cfg: ScorerConfig, attention_scale: float = 1.0):
+        super().__init__()
+        self.cfg = cfg
+        self.attention_scale = attention_scale
+        self.scorer = Scorer(cfg)
+
+    def forward(self, video: torch.Tensor, mask: torch.Tensor, text: torch.Tensor) -> WSRAOutput:
+        logits = self.scorer.pair_logits(video, text.unsqueeze(1))  # (B, T)
+        scores = torch.sigmoid(logits)
+        alpha = referring_attention(scores, mask, self.attention_scale)
+        fg, bg = pool_foreground_background(video, alpha, mask)
+        return WSRAOutput(scores=scores, logits=logits, alpha=alpha, fg=fg, bg=bg)
