@@ -209,3 +209,22 @@ def test_sampler_too_small_batch_names_numbers():
 def test_loss_config_rejects_unknown_modes():
     with pytest.raises(ValueError, match="snippet_negatives"):
         dataclasses.replace(L.LossConfig(), snippet_negatives="max").validate()
+
+
+def test_pair_mlp_kernel_matches_autograd_and_gradcheck():
+    from wsra_dist.model import _PairMLP1
+
+    b = make_batch(n=5)
+    torch.manual_seed(3)
+    m = WSRA(ScorerConfig(video_dim=7, text_dim=5, hidden=6, depth=1, fused_kernel=True)).double()
+    ref = WSRA(ScorerConfig(video_dim=7, text_dim=5, hidden=6, depth=1, fused_kernel=False)).double()
+    ref.load_state_dict(m.state_dict())
+    for model in (m, ref):
+        model.scorer.all_pairs(b.video, b.text).pow(2).sum().backward()
+    for (n1, p1), (_, p2) in zip(m.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-10, atol=1e-12, msg=n1)
+    pv = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    pt = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn((), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b_, w_, c_: _PairMLP1.apply(a, b_, w_, c_, 2), (pv, pt, w, c))

@@ -26,6 +26,7 @@ class ScorerConfig:
     input_norm: str = "l2"  # none | l2 | layernorm, applied to v and t separately
     query_chunk: int = 0  # 0: all queries at once; else queries per chunk in all_pairs
     recompute: bool = False  # recompute each chunk's activations in backward (activation checkpointing)
+    fused_kernel: bool = True  # depth 1: the pair-MLP autograd function that stores no pair activations
 
 
 class Scorer(nn.Module):
@@ -81,6 +82,10 @@ class Scorer(nn.Module):
         """Logits for every (snippet, query) pair: v (B, T, Dv), t (N, Dt) -> (B, T, N)."""
         pv = self.project_video(v)  # (B, T, H), once
         pt = self.project_text(t)  # (N, H), once
+        if self.cfg.fused_kernel and self.cfg.depth == 1 and (self.cfg.dropout == 0 or not self.training):
+            last = self.tail[-1]
+            chunk = self.cfg.query_chunk or max(1, (1 << 24) // max(1, pv.shape[0] * pv.shape[1] * pv.shape[2]))
+            return _PairMLP1.apply(pv, pt, last.weight[0], last.bias[0], chunk)
         chunk = self.cfg.query_chunk or pt.shape[0]
         outs = []
         for s in range(0, pt.shape[0], chunk):
@@ -109,6 +114,40 @@ class Scorer(nn.Module):
         return torch.sigmoid(self.logits_from_hidden(F.linear(x, w, self.proj_v.bias)))
 
 
+class _PairMLP1(torch.autograd.Function):
+    """logit[b,t,n] = w · relu(pv[b,t] + pt[n]) + c, chunked over queries.
+
+    Autograd would keep the (B, T, N, H) pre-activations for backward; this keeps only pv, pt and
+    recomputes each chunk's broadcast-add in backward (cheap, memory-bound), so activation memory
+    is one chunk, never B x T x N x H.
+    """
+
+    @staticmethod
+    def forward(ctx, pv, pt, w, c, chunk: int):  # type: ignore[override]
+        out = pv.new_empty(pv.shape[0], pv.shape[1], pt.shape[0])
+        for s in range(0, pt.shape[0], chunk):
+            h = (pv.unsqueeze(2) + pt[s : s + chunk]).clamp_min_(0)
+            out[..., s : s + chunk] = h @ w + c
+        ctx.save_for_backward(pv, pt, w)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        pv, pt, w = ctx.saved_tensors
+        gpv = torch.zeros_like(pv)
+        gpt = torch.empty_like(pt)
+        gw = torch.zeros_like(w)
+        for s in range(0, pt.shape[0], ctx.chunk):
+            h = (pv.unsqueeze(2) + pt[s : s + ctx.chunk]).clamp_min_(0)  # (B, T, n, H)
+            gc = g[..., s : s + ctx.chunk]
+            gw += torch.einsum("btn,btnh->h", gc, h)
+            dh = (gc.unsqueeze(-1) * w).mul_(h > 0)
+            gpv += dh.sum(2)
+            gpt[s : s + ctx.chunk] = dh.sum((0, 1))
+        return gpv, gpt, gw, g.sum(), None
+
+
 def referring_attention(scores: torch.Tensor, mask: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Eq. 2: α_t = softmax over the valid snippets of exp(φ(v_t, t)); scores, mask (B, T)."""
     return torch.softmax((scale * scores).masked_fill(~mask, float("-inf")), dim=-1)
@@ -128,15 +167,23 @@ def pool_foreground_background(
 
 @dataclass
 class WSRAOutput:
-    scores: torch.Tensor  # (B, T) φ(v_t, t_own)
-    logits: torch.Tensor  # (B, T) pre-sigmoid
-    alpha: torch.Tensor  # (B, T)
-    fg: torch.Tensor  # (B, Dv)
-    bg: torch.Tensor  # (B, Dv)
+    scores: torch.Tensor  # (b, T) φ(v_t, t_own)
+    logits: torch.Tensor  # (b, T) pre-sigmoid
+    alpha: torch.Tensor  # (b, T)
+    fg: torch.Tensor  # (b, Dv)
+    bg: torch.Tensor  # (b, Dv)
+    s_pos: torch.Tensor  # (b,) φ(v_f, t_own)
+    s_neg: torch.Tensor  # (b,) φ(v_b, t_own)
+    phi_all: torch.Tensor | None = None  # (b, T, N) φ(v_t, t_n) for every global query n
+    phi_fg: torch.Tensor | None = None  # (b, N) φ(v_f, t_n)
 
 
 class WSRA(nn.Module):
-    """Referring attention for a batch of (video, own query) samples."""
+    """Referring attention for a batch of (video, own query) samples.
+
+    Everything that touches parameters happens in forward, because data-parallel wrappers (DDP,
+    DeepSpeed) synchronise gradients only for what runs through the wrapped forward.
+    """
 
     def __init__(self, cfg: ScorerConfig, attention_scale: float = 1.0):
         super().__init__()
@@ -144,9 +191,13 @@ class WSRA(nn.Module):
         self.attention_scale = attention_scale
         self.scorer = Scorer(cfg)
 
-    def forward(self, video: torch.Tensor, mask: torch.Tensor, text: torch.Tensor) -> WSRAOutput:
-        logits = self.scorer.pair_logits(video, text.unsqueeze(1))  # (B, T)
+    def forward(self, video: torch.Tensor, mask: torch.Tensor, text: torch.Tensor,
+                text_global: torch.Tensor | None = None, all_pairs: bool = False, fg_pairs: bool = False) -> WSRAOutput:
+        logits = self.scorer.pair_logits(video, text.unsqueeze(1))  # (b, T)
         scores = torch.sigmoid(logits)
         alpha = referring_attention(scores, mask, self.attention_scale)
         fg, bg = pool_foreground_background(video, alpha, mask)
-        return WSRAOutput(scores=scores, logits=logits, alpha=alpha, fg=fg, bg=bg)
+        s_pos, s_neg = self.scorer.pair(fg, text), self.scorer.pair(bg, text)
+        phi_all = self.scorer.all_pairs(video, text_global) if all_pairs else None
+        phi_fg = self.scorer.all_pairs(fg.unsqueeze(1), text_global).squeeze(1) if fg_pairs else None
+        return WSRAOutput(scores, logits, alpha, fg, bg, s_pos, s_neg, phi_all, phi_fg)

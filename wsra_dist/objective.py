@@ -44,11 +44,10 @@ class ObjectiveOutput:
     gatherer: Gatherer
 
 
-def wsra_objective(model: WSRA, batch: Batch, cfg: L.LossConfig, gatherer: Gatherer | None = None) -> ObjectiveOutput:
+def wsra_objective(model: WSRA | torch.nn.Module, batch: Batch, cfg: L.LossConfig, gatherer: Gatherer | None = None) -> ObjectiveOutput:
     g = gatherer or Gatherer(batch.video.shape[0], batch.video.device)
-    scorer = model.scorer
-    out = model(batch.video, batch.mask, batch.text)
     text_g = g.const(batch.text)
+    out = model(batch.video, batch.mask, batch.text, text_g, all_pairs=bool(cfg.w_snippet), fg_pairs=bool(cfg.w_cross))
     vid_g = g.const(batch.video_id)
     n = g.n_global
     local = g.local
@@ -64,13 +63,11 @@ def wsra_objective(model: WSRA, batch: Batch, cfg: L.LossConfig, gatherer: Gathe
         negatives = L.sample_negatives(text_cos, vid_g, cfg.k_top, cfg.k_last, cfg.self_in_top_k)
 
     if cfg.w_video:
-        s_pos = g.with_grad(scorer.pair(out.fg, batch.text))
-        s_neg = g.with_grad(scorer.pair(out.bg, batch.text))
+        s_pos, s_neg = g.with_grad(out.s_pos), g.with_grad(out.s_neg)
         terms["video"] = L.video_loss(s_pos, s_neg, local, cfg.tau, cfg.margin)
     if cfg.w_snippet:
-        phi_all = scorer.all_pairs(batch.video, text_g)
         terms["snippet"] = L.snippet_loss(
-            phi_all, batch.mask, positive, negatives.hard[local], n, cfg.tau, cfg.margin,
+            out.phi_all, batch.mask, positive, negatives.hard[local], n, cfg.tau, cfg.margin,
             cfg.snippet_negatives, cfg.snippet_videos,
         )
     if cfg.w_batch:
@@ -79,12 +76,11 @@ def wsra_objective(model: WSRA, batch: Batch, cfg: L.LossConfig, gatherer: Gathe
             fg_g, bg_g, text_cos, negatives.pseudo_positive, vid_g, local, cfg.tau, cfg.margin, cfg.gamma_denominator
         )
     if cfg.w_cross:
-        phi_fg = scorer.all_pairs(out.fg.unsqueeze(1), text_g).squeeze(1)  # (b, N)
         if cfg.cross_negatives == "hard":
             neg = negatives.hard[local]
         else:
             neg = vid_g[local][:, None] != vid_g[None, :]
-        terms["cross"] = L.cross_video_loss(phi_fg, positive, neg, n, cfg.cross_tau, cfg.cross_margin)
+        terms["cross"] = L.cross_video_loss(out.phi_fg, positive, neg, n, cfg.cross_tau, cfg.cross_margin)
     if cfg.w_supervised:
         terms["supervised"] = L.supervised_loss(out.logits, batch.mask, batch.target, n)
 

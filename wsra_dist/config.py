@@ -1,0 +1,200 @@
+"""Recipes: YAML + dotted overrides -> a typed, validated configuration.
+
+Keys are a contract (scripts outside this repo use them): data.train_shards, data.val_shards,
+train.epochs, train.max_steps, train.batch_size (per process), optim.name, optim.lr, data.shuffle,
+data.num_workers, model.dropout, seed, output_dir, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .losses import LossConfig
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""  # folder, or WebDataset URL pattern (braces, pipe:) with its manifest
+    val_shards: str = ""  # evaluated at each epoch end when given
+    test_shards: str = ""  # evaluated at the end of training when given
+    train_manifest: str = ""  # explicit manifest for remote patterns (default: beside the shards)
+    val_manifest: str = ""
+    test_manifest: str = ""
+    shuffle: bool = True  # fresh shard order and sample shuffle every epoch (seeded)
+    shuffle_buffer: int = 2000
+    num_workers: int = 0
+    verify_checksums: bool = True  # sha256 of every shard checked while it streams
+
+
+@dataclass
+class ModelConfig:
+    hidden: int = 256
+    depth: int = 1  # hidden layers of φ's MLP
+    dropout: float = 0.0
+    input_norm: str = "l2"  # none | l2 | layernorm
+    query_chunk: int = 0
+    recompute: bool = False
+    fused_kernel: bool = True
+    attention_scale: float = 1.0  # Eq. 2 uses exp(φ) (scale 1)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd
+    grad_clip: float = 0.0  # 0: off
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 6
+    max_steps: int = 0  # 0: no limit; otherwise stop after this many optimizer steps
+    batch_size: int = 42  # per process
+    device: str = "auto"  # auto | cpu | cuda (cuda fails early without a GPU)
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0: only at epoch ends
+    keep_checkpoints: int = 2
+    process_group_timeout_s: int = 600  # a dead process makes the others fail after this, not hang
+    progress: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    charades_filter: str = "clamp"
+    nms: float = -1.0  # < 0: off
+    strict_iou: bool = False
+
+
+@dataclass
+class Recipe:
+    name: str = "wsra"
+    seed: int = 0
+    output_dir: str = "runs/wsra"
+    resume: str = ""  # "" | latest | path to a checkpoint folder
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        self.loss.validate()
+        if self.optim.name not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"optim.name must be adam, adamw or sgd, got {self.optim.name!r}")
+        if self.train.batch_size < 1:
+            raise ValueError(f"train.batch_size must be >= 1, got {self.train.batch_size}")
+        if self.train.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device must be auto, cpu or cuda, got {self.train.device!r}")
+        if self.model.input_norm not in ("none", "l2", "layernorm"):
+            raise ValueError(f"model.input_norm must be none, l2 or layernorm, got {self.model.input_norm!r}")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown recipe key {key!r}; valid keys here: {', '.join(sorted(names))}")
+        tp = hints[k]
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(cur))}")
+            _apply(cur, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, tp, key))
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['train.max_steps=1', 'seed=0'] -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.max_steps=1)")
+        k, v = item.split("=", 1)
+        node = out
+        parts = k.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(v) if v != "" else ""
+    return out
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    r = Recipe()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe {p} not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        data.pop("accelerate", None)
+        _apply(r, data)
+    _apply(r, parse_overrides(overrides or []))
+    try:
+        r.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return r
+
+
+def to_dict(r: Recipe) -> dict:
+    return dataclasses.asdict(r)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def dump_recipe(r: Recipe) -> str:
+    return yaml.safe_dump(to_dict(r), sort_keys=False)
+
+
+_ = types  # keep typing helpers importable on 3.10

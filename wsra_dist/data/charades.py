@@ -1,0 +1,138 @@
+"""Charades-STA (jiyanggao/TALL): `VIDEO START END##sentence` lines, durations CSV, I3D features."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from .records import DataError, QueryRecord
+
+FILTERS = ("clamp", "strict")
+
+
+def read_durations(path: str | Path) -> dict[str, float]:
+    """`Charades_v1_{train,test}.csv`: column `length` in seconds, keyed by `id`."""
+    path = Path(path)
+    out = {}
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "id" not in reader.fieldnames or "length" not in reader.fieldnames:
+                raise DataError(f"{path}: needs columns 'id' and 'length', found {reader.fieldnames}")
+            for row in reader:
+                try:
+                    out[row["id"]] = float(row["length"])
+                except (TypeError, ValueError):
+                    raise DataError(f"{path}: line {reader.line_num}: bad length {row.get('length')!r} for {row.get('id')!r}")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read durations: {e}") from e
+    return out
+
+
+def read_annotations(
+    path: str | Path, durations: dict[str, float], rule: str = "clamp", durations_file: str = "durations"
+) -> tuple[list[QueryRecord], dict[str, int]]:
+    """Parse the annotation txt and apply the defect rule.
+
+    clamp (2D-TAN, 3,720 test queries): end clamped to the length, start >= end dropped.
+    strict (CPL/CNM/SCN, 3,158): only lines with start < end <= length.
+    query_id is the 0-based line number, so predictions can name a query whatever the rule.
+    """
+    if rule not in FILTERS:
+        raise DataError(f"charades filter must be one of {FILTERS}, got {rule!r}")
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read annotations: {e}") from e
+    out: list[QueryRecord] = []
+    stats = {"lines": 0, "clamped": 0, "dropped_start_ge_end": 0, "dropped_past_end": 0}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        stats["lines"] += 1
+        if "##" not in line:
+            raise DataError(f"{path}: line {i + 1}: no '##' separator: {line[:80]!r}")
+        head, sentence = line.split("##", 1)  # seven real sentences contain '#'
+        fields = head.split()
+        if len(fields) != 3:
+            raise DataError(f"{path}: line {i + 1}: expected 'VIDEO START END##sentence', got {line[:80]!r}")
+        vid = fields[0]
+        try:
+            s, e = float(fields[1]), float(fields[2])
+        except ValueError:
+            raise DataError(f"{path}: line {i + 1}: start/end are not numbers: {line[:80]!r}")
+        if vid not in durations:
+            raise DataError(f"{path}: line {i + 1}: video {vid!r} has no duration in {durations_file}")
+        length = durations[vid]
+        if rule == "strict":
+            if not s < e:
+                stats["dropped_start_ge_end"] += 1
+                continue
+            if e > length:
+                stats["dropped_past_end"] += 1
+                continue
+        else:
+            if e > length:
+                e = length
+                stats["clamped"] += 1
+            if s >= e:
+                stats["dropped_start_ge_end"] += 1
+                continue
+        out.append(QueryRecord(query_id=i, video=vid, sentence=sentence.strip(), times=[[s, e]], duration=length))
+    stats["kept"] = len(out)
+    return out, stats
+
+
+class SnippetFeatures:
+    """I3D snippet features: a folder of `{vid}.npy` (T, 1024) or (T,1,1,1024), or one HDF5 of datasets."""
+
+    def __init__(self, source: str | Path):
+        self.source = Path(source)
+        self.h5 = None
+        if self.source.is_dir():
+            pass
+        elif self.source.is_file():
+            import h5py
+
+            try:
+                self.h5 = h5py.File(self.source, "r")
+            except OSError as e:
+                raise DataError(f"{self.source}: neither a folder of .npy nor an HDF5 file: {e}") from e
+        else:
+            raise DataError(f"{self.source}: no such feature folder or file")
+
+    def __contains__(self, vid: str) -> bool:
+        return (vid in self.h5) if self.h5 is not None else (self.source / f"{vid}.npy").is_file()
+
+    def where(self, vid: str) -> str:
+        return f"{self.source}:{vid}" if self.h5 is not None else str(self.source / f"{vid}.npy")
+
+    def get(self, vid: str) -> np.ndarray:
+        try:
+            x = np.asarray(self.h5[vid][()]) if self.h5 is not None else np.load(self.source / f"{vid}.npy", allow_pickle=False)
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"{self.where(vid)}: cannot read features: {e}") from e
+        x = x.reshape(x.shape[0], -1) if x.ndim == 4 else x
+        if x.ndim != 2 or x.shape[0] < 1:
+            raise DataError(f"{self.where(vid)}: shape {x.shape}, expected (T, D)")
+        if not np.isfinite(x).all():
+            raise DataError(f"{self.where(vid)}: contains NaN or inf")
+        return x.astype(np.float32)
+
+    def dim(self, vid: str) -> int:
+        return int(self.get(vid).shape[1])
+
+
+def resample(x: np.ndarray, T: int) -> np.ndarray:
+    """Mean within T equal bins (CPL's 200-bin resampling); repeats rows when the video is shorter."""
+    n = x.shape[0]
+    edges = np.linspace(0, n, T + 1)
+    out = np.empty((T, x.shape[1]), dtype=np.float32)
+    for k in range(T):
+        a = int(np.floor(edges[k]))
+        b = max(int(np.ceil(edges[k + 1])), a + 1)
+        out[k] = x[a:min(b, n)].mean(0) if a < n else x[-1]
+    return out

@@ -1,0 +1,148 @@
+"""WebDataset shards -> padded batches, split by process then by worker, equal batches per process.
+
+Each epoch: the shard list is shuffled with (seed, epoch) - the same order on every process - then
+process r takes shards[r::world] and its workers split those.  The number of batches per epoch is
+computed from the manifest's per-shard counts for every process (no communication) and the minimum
+is used everywhere, so uneven shards can never leave one process waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..objective import Batch
+from .records import DataError
+from .shards import iter_shard, load_manifest, manifest_path_for, shard_counts, shard_sha, shard_urls
+
+
+@dataclass
+class ShardSource:
+    urls: list[str]
+    counts: list[int]
+    shas: list[str]
+    manifest: dict
+
+    @classmethod
+    def open(cls, source: str, manifest: str = "") -> "ShardSource":
+        if not source:
+            raise DataError("no shards given (data.train_shards)")
+        m = load_manifest(manifest or manifest_path_for(source))
+        urls = shard_urls(source, m)
+        if not urls:
+            raise DataError(f"{source}: no shards")
+        return cls(urls, shard_counts(urls, m), [shard_sha(u, m) for u in urls], m)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, urls, shas, dims, shuffle_buffer: int, seed: int, verify: bool):
+        self.urls, self.shas, self.dims = urls, shas, dims
+        self.shuffle_buffer, self.seed, self.verify = shuffle_buffer, seed, verify
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(self.seed * 1000 + wid)
+        buf: list[dict] = []
+        for url, sha in list(zip(self.urls, self.shas))[wid::nw]:
+            for s in iter_shard(url, sha if self.verify else None, self.dims):
+                if self.shuffle_buffer <= 1:
+                    yield s
+                    continue
+                buf.append(s)
+                if len(buf) >= self.shuffle_buffer:
+                    yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+
+
+def _target(meta: dict, T: int) -> np.ndarray:
+    """Annotated-time distribution over snippets/candidates, for the supervised reference only."""
+    t = np.zeros(T, dtype=np.float32)
+    if "target" in meta:  # DiDeMo: the majority annotation among the 21 candidates
+        t[int(meta["target"])] = 1.0
+        return t
+    d, s, e = meta["duration"], meta["start"], meta["end"]
+    k = (np.arange(T) + 0.5) * d / T
+    inside = (k >= s) & (k <= e)
+    if not inside.any():
+        inside[min(int(s / d * T), T - 1)] = True
+    t[inside] = 1.0 / inside.sum()
+    return t
+
+
+def collate(samples: list[dict]) -> Batch:
+    T = max(s["video.npy"].shape[0] for s in samples)
+    D = samples[0]["video.npy"].shape[1]
+    video = np.zeros((len(samples), T, D), dtype=np.float32)
+    mask = np.zeros((len(samples), T), dtype=bool)
+    target = np.zeros((len(samples), T), dtype=np.float32)
+    for i, s in enumerate(samples):
+        v = s["video.npy"]
+        video[i, : len(v)] = v
+        mask[i, : len(v)] = True
+        target[i, : len(v)] = _target(s["meta.json"], len(v))
+    meta = [{**s["meta.json"], "query": s["query.txt"], "key": s["__key__"]} for s in samples]
+    return Batch(
+        video=torch.from_numpy(video), mask=torch.from_numpy(mask),
+        text=torch.from_numpy(np.stack([s["text.npy"] for s in samples]).astype(np.float32)),
+        video_id=torch.tensor([m["video_hash"] for m in meta], dtype=torch.long),
+        target=torch.from_numpy(target), meta=meta,
+    )
+
+
+class EpochLoader:
+    def __init__(self, source: ShardSource, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 2000, num_workers: int = 0, verify: bool = True,
+                 drop_last: bool = False):
+        if len(source.urls) < world:
+            raise DataError(f"{len(source.urls)} shards for {world} processes: process {len(source.urls)} would get "
+                            f"no shards; re-shard with a smaller --shard-size (at least {world} shards)")
+        self.source, self.batch_size, self.world, self.rank = source, batch_size, world, rank
+        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.num_workers, self.verify, self.drop_last = num_workers, verify, drop_last
+
+    def _order(self, epoch: int) -> list[int]:
+        idx = list(range(len(self.source.urls)))
+        if self.shuffle:
+            random.Random(self.seed * 100003 + epoch).shuffle(idx)
+        return idx
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        order = self._order(epoch)
+        per_rank = [sum(self.source.counts[i] for i in order[r :: self.world]) for r in range(self.world)]
+        if min(per_rank) == 0:
+            r = per_rank.index(0)
+            raise DataError(f"process {r} gets shards with no samples in epoch {epoch}")
+        f = math.floor if self.drop_last else math.ceil
+        return min(int(f(n / self.batch_size)) for n in per_rank)
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        """This process's batches of `epoch`, after skipping the first `skip` (mid-epoch resume)."""
+        order = self._order(epoch)[self.rank :: self.world]
+        n_batches = self.batches_per_epoch(epoch)
+        stream = _Stream([self.source.urls[i] for i in order], [self.source.shas[i] for i in order],
+                         self.source.manifest["dims"], self.shuffle_buffer if self.shuffle else 0,
+                         seed=(self.seed * 7919 + epoch) * 131 + self.rank, verify=self.verify)
+        dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                         collate_fn=lambda x: x, prefetch_factor=8 if self.num_workers else None)
+        it = iter(dl)
+        for b in range(n_batches):
+            samples = []
+            for s in it:
+                samples.append(s)
+                if len(samples) == self.batch_size:
+                    break
+            if not samples:
+                break
+            if b >= skip:
+                yield collate(samples)

@@ -1,0 +1,300 @@
+"""WebDataset tar shards + manifest: written atomically, read with an allow-list decoder, verified.
+
+Layout of DIR: `shard-000000.tar`, ... and `manifest.json` (written last).  A sample is one query:
+`KEY.video.npy` (T, D) float32, `KEY.text.npy` (Dt,) float32, `KEY.meta.json`, `KEY.query.txt`.
+KEY is a zero-padded sample index (real ids, which may contain dots, live in the json).
+No pickle anywhere: npy is loaded with allow_pickle=False and other extensions are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .records import DataError
+
+MANIFEST = "manifest.json"
+FORMAT = "wsra-dist-shards/1"
+FIELDS = ("video.npy", "text.npy", "meta.json", "query.txt")
+
+
+def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def npy_bytes(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(x), allow_pickle=False)
+    return buf.getvalue()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def encode_sample(key: str, video: np.ndarray, text: np.ndarray, meta: dict, query: str) -> dict[str, bytes]:
+    return {
+        "video.npy": npy_bytes(np.asarray(video, dtype=np.float32)),
+        "text.npy": npy_bytes(np.asarray(text, dtype=np.float32)),
+        "meta.json": json.dumps(meta, separators=(",", ":")).encode(),
+        "query.txt": query.encode(),
+    }
+
+
+class ShardWriter:
+    """Writes shards of `shard_size` samples under temp names, renamed when complete."""
+
+    def __init__(self, out_dir: str | Path, shard_size: int = 1000):
+        if shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        # An old manifest would describe shards we are about to replace: remove it first.
+        for old in [self.out / MANIFEST, *self.out.glob("shard-*.tar"), *self.out.glob(".shard-*.tar.tmp*")]:
+            old.unlink(missing_ok=True)
+        self.shard_size = shard_size
+        self.shards: list[dict] = []
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+        self._bytes = 0
+        self._mtime = time.time()
+
+    def _open(self) -> None:
+        name = f"shard-{len(self.shards):06d}.tar"
+        self._name = name
+        self._tmp = self.out / f".{name}.tmp-{os.getpid()}"
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._count = 0
+
+    def _close(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        self._tar = None
+        digest = sha256_file(self._tmp)
+        final = self.out / self._name
+        os.replace(self._tmp, final)
+        size = final.stat().st_size
+        self._bytes += size
+        self.shards.append({"name": self._name, "num_samples": self._count, "sha256": digest, "bytes": size})
+
+    def write(self, key: str, fields: dict[str, bytes]) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"shard key {key!r} must not contain '.' or '/' (WebDataset splits on the first dot)")
+        if self._tar is None:
+            self._open()
+        for ext, data in fields.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = self._mtime
+            info.mode = 0o444
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        if self._count >= self.shard_size:
+            self._close()
+
+    def finish(self, manifest: dict) -> dict:
+        if self._tar is not None:
+            self._close()
+        manifest = {"format": FORMAT, **manifest, "shards": self.shards,
+                    "num_samples": sum(s["num_samples"] for s in self.shards), "total_bytes": self._bytes}
+        atomic_write_text(self.out / MANIFEST, json.dumps(manifest, indent=1))
+        return manifest
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+            self._tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------ reading
+def load_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: no shard manifest (was `wsra-dist shard` run, and did it finish?)")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: manifest is not valid JSON: {e}") from e
+    if m.get("format") != FORMAT:
+        raise DataError(f"{path}: unknown manifest format {m.get('format')!r} (expected {FORMAT})")
+    return m
+
+
+class _HashingReader(io.RawIOBase):
+    """File-like wrapper that hashes every byte read, so a shard is checked while it streams."""
+
+    def __init__(self, f):
+        self.f = f
+        self.h = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.f.readinto(b)
+        if n:
+            self.h.update(memoryview(b)[:n])
+        return n or 0
+
+    def drain(self) -> str:
+        while chunk := self.f.read(1 << 20):
+            self.h.update(chunk)
+        return self.h.hexdigest()
+
+
+def _open_url(url: str):
+    if url.startswith("pipe:") or "://" in url:
+        import webdataset as wds
+
+        return wds.gopen(url, "rb")
+    return open(url, "rb", buffering=1 << 20)
+
+
+def decode_field(shard: str, key: str, ext: str, data: bytes) -> Any:
+    try:
+        if ext.endswith(".npy"):
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        if ext.endswith(".json"):
+            return json.loads(data)
+        if ext.endswith(".txt"):
+            return data.decode("utf-8")
+    except Exception as e:
+        raise DataError(f"{shard}: sample {key}: cannot decode {ext}: {e}") from e
+    raise DataError(f"{shard}: sample {key}: field {ext!r} is not allowed (only .npy, .json, .txt are decoded)")
+
+
+def iter_shard(url: str, expected_sha256: str | None = None, dims: dict | None = None) -> Iterator[dict]:
+    """Decoded samples of one shard, in order.  Raises DataError naming the shard on any problem."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    def reraise(e: Exception) -> bool:
+        raise DataError(f"{url}: unreadable tar: {e}") from e
+
+    raw = _open_url(url)
+    stream = _HashingReader(raw) if expected_sha256 else raw
+    try:
+        files = tar_file_iterator(io.BufferedReader(stream, 1 << 20) if expected_sha256 else stream, handler=reraise)
+        for s in group_by_keys(({**f, "__url__": url} for f in files), handler=reraise):
+            key = s["__key__"]
+            out = {"__key__": key, "__url__": url}
+            for ext, data in s.items():
+                if ext.startswith("__"):
+                    continue
+                out[ext] = decode_field(url, key, ext, data)
+            missing = [f for f in FIELDS if f not in out]
+            if missing:
+                raise DataError(f"{url}: sample {key}: missing {missing}")
+            if dims:
+                v, t = out["video.npy"], out["text.npy"]
+                if v.ndim != 2 or v.shape[1] != dims["video"] or t.shape != (dims["text"],):
+                    raise DataError(f"{url}: sample {key}: video {v.shape} / text {t.shape} do not match the manifest "
+                                    f"dims (video {dims['video']}, text {dims['text']})")
+            yield out
+        if expected_sha256:
+            got = stream.drain()
+            if got != expected_sha256:
+                raise DataError(f"{url}: sha256 {got[:12]}... does not match the manifest ({expected_sha256[:12]}...)")
+    finally:
+        raw.close()
+
+
+def count_samples(path: str | Path) -> int:
+    keys = set()
+    with tarfile.open(path, "r") as tf:
+        for m in tf:
+            if m.isreg():
+                keys.add(m.name.split(".", 1)[0])
+    return len(keys)
+
+
+def verify(directory: str | Path) -> list[str]:
+    """Re-hash and re-count every shard against the manifest; returns the problems found."""
+    directory = Path(directory)
+    m = load_manifest(directory)
+    problems = []
+    listed = {s["name"] for s in m["shards"]}
+    for extra in sorted(p.name for p in directory.glob("*.tar") if p.name not in listed):
+        problems.append(f"{directory / extra}: not in the manifest")
+    for s in m["shards"]:
+        p = directory / s["name"]
+        if not p.is_file():
+            problems.append(f"{p}: missing")
+            continue
+        digest = sha256_file(p)
+        if digest != s["sha256"]:
+            problems.append(f"{p}: sha256 {digest[:12]}... != manifest {s['sha256'][:12]}...")
+            continue
+        try:
+            n = count_samples(p)
+        except tarfile.TarError as e:
+            problems.append(f"{p}: unreadable tar: {e}")
+            continue
+        if n != s["num_samples"]:
+            problems.append(f"{p}: {n} samples != manifest {s['num_samples']}")
+    total = sum(s["num_samples"] for s in m["shards"])
+    if total != m.get("num_queries", total):
+        problems.append(f"{directory}: shards hold {total} samples, manifest num_queries says {m['num_queries']}")
+    return problems
+
+
+def shard_urls(source: str, manifest: dict) -> list[str]:
+    """Local folder -> its shards; a URL pattern (braces, pipe:) is expanded as WebDataset does."""
+    p = Path(source)
+    if p.is_dir():
+        return [str(p / s["name"]) for s in manifest["shards"]]
+    import braceexpand
+
+    return list(braceexpand.braceexpand(source))
+
+
+def manifest_path_for(source: str) -> str:
+    """Manifest beside the shards: DIR/manifest.json, or the pattern's folder for a local URL pattern."""
+    p = Path(source)
+    if p.is_dir():
+        return str(p / MANIFEST)
+    if source.startswith("pipe:") or "://" in source:
+        raise DataError(f"{source}: a remote shard pattern needs its manifest given explicitly (data.*_manifest)")
+    return str(Path(source.split("{", 1)[0]).parent / MANIFEST)
+
+
+def shard_counts(urls: Iterable[str], manifest: dict) -> list[int]:
+    by_name = {s["name"]: s for s in manifest["shards"]}
+    out = []
+    for u in urls:
+        name = u.rstrip().split("/")[-1].split()[0] if not u.startswith("pipe:") else _pipe_name(u)
+        if name not in by_name:
+            raise DataError(f"{u}: shard {name!r} is not in the manifest")
+        out.append(by_name[name]["num_samples"])
+    return out
+
+
+def shard_sha(url: str, manifest: dict) -> str:
+    name = _pipe_name(url) if url.startswith("pipe:") else url.split("/")[-1]
+    return {s["name"]: s["sha256"] for s in manifest["shards"]}[name]
+
+
+def _pipe_name(url: str) -> str:
+    import re
+
+    m = re.search(r"(shard-\d+\.tar)", url)
+    if not m:
+        raise DataError(f"{url}: cannot find a shard-NNNNNN.tar name in the pipe command")
+    return m.group(1)

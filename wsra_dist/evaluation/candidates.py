@@ -1,0 +1,62 @@
+"""Moment candidates: DiDeMo's 21 chunk pairs and WSRA's proportional sliding windows (Charades-STA)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+# utils/data_processing.py order: the 6 single chunks, then combinations(range(6), 2).  Carry
+# candidates as (s, e) pairs, never as positions: other code uses other orders.
+DIDEMO_CANDIDATES: list[tuple[int, int]] = [(i, i) for i in range(6)] + list(itertools.combinations(range(6), 2))
+
+
+def _norm(x: np.ndarray) -> np.ndarray:
+    m = x.mean(0)
+    return m / (np.linalg.norm(m) + 1e-5)
+
+
+def didemo_candidate_features(chunks: np.ndarray, tef: bool = False) -> np.ndarray:
+    """(6, D) chunk features -> (21, 2D [+2]): concat(global, local [, TEF]) as in the reference code."""
+    chunks = np.asarray(chunks, dtype=np.float64)
+    g = _norm(chunks)
+    rows = []
+    for s, e in DIDEMO_CANDIDATES:
+        parts = [g, _norm(chunks[s : e + 1])]
+        if tef:
+            parts.append(np.array([s / 6.0, e / 6.0]))
+        rows.append(np.concatenate(parts))
+    return np.stack(rows).astype(np.float32)
+
+
+def proportional_windows(
+    duration: float, fractions: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5), overlap: float = 0.8
+) -> np.ndarray:
+    """Windows of each fraction of the duration, stride (1 - overlap) x length; (W, 2) seconds."""
+    out = []
+    for f in fractions:
+        w = f * duration
+        stride = (1.0 - overlap) * w
+        n = int(math.floor((duration - w) / stride + 1e-6)) + 1 if stride > 0 else 1
+        out += [(k * stride, k * stride + w) for k in range(n)]
+    return np.asarray(out, dtype=np.float64).reshape(-1, 2)
+
+
+def window_snippet_range(start: float, end: float, duration: float, T: int) -> tuple[int, int]:
+    """Snippets k with [k, k+1) * duration / T overlapping [start, end); at least one."""
+    a = int(math.floor(start / duration * T + 1e-9))
+    b = int(math.ceil(end / duration * T - 1e-9))
+    a = min(max(a, 0), T - 1)
+    return a, max(min(b, T), a + 1)
+
+
+def window_features(snippets: np.ndarray, windows: np.ndarray, duration: float) -> np.ndarray:
+    """Mean of the snippets inside each window: (T, D) x (W, 2) -> (W, D)."""
+    T = snippets.shape[0]
+    csum = np.concatenate([np.zeros((1, snippets.shape[1])), np.cumsum(snippets, 0, dtype=np.float64)])
+    out = np.empty((len(windows), snippets.shape[1]), dtype=np.float32)
+    for i, (s, e) in enumerate(windows):
+        a, b = window_snippet_range(s, e, duration, T)
+        out[i] = (csum[b] - csum[a]) / (b - a)
+    return out

@@ -1,0 +1,104 @@
+"""Checkpoint + shards -> ranked moments per query (prediction dicts, the JSONL format)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..data.loader import ShardSource, collate
+from ..data.shards import iter_shard
+from ..model import WSRA, ScorerConfig
+from .candidates import proportional_windows, window_features
+
+MODEL_FILE = "model.safetensors"
+INFO_FILE = "wsra_model.json"
+
+
+def model_from_info(info: dict) -> WSRA:
+    m = info["model"]
+    cfg = ScorerConfig(video_dim=info["dims"]["video"], text_dim=info["dims"]["text"], hidden=m["hidden"],
+                       depth=m["depth"], dropout=m["dropout"], input_norm=m["input_norm"],
+                       query_chunk=m.get("query_chunk", 0), recompute=False, fused_kernel=m.get("fused_kernel", True))
+    return WSRA(cfg, attention_scale=m.get("attention_scale", 1.0))
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[WSRA, dict]:
+    """A trained run folder (model.safetensors + wsra_model.json) -> model in eval mode and its info."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    for f in (MODEL_FILE, INFO_FILE):
+        if not (run_dir / f).is_file():
+            raise FileNotFoundError(f"{run_dir}: no {f} (is this a finished training run folder?)")
+    info = json.loads((run_dir / INFO_FILE).read_text())
+    model = model_from_info(info)
+    model.load_state_dict(load_file(str(run_dir / MODEL_FILE), device="cpu"))
+    return model.to(device).eval(), info
+
+
+def check_compatible(info: dict, manifest: dict, where: str) -> None:
+    d, t = manifest["dims"], manifest["text"]
+    if d["video"] != info["dims"]["video"] or d["text"] != info["dims"]["text"]:
+        raise ValueError(f"{where}: shards have video/text dims {d['video']}/{d['text']} but the checkpoint was "
+                         f"trained on {info['dims']['video']}/{info['dims']['text']}")
+    ct = info.get("text", {})
+    if ct and (ct.get("model") != t.get("model") or ct.get("pooling") != t.get("pooling")):
+        raise ValueError(f"{where}: shards' text features come from {t.get('model')}/{t.get('pooling')} but the "
+                         f"checkpoint was trained on {ct.get('model')}/{ct.get('pooling')}")
+
+
+@torch.inference_mode()
+def rank_batch(model: WSRA, batch, protocol: str, device: torch.device) -> list[dict]:
+    video, mask, text = batch.video.to(device), batch.mask.to(device), batch.text.to(device)
+    out = []
+    if protocol == "didemo":
+        scores = model.scorer.pair(video, text.unsqueeze(1)).masked_fill(~mask, float("-inf")).cpu().numpy()
+        for m, s in zip(batch.meta, scores):
+            order = np.argsort(-s, kind="stable")
+            cands = m["candidates"]
+            out.append({"annotation_id": m["query_id"], "moments": [list(cands[i]) for i in order],
+                        "scores": [float(s[i]) for i in order]})
+        return out
+    for i, m in enumerate(batch.meta):
+        T = int(mask[i].sum())
+        dur = float(m["duration"])
+        wins = proportional_windows(dur)
+        feats = torch.from_numpy(window_features(video[i, :T].cpu().numpy(), wins, dur)).to(device)
+        s = model.scorer.pair(feats, text[i].expand(len(wins), -1)).cpu().numpy()
+        order = np.argsort(-s, kind="stable")
+        out.append({"query_id": m["query_id"], "video": m["video"],
+                    "moments": [[round(float(wins[j, 0]), 4), round(float(wins[j, 1]), 4)] for j in order],
+                    "scores": [float(s[j]) for j in order]})
+    return out
+
+
+def iter_batches(source: ShardSource, batch_size: int, world: int = 1, rank: int = 0, verify: bool = True) -> Iterator:
+    dims = source.manifest["dims"]
+    buf: list[dict] = []
+    for url, sha in list(zip(source.urls, source.shas))[rank::world]:
+        for s in iter_shard(url, sha if verify else None, dims):
+            buf.append(s)
+            if len(buf) == batch_size:
+                yield collate(buf)
+                buf = []
+    if buf:
+        yield collate(buf)
+
+
+def predict(model: WSRA, source: ShardSource, protocol: str, batch_size: int = 64, world: int = 1, rank: int = 0,
+            device: torch.device | str = "cpu", verify: bool = True) -> tuple[list[dict], list[dict]]:
+    """(predictions, ground-truth records from the shards' meta) for this process's shards."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    preds, truth = [], []
+    for batch in iter_batches(source, batch_size, world, rank, verify):
+        preds += rank_batch(model, batch, protocol, device)
+        truth += [{"query_id": m["query_id"], "video": m["video"], "times": m["times"], "duration": m["duration"]}
+                  for m in batch.meta]
+    model.train(was_training)
+    return preds, truth
