@@ -57,7 +57,7 @@ def make_accelerator(recipe: Recipe):
     use_cpu = recipe.train.device == "cpu" or not has_gpu
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     pg = InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.train.process_group_timeout_s),
-                                backend="gloo" if use_cpu else None)
+                                backend="gloo" if (use_cpu and deepspeed) else None)
     kwargs = dict(log_with="tensorboard",
                   project_config=ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=recipe.output_dir),
                   kwargs_handlers=[pg])
@@ -76,7 +76,7 @@ def build_optimizer(recipe: Recipe, params):
 
 def model_info(recipe: Recipe, manifest: dict) -> dict:
     return {"dims": {"video": manifest["dims"]["video"], "text": manifest["dims"]["text"]},
-            "benchmark": manifest.get("benchmark"), "text": manifest.get("text", {}),
+            "benchmark": manifest.get("benchmark"), "text": manifest.get("text", {}), "reader": manifest.get("reader", {}),
             "model": to_dict(recipe)["model"], "recipe_name": recipe.name}
 
 
@@ -239,8 +239,8 @@ def train(recipe: Recipe) -> Path:
                 state.samples += g.n_global
                 if state.step % recipe.train.log_every == 0 or state.step == 1:
                     now = time.time()
-                    logs = {f"loss/{k}": float(v) * g.world for k, v in out.terms.items()}  # one-process value
-                    logs["loss/total"] = float(out.loss) * g.world
+                    logs = {f"loss/{k}": float(v.detach()) * g.world for k, v in out.terms.items()}  # one-process value
+                    logs["loss/total"] = float(out.loss.detach()) * g.world
                     logs["lr"] = optimizer.param_groups[0]["lr"]
                     if grad_norm is not None:
                         logs["grad_norm"] = float(grad_norm)

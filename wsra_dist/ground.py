@@ -1,0 +1,170 @@
+"""Ground free-text queries in one video's features with a trained checkpoint.
+
+    from wsra_dist.ground import load_model
+    g = load_model("runs/demo/run")
+    g.ground(features, ["a man opens the door"], duration=30.0)
+
+DiDeMo-trained checkpoints take the video's (6, D) chunk features and rank the 21 chunk moments;
+snippet-trained (Charades-STA) checkpoints take (T, D) snippets and rank WSRA's proportional windows.
+The text encoder and pooling are the ones recorded in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .evaluation.candidates import DIDEMO_CANDIDATES, proportional_windows, window_features
+from .evaluation.predict import load_run
+
+
+def read_features(spec: str) -> np.ndarray:
+    """`VIDEO.npy` or `FILE.h5:KEY` (the key may contain dots and colons; the split is at the first ':' after .h5)."""
+    low = spec.lower()
+    for ext in (".h5:", ".hdf5:"):
+        i = low.find(ext)
+        if i >= 0:
+            import h5py
+
+            path, key = spec[: i + len(ext) - 1], spec[i + len(ext):]
+            with h5py.File(path, "r") as f:
+                if key not in f:
+                    raise KeyError(f"{path}: no dataset {key!r}")
+                return np.asarray(f[key][()], dtype=np.float32)
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"{spec}: no such features file (VIDEO.npy or FILE.h5:KEY)")
+    return np.load(spec, allow_pickle=False).astype(np.float32)
+
+
+@dataclass
+class Grounder:
+    model: torch.nn.Module
+    info: dict
+    device: torch.device
+    _encoder: object = None
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from .data.text import TextEncoder
+
+            t = self.info.get("text") or {}
+            if not t:
+                raise ValueError("this checkpoint records no text model; it cannot encode free text")
+            name = t.get("model")
+            try:
+                enc = TextEncoder(name, t.get("pooling", "layers_mean"), max_length=t.get("max_length", 64))
+            except FileNotFoundError:
+                enc = TextEncoder(t.get("model_path", name), t.get("pooling", "layers_mean"),
+                                  max_length=t.get("max_length", 64))
+            if enc.dim != self.info["dims"]["text"]:
+                raise ValueError(f"text model {name} gives {enc.dim}-d features but the checkpoint expects "
+                                 f"{self.info['dims']['text']}-d")
+            if t.get("identity") and enc.identity != t["identity"]:
+                raise ValueError(f"text model at {enc.path} differs from the one the checkpoint was trained with "
+                                 f"({t.get('model_path')}, identity {t['identity']} != {enc.identity})")
+            self._encoder = enc
+        return self._encoder
+
+    def _candidates(self, feats: np.ndarray, duration: float | None):
+        """-> (candidate features (C, D), moments in seconds (C, 2), snippet features for α, snippet times)."""
+        bench = self.info.get("benchmark")
+        reader = self.info.get("reader", {})
+        if bench == "didemo":
+            from .data.didemo import candidate_features
+
+            if feats.ndim != 2 or feats.shape[0] != 6:
+                raise ValueError(f"a DiDeMo checkpoint takes (6, D) chunk features, got {feats.shape}")
+            cand = candidate_features([feats], tef=reader.get("tef", False))
+            length = duration or 30.0
+            moments = np.array([[5.0 * s, min(5.0 * (e + 1), length)] for s, e in DIDEMO_CANDIDATES])
+            singles = cand[:6]
+            times = np.array([[5.0 * k, min(5.0 * (k + 1), length)] for k in range(6)])
+            return cand, moments, singles, times
+        if feats.ndim == 4:
+            feats = feats.reshape(feats.shape[0], -1)
+        if reader.get("resample"):
+            from .data.charades import resample
+
+            feats = resample(feats, int(reader["resample"]))
+        T = feats.shape[0]
+        length = duration or float(T)
+        wins = proportional_windows(length)
+        times = np.stack([np.arange(T) * length / T, (np.arange(T) + 1) * length / T], 1)
+        return window_features(feats, wins, length), wins, feats, times
+
+    @torch.inference_mode()
+    def ground(self, features: np.ndarray, queries: Sequence[str], duration: float | None = None,
+               top_k: int = 5) -> list[dict]:
+        """Top moments (seconds) with scores per query, best first; also α over the snippets/chunks."""
+        feats = np.asarray(features, dtype=np.float32)
+        cand, moments, snippets, times = self._candidates(feats, duration)
+        if cand.shape[1] != self.info["dims"]["video"]:
+            raise ValueError(f"features give {cand.shape[1]}-d candidates but the checkpoint expects "
+                             f"{self.info['dims']['video']}-d")
+        text = torch.from_numpy(self.encoder.encode(list(queries))).to(self.device)
+        c = torch.from_numpy(cand).to(self.device)
+        scores = self.model.scorer.pair(c.unsqueeze(0), text.unsqueeze(1)).cpu().numpy()  # (Q, C)
+        sn = torch.from_numpy(np.ascontiguousarray(snippets)).to(self.device)
+        mask = torch.ones(len(queries), sn.shape[0], dtype=torch.bool, device=self.device)
+        alpha = self.model(sn.expand(len(queries), -1, -1), mask, text).alpha.cpu().numpy()
+        out = []
+        for q, s, a in zip(queries, scores, alpha):
+            order = np.argsort(-s, kind="stable")[:top_k]
+            out.append({"query": q, "moments": [[round(float(moments[i, 0]), 3), round(float(moments[i, 1]), 3)]
+                                                for i in order],
+                        "scores": [float(s[i]) for i in order], "alpha": a.tolist(), "snippet_times": times.tolist()})
+        return out
+
+
+def load_model(run_dir: str | Path, device: str | None = None) -> Grounder:
+    """Load a trained run folder for grounding."""
+    import json
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, info = load_run(run_dir, dev)
+    manifest_reader = json.loads((Path(run_dir) / "wsra_model.json").read_text()).get("reader", {})
+    info["reader"] = manifest_reader
+    return Grounder(model, info, dev)
+
+
+def plot_attention(results: list[dict], path: str | Path, truth: tuple[float, float] | None = None) -> None:
+    """The paper's Figure 7: α over time per query, top moment shaded, ground truth outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.2 * len(results)), squeeze=False)
+    for ax, r in zip(axes[:, 0], results):
+        t = np.asarray(r["snippet_times"])
+        centers = t.mean(1)
+        ax.bar(centers, r["alpha"], width=(t[:, 1] - t[:, 0]) * 0.9, color="#4a7ab5", label="attention α")
+        s, e = r["moments"][0]
+        ax.axvspan(s, e, color="#f4a259", alpha=0.35, label=f"rank-1 moment {s:.1f}-{e:.1f}s")
+        if truth is not None:
+            ax.axvspan(truth[0], truth[1], fill=False, hatch="//", edgecolor="#2a9d2a", lw=1.5,
+                       label=f"ground truth {truth[0]:.1f}-{truth[1]:.1f}s")
+        ax.set_xlim(t[0, 0], t[-1, 1])
+        ax.set_ylabel("α")
+        ax.set_title(r["query"], fontsize=10, loc="left")
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("time (s)")
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def ground_cli(checkpoint, features: str, queries: list[str], duration, top_k: int, plot, truth: str | None):
+    g = load_model(checkpoint)
+    res = g.ground(read_features(features), queries, duration, top_k)
+    if plot:
+        span = tuple(float(x) for x in truth.split(",")) if truth else None
+        plot_attention(res, plot, span)
+    return [{"query": r["query"], "moments": r["moments"], "scores": r["scores"]} for r in res]
