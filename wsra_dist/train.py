@@ -192,6 +192,10 @@ def train(recipe: Recipe) -> Path:
 
     model = model_from_info(info)
     optimizer = build_optimizer(recipe, model.parameters())
+    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds_plugin is not None:  # the WebDataset loader is not prepared, so DeepSpeed learns the batch here
+        ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
+        ds_plugin.deepspeed_config.setdefault("zero_allow_untested_optimizer", True)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
@@ -207,6 +211,9 @@ def train(recipe: Recipe) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     kill_at = int(os.environ.get("WSRA_TEST_SIGKILL_AT_STEP", "0"))  # test hook: die like a killed node
+    debug_dir = os.environ.get("WSRA_DEBUG_DIR")  # test hook: record the sampler's choices per step
+    accelerator.print(f"training on {world} process(es), device {accelerator.device}, global batch "
+                      f"{world} x {recipe.train.batch_size}, {train_src.num_samples} training queries")
 
     per_epoch = loader.batches_per_epoch(0)
     total = per_epoch * recipe.train.epochs
@@ -227,6 +234,8 @@ def train(recipe: Recipe) -> Path:
                 g = Gatherer(batch.video.shape[0], accelerator.device)
                 out = wsra_objective(model, batch, recipe.loss, g)
                 accelerator.backward(out.loss * g.loss_scale)
+                if debug_dir and accelerator.is_main_process and out.negatives is not None:
+                    _dump_negatives(Path(debug_dir), state.step + 1, out, batch)
                 grad_norm = None
                 if recipe.optim.grad_clip > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
@@ -279,6 +288,14 @@ def train(recipe: Recipe) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir
+
+
+def _dump_negatives(d: Path, step: int, out, batch) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    n = out.negatives
+    (d / f"negatives-{step:06d}.json").write_text(json.dumps({
+        "hard": n.hard.int().tolist(), "pseudo": n.pseudo.int().tolist(), "easy": n.easy.int().tolist(),
+        "pseudo_positive": n.pseudo_positive.tolist()}))
 
 
 def _grad_norm(model) -> float:

@@ -133,7 +133,10 @@ class EpochLoader:
         stream = _Stream([self.source.urls[i] for i in order], [self.source.shas[i] for i in order],
                          self.source.manifest["dims"], self.shuffle_buffer if self.shuffle else 0,
                          seed=(self.seed * 7919 + epoch) * 131 + self.rank, verify=self.verify)
-        dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+        # Own generator: DataLoader otherwise draws its base seed from the global RNG at every epoch,
+        # which would shift the dropout stream of a run resumed mid-epoch.
+        gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=gen,
                                          collate_fn=lambda x: x, prefetch_factor=8 if self.num_workers else None)
         it = iter(dl)
         for b in range(n_batches):
