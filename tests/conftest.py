@@ -20,3 +20,21 @@ def planted_charades(tmp_path_factory):
     from .helpers import make_planted_charades
 
     return make_planted_charades(tmp_path_factory.mktemp("planted_charades"))
+
+
+@pytest.fixture(scope="session")
+def trained_didemo(tmp_path_factory):
+    """A checkpoint trained on a planted DiDeMo set (400 videos, 3 epochs, the recipe's variant)."""
+    from pathlib import Path
+
+    from wsra_dist.config import load_recipe
+    from wsra_dist.train import train
+
+    from .helpers import make_planted_didemo
+
+    root = make_planted_didemo(tmp_path_factory.mktemp("trained_didemo"), videos=400, shard_size=200, seed=1)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "planted_didemo.yaml"
+    r = load_recipe(recipe, [f"data.train_shards={root / 'shards' / 'train'}", "data.val_shards=", "data.test_shards=",
+                             "train.epochs=3", f"output_dir={root / 'run'}", "train.progress=false"])
+    train(r)
+    return root

@@ -1,0 +1,198 @@
+"""Metrics on hand-checked cases, exact chance vs Monte Carlo, prediction files, distributed evaluation."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsra_dist.data import charades, didemo
+from wsra_dist.data.records import DataError
+from wsra_dist.evaluation import metrics as M
+from wsra_dist.evaluation.candidates import DIDEMO_CANDIDATES, proportional_windows
+from wsra_dist.evaluation.scoring import score_charades, score_didemo
+
+from .helpers import SHARED
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ranking(first, *rest):
+    """A full 21-candidate ranking starting with the given pairs (rest in candidate order)."""
+    head = [first, *rest]
+    return head + [c for c in DIDEMO_CANDIDATES if c not in head]
+
+
+# ------------------------------------------------------------------------------ DiDeMo
+@pytest.mark.parametrize("p, g, iou", [((0, 0), (0, 0), 1.0), ((0, 1), (1, 1), 0.5), ((0, 0), (2, 3), 0.0),
+                                       ((1, 3), (2, 5), 2 / 5), ((5, 5), (0, 5), 1 / 6)])
+def test_didemo_iou_inclusive(p, g, iou):
+    assert M.didemo_iou(p, g) == pytest.approx(iou)
+
+
+def test_didemo_query_hand_cases():
+    # 3 annotators agree on (1,1), one says (0,0): top-1 (1,1) -> ranks [1,1,1] -> R@1; IoU mean(1,1,1).
+    assert M.didemo_query(ranking((1, 1), (0, 0)), [[1, 1], [1, 1], [1, 1], [0, 0]]) == (1.0, 1.0)
+    # Duplicates count separately: only 2 annotators say (1,1) -> 3 smallest ranks [1,1,2] -> mean 4/3, not R@1.
+    r, iou = M.didemo_query(ranking((1, 1), (0, 0)), [[1, 1], [1, 1], [0, 0], [2, 2]])
+    assert r == pytest.approx(4 / 3) and iou == pytest.approx((1 + 1 + 0) / 3)
+    # R@5 boundary: ranks 4, 5, 6 -> mean 5 counts for R@5.
+    rk = ranking((0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (5, 5))
+    r, _ = M.didemo_query(rk, [[3, 3], [4, 4], [5, 5], [5, 5]])
+    assert r == pytest.approx(5.0)
+    m = M.didemo_metrics([rk], [[[3, 3], [4, 4], [5, 5], [5, 5]]])
+    assert (m["R@1"], m["R@5"]) == (0.0, 100.0)
+    # 7 annotators: the 3 best of 7 ranks and the 3 best of 7 IoUs.
+    times = [[2, 3]] * 2 + [[2, 2]] + [[0, 0]] * 4
+    r, iou = M.didemo_query(ranking((2, 3), (2, 2)), times)
+    assert r == pytest.approx((1 + 1 + 2) / 3) and iou == pytest.approx((1 + 1 + 0.5) / 3)
+    # A 5-chunk video: num_segments is ignored, a pair touching chunk 5 is ranked as any other.
+    assert M.didemo_query(ranking((4, 5)), [[4, 5]] * 4) == (1.0, 1.0)
+
+
+def test_didemo_order_is_never_assumed():
+    preds = [{"annotation_id": 7, "moments": [list(c) for c in reversed(DIDEMO_CANDIDATES)]}]
+    m = score_didemo(preds, [{"query_id": 7, "times": [[4, 5]] * 4}])
+    assert m["R@1"] == 100.0  # (4, 5) is the last candidate in the reference order but first here
+
+
+def test_didemo_chance_and_upper_bound_on_real_test():
+    recs = didemo.read_annotations(SHARED / "didemo" / "test_data.json")
+    times = [r.times for r in recs]
+    ch = M.didemo_chance(times)
+    assert (round(ch["R@1"], 2), round(ch["R@5"], 1), round(ch["mIoU"], 2)) == (3.56, 22.4, 22.63)
+    ub = M.didemo_metrics([M.didemo_oracle_ranking(t) for t in times], times)
+    assert (round(ub["R@1"], 2), ub["R@5"], round(ub["mIoU"], 2)) == (74.76, 100.0, 96.05)
+
+
+def test_didemo_chance_exact_agrees_with_monte_carlo():
+    recs = didemo.read_annotations(SHARED / "didemo" / "val_data.json")[:400]
+    times = [r.times for r in recs]
+    exact = M.didemo_chance(times)
+    rng = random.Random(0)
+    draws = [M.didemo_metrics([rng.sample(DIDEMO_CANDIDATES, 21) for _ in times], times) for _ in range(60)]
+    for k in ("R@1", "R@5", "mIoU"):
+        v = np.array([d[k] for d in draws])
+        assert abs(v.mean() - exact[k]) < 4 * v.std() / np.sqrt(len(v)) + 0.05, (k, v.mean(), exact[k])
+
+
+# ------------------------------------------------------------------------------ Charades-STA
+def test_interval_iou_cases():
+    assert M.interval_iou([0, 10], [5, 15]) == pytest.approx(5 / 15)
+    assert M.interval_iou([3, 3], [0, 10]) == 0.0  # zero-length prediction
+    assert M.interval_iou([2, 2], [2, 2]) == 0.0  # zero-length both: union 0 -> 0
+    assert M.interval_iou([25, 40], [20, 30]) == pytest.approx(5 / 20)  # past the end: plain arithmetic
+    assert M.interval_iou([0, 5], [6, 9]) == 0.0
+
+
+def test_charades_metrics_strict_nms_and_topn():
+    gt = np.array([[0.0, 10.0]])
+    preds = [np.array([[0, 5.0], [0, 5.01], [0, 5.02], [0, 5.03], [0, 5.04], [0, 10.0]])]
+    m = M.charades_metrics(preds, gt)
+    assert m["R@1,IoU=0.5"] == 100.0 and m["R@1,IoU=0.7"] == 0.0 and m["R@5,IoU=0.7"] == 0.0
+    assert M.charades_metrics(preds, gt, strict=True)["R@1,IoU=0.5"] == 0.0  # IoU exactly 0.5 is not > 0.5
+    m = M.charades_metrics(preds, gt, nms_thresh=0.5)  # near-duplicates removed: [0, 10] enters the top 5
+    assert m["R@5,IoU=0.7"] == 100.0 and m["mIoU"] == pytest.approx(50.0)
+
+
+def test_charades_chance_and_oracle_on_real_test():
+    dur = charades.read_durations(SHARED / "charades-sta" / "Charades_v1_test.csv")
+    recs, _ = charades.read_annotations(SHARED / "charades-sta" / "charades_sta_test.txt", dur, "clamp")
+    ch, orc = M.charades_chance_oracle([proportional_windows(r.duration) for r in recs],
+                                       np.array([r.times[0] for r in recs]))
+    assert [round(ch[f"R@1,IoU={m}"], 1) for m in (0.3, 0.5, 0.7)] == [31.2, 16.6, 5.7]
+    assert [round(orc[f"R@1,IoU={m}"], 2) for m in (0.3, 0.5, 0.7)] == [99.87, 98.63, 93.33]
+    # Monte Carlo of the evaluator with uniformly random window rankings agrees with the exact chance.
+    rng = np.random.default_rng(0)
+    sub = recs[:600]
+    wins = [proportional_windows(r.duration) for r in sub]
+    exact, _ = M.charades_chance_oracle(wins, np.array([r.times[0] for r in sub]))
+    draws = [M.charades_metrics([w[rng.permutation(len(w))] for w in wins], np.array([r.times[0] for r in sub]))
+             for _ in range(40)]
+    for k in ("R@1,IoU=0.5", "R@5,IoU=0.5", "mIoU"):
+        v = np.array([d[k] for d in draws])
+        assert abs(v.mean() - exact[k]) < 4 * v.std() / np.sqrt(len(v)) + 0.05, (k, v.mean(), exact[k])
+
+
+# ------------------------------------------------------------------------------ prediction files
+def _cli(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "wsra_dist.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+def test_evaluate_didemo_prediction_file(tmp_path):
+    ann = SHARED / "didemo" / "val_data.json"
+    recs = didemo.read_annotations(ann)
+    with (tmp_path / "p.jsonl").open("w") as f:
+        for r in recs:
+            f.write(json.dumps({"annotation_id": r.query_id,
+                                "moments": [list(c) for c in M.didemo_oracle_ranking(r.times)]}) + "\n")
+    p = _cli("evaluate", "--predictions", tmp_path / "p.jsonl", "--annotations", ann, "--protocol", "didemo",
+             "--out", tmp_path / "res")
+    m = json.loads((tmp_path / "res" / "metrics.json").read_text())
+    assert set(m) >= {"R@1", "R@5", "mIoU"} and m["R@5"] == 100.0 and m["R@1"] > 70
+    assert (tmp_path / "res" / "table.md").is_file() and (tmp_path / "res" / "table.csv").is_file()
+    assert "WSRA (paper)" in p.stdout and "TGA" in p.stdout
+    # Missing, extra and duplicate ids are errors that list a few.
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    bad = lines[1:] + [lines[2], json.dumps({"annotation_id": 999999, "moments": [[0, 0]]})]
+    (tmp_path / "bad.jsonl").write_text("\n".join(bad) + "\n")
+    p = _cli("evaluate", "--predictions", tmp_path / "bad.jsonl", "--annotations", ann, "--protocol", "didemo",
+             "--out", tmp_path / "res2", check=False)
+    err = p.stdout + p.stderr
+    assert p.returncode != 0 and "have no prediction" in err and "name no annotated query" in err and "more than once" in err
+    assert str(recs[0].query_id) in err and "999999" in err
+
+
+def test_evaluate_charades_prediction_file(tmp_path):
+    ann, dur = SHARED / "charades-sta" / "charades_sta_test.txt", SHARED / "charades-sta" / "Charades_v1_test.csv"
+    recs, _ = charades.read_annotations(ann, charades.read_durations(dur), "strict")
+    with (tmp_path / "p.jsonl").open("w") as f:
+        for r in recs:  # a perfect top-1, then the whole video
+            f.write(json.dumps({"query_id": r.query_id, "video": r.video,
+                                "moments": [r.times[0], [0.0, r.duration]]}) + "\n")
+    _cli("evaluate", "--predictions", tmp_path / "p.jsonl", "--annotations", ann, "--durations", dur,
+         "--protocol", "charades", "--charades-filter", "strict", "--out", tmp_path / "res")
+    m = json.loads((tmp_path / "res" / "metrics.json").read_text())
+    assert m["R@1,IoU=0.7"] == 100.0 and m["num_queries"] == 3158
+    assert set(m) >= {"R@1,IoU=0.3", "R@1,IoU=0.5", "R@1,IoU=0.7", "R@5,IoU=0.3", "R@5,IoU=0.5", "R@5,IoU=0.7", "mIoU"}
+    assert "strict rule" in (tmp_path / "res" / "table.md").read_text()
+    with pytest.raises(DataError, match="have no prediction"):
+        score_charades([], [{"query_id": 0, "times": [[0, 1]]}])
+
+
+# ------------------------------------------------------------------------------ from a checkpoint
+def test_evaluate_checkpoint_and_two_process_evaluation(trained_didemo, tmp_path):
+    run, shards = trained_didemo / "run", trained_didemo / "shards" / "test"
+    _cli("evaluate", "--checkpoint", run, "--shards", shards, "--protocol", "didemo", "--out", tmp_path / "one")
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    preds = [json.loads(l) for l in (tmp_path / "one" / "predictions.jsonl").read_text().splitlines()]
+    n = didemo.read_annotations(trained_didemo / "data" / "test_data.json")
+    assert len(preds) == len(n) and all(len(p["moments"]) == 21 for p in preds)
+    assert one["R@1"] > 3 * M.didemo_chance([r.times for r in n])["R@1"]
+    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "-m", "wsra_dist.evaluate", "--checkpoint", str(run), "--shards", str(shards),
+                        "--protocol", "didemo", "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert {k: two[k] for k in ("R@1", "R@5", "mIoU")} == {k: one[k] for k in ("R@1", "R@5", "mIoU")}
+    assert (tmp_path / "two" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
+
+
+def test_late_fusion_of_two_checkpoints(trained_didemo, tmp_path):
+    run, shards = trained_didemo / "run", trained_didemo / "shards" / "test"
+    _cli("evaluate", "--checkpoint", run, "--shards", shards, "--checkpoint", run, "--shards", shards,
+         "--fusion-weights", "0.3,0.7", "--protocol", "didemo", "--out", tmp_path / "fused")
+    _cli("evaluate", "--checkpoint", run, "--shards", shards, "--protocol", "didemo", "--out", tmp_path / "one")
+    a = json.loads((tmp_path / "fused" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert a["R@1"] == b["R@1"] and a["settings"]["fusion_weights"] == [0.3, 0.7]
