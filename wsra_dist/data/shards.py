@@ -8,6 +8,7 @@ No pickle anywhere: npy is loaded with allow_pickle=False and other extensions a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -168,31 +169,196 @@ def _open_url(url: str):
     return open(url, "rb", buffering=1 << 20)
 
 
+@functools.lru_cache(maxsize=256)
+def _npy_header(header: bytes) -> tuple[tuple, bool, np.dtype, int, int]:
+    """Parse an .npy header once per distinct header (shards repeat a handful of shapes)."""
+    fp = io.BytesIO(header)
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+    if dtype.hasobject:
+        raise ValueError("object arrays are refused (they would need pickle)")
+    return shape, fortran, dtype, fp.tell(), int(np.prod(shape)) if shape else 1
+
+
+def _npy(data: bytes) -> np.ndarray:
+    """Zero-copy .npy decoding: the header is parsed (no pickle), the array is a view of the bytes."""
+    if len(data) < 10 or bytes(data[:6]) != b"\x93NUMPY":
+        raise ValueError("not an .npy payload")
+    hl = int.from_bytes(data[8:10], "little") + 10 if data[6] == 1 else int.from_bytes(data[8:12], "little") + 12
+    shape, fortran, dtype, offset, count = _npy_header(bytes(data[:hl]))
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
 def decode_field(shard: str, key: str, ext: str, data: bytes) -> Any:
     try:
         if ext.endswith(".npy"):
-            return np.load(io.BytesIO(data), allow_pickle=False)
+            return _npy(data)
         if ext.endswith(".json"):
-            return json.loads(data)
+            return json.loads(bytes(data))
         if ext.endswith(".txt"):
-            return data.decode("utf-8")
+            return bytes(data).decode("utf-8")
     except Exception as e:
         raise DataError(f"{shard}: sample {key}: cannot decode {ext}: {e}") from e
     raise DataError(f"{shard}: sample {key}: field {ext!r} is not allowed (only .npy, .json, .txt are decoded)")
 
 
+def _parse_header(hdr, url: str) -> tuple[int, bytes, str]:
+    """(size, typeflag, name) of a 512-byte tar header, checksum checked."""
+    h = np.frombuffer(hdr, dtype=np.uint8)
+    chk = int(bytes(hdr[148:156]).split(b"\0", 1)[0].strip() or b"0", 8)
+    if chk != int(h.sum(dtype=np.int64)) - int(h[148:156].sum(dtype=np.int64)) + 256:
+        raise DataError(f"{url}: corrupt tar header (checksum mismatch)")
+    raw_size = bytes(hdr[124:136])
+    size = int.from_bytes(raw_size[1:], "big") if raw_size[0] & 0x80 else int(raw_size.split(b"\0", 1)[0].strip() or b"0", 8)
+    name = bytes(hdr[:100]).split(b"\0", 1)[0].decode()
+    if bytes(hdr[257:262]) == b"ustar":
+        prefix = bytes(hdr[345:500]).split(b"\0", 1)[0].decode()
+        name = f"{prefix}/{name}" if prefix else name
+    return size, bytes(hdr[156:157]), name
+
+
+def _members(read_header, read_data, url: str) -> Iterator[tuple[str, Any]]:
+    """(name, data) of the regular files of a tar archive (ustar, pax and GNU long names)."""
+    long_name = None
+    while True:
+        hdr = read_header()
+        if hdr is None or not any(hdr[:512:64]) and bytes(hdr) == b"\0" * 512:
+            return
+        size, kind, name = _parse_header(hdr, url)
+        data = read_data(size)
+        if kind == b"L":  # GNU long name of the next member
+            long_name = bytes(data).split(b"\0", 1)[0].decode()
+            continue
+        if kind == b"x":  # pax extended header: only the path matters here
+            for rec in bytes(data).decode("utf-8", "replace").split("\n"):
+                if " path=" in rec:
+                    long_name = rec.split(" path=", 1)[1]
+            continue
+        if kind not in (b"0", b"\0", b"7"):
+            long_name = None
+            continue
+        yield (long_name or name), data
+        long_name = None
+
+
+def _stream_members(f, url: str) -> Iterator[tuple[str, bytes]]:
+    """Sequential reading (pipes, remote streams): one read call per member."""
+
+    def header():
+        hdr = f.read(512)
+        if not hdr:
+            return None
+        if len(hdr) < 512:
+            raise DataError(f"{url}: truncated tar header")
+        return hdr
+
+    def data(size: int) -> bytes:
+        d = f.read(size)
+        if len(d) < size:
+            raise DataError(f"{url}: truncated tar member")
+        if size % 512:
+            f.read(512 - size % 512)
+        return d
+
+    return _members(header, data, url)
+
+
+def _mmap_members(mv: memoryview, url: str) -> Iterator[tuple[str, memoryview]]:
+    """Local shards: members are zero-copy views of the mapped file."""
+    pos = 0
+    n = len(mv)
+
+    def header():
+        nonlocal pos
+        if pos + 512 > n:
+            if pos < n and any(mv[pos:]):
+                raise DataError(f"{url}: truncated tar header")
+            return None
+        hdr = mv[pos : pos + 512]
+        pos += 512
+        return hdr
+
+    def data(size: int) -> memoryview:
+        nonlocal pos
+        if pos + size > n:
+            raise DataError(f"{url}: truncated tar member")
+        d = mv[pos : pos + size]
+        pos += size + (-size) % 512
+        return d
+
+    return _members(header, data, url)
+
+
+def _samples(members: Iterable[tuple[str, bytes]]) -> Iterator[dict]:
+    """Group consecutive members by key (the basename up to its first dot), as WebDataset does."""
+    cur: dict | None = None
+    for name, data in members:
+        slash = name.rfind("/")
+        dot = name.find(".", slash + 1)
+        if dot < 0:
+            continue
+        key, ext = name[:dot], name[dot + 1 :]
+        if cur is None or cur["__key__"] != key:
+            if cur is not None:
+                yield cur
+            cur = {"__key__": key}
+        if ext in cur:
+            raise DataError(f"duplicate file {name} in one sample")
+        cur[ext] = data
+    if cur is not None:
+        yield cur
+
+
+_VERIFIED: set[tuple[str, int, int, str]] = set()  # (path, size, mtime_ns, sha256) checked in this process
+
+
+def _is_local(url: str) -> bool:
+    return not (url.startswith("pipe:") or "://" in url)
+
+
+def _check_sha(url: str, got: str, expected: str) -> None:
+    if got != expected:
+        raise DataError(f"{url}: sha256 {got[:12]}... does not match the manifest ({expected[:12]}...)")
+
+
 def iter_shard(url: str, expected_sha256: str | None = None, dims: dict | None = None) -> Iterator[dict]:
-    """Decoded samples of one shard, in order.  Raises DataError naming the shard on any problem."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+    """Decoded samples of one shard, in order.  Raises DataError naming the shard on any problem.
 
-    def reraise(e: Exception) -> bool:
-        raise DataError(f"{url}: unreadable tar: {e}") from e
+    Local shards are memory-mapped and their arrays are read-only views (no copy until a batch is
+    built); the sha256 is checked before the first sample of a shard is yielded, once per process
+    and file version (size, mtime).  Streams (pipe:, URLs) are hashed while they are read.
+    """
+    if _is_local(url):
+        import mmap
 
-    raw = _open_url(url)
-    stream = _HashingReader(raw) if expected_sha256 else raw
+        try:
+            f = open(url, "rb")
+        except OSError as e:
+            raise DataError(f"{url}: cannot open shard: {e}") from e
+        with f:
+            st = os.fstat(f.fileno())
+            if st.st_size == 0:
+                raise DataError(f"{url}: empty shard")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        mv = memoryview(mm)
+        if expected_sha256:
+            key = (os.path.abspath(url), st.st_size, st.st_mtime_ns, expected_sha256)
+            if key not in _VERIFIED:
+                _check_sha(url, hashlib.sha256(mv).hexdigest(), expected_sha256)
+                _VERIFIED.add(key)
+        members = _mmap_members(mv, url)
+        stream = None
+        raw = None
+    else:
+        raw = _open_url(url)
+        stream = _HashingReader(raw) if expected_sha256 else raw
+        members = _stream_members(io.BufferedReader(stream, 1 << 20) if expected_sha256 else stream, url)
     try:
-        files = tar_file_iterator(io.BufferedReader(stream, 1 << 20) if expected_sha256 else stream, handler=reraise)
-        for s in group_by_keys(({**f, "__url__": url} for f in files), handler=reraise):
+        for s in _samples(members):
             key = s["__key__"]
             out = {"__key__": key, "__url__": url}
             for ext, data in s.items():
@@ -208,12 +374,15 @@ def iter_shard(url: str, expected_sha256: str | None = None, dims: dict | None =
                     raise DataError(f"{url}: sample {key}: video {v.shape} / text {t.shape} do not match the manifest "
                                     f"dims (video {dims['video']}, text {dims['text']})")
             yield out
-        if expected_sha256:
-            got = stream.drain()
-            if got != expected_sha256:
-                raise DataError(f"{url}: sha256 {got[:12]}... does not match the manifest ({expected_sha256[:12]}...)")
+        if stream is not None and expected_sha256:
+            _check_sha(url, stream.drain(), expected_sha256)
+    except DataError as e:
+        if url not in str(e):
+            raise DataError(f"{url}: {e}") from e
+        raise
     finally:
-        raw.close()
+        if raw is not None:
+            raw.close()
 
 
 def count_samples(path: str | Path) -> int:
