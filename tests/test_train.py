@@ -175,3 +175,16 @@ def test_run_folder_and_tensorboard(exact_shards, tmp_path, planted_didemo):
     tags = set(ev.Tags()["scalars"])
     assert {"loss/total", "loss/video", "loss/snippet", "loss/batch", "loss/cross", "lr", "samples_per_s",
             "val/R@1"} <= tags
+
+
+def test_url_pattern_and_pipe_sources_read_the_same_shards(exact_shards, tmp_path):
+    """A brace pattern and a `pipe:` command (manifest given explicitly) train exactly like the folder."""
+    pattern = str(exact_shards / "shard-{000000..000005}.tar")
+    runs = {"folder": str(exact_shards), "brace": pattern, "pipe": f"pipe:cat {pattern}"}
+    for name, src in runs.items():
+        extra = [f"data.train_manifest={exact_shards / 'manifest.json'}"] if name == "pipe" else []
+        ov = _overrides(exact_shards, tmp_path / name, 16, 2, "sgd", extra, lr=0.5)
+        ov[0] = f"data.train_shards={src}"
+        _run([sys.executable, "-m", "wsra_dist.train", str(RECIPE), *ov])
+    w = {n: _weights(tmp_path / n) for n in runs}
+    assert _max_diff(w["folder"], w["brace"]) == 0.0 and _max_diff(w["folder"], w["pipe"]) == 0.0

@@ -224,6 +224,7 @@ def train(recipe: Recipe) -> Path:
                         TextColumn("{task.fields[info]}"),
                         disable=not (accelerator.is_main_process and recipe.train.progress))
     t_start, samples_at_log, t_log = time.time(), state.samples, time.time()
+    samples_start = state.samples
     done = False
     with progress:
         task = progress.add_task("", total=total, completed=state.step, info="")
@@ -277,14 +278,17 @@ def train(recipe: Recipe) -> Path:
                 if metrics:
                     accelerator.print(f"epoch {state.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
                 checkpoint(accelerator, model, recipe, state, info)
+    t_loop = time.time() - t_start
     final = {}
     if test_src is not None:
         final = evaluate_split(accelerator, model, test_src, recipe)
         accelerator.log({f"test/{k}": v for k, v in final.items()}, step=state.step)
     save_weights(accelerator, model, out_dir, info, recipe)
     if accelerator.is_main_process:
-        (out_dir / "history.json").write_text(json.dumps({"epochs": history, "test": final, "steps": state.step,
-                                                          "time_s": round(time.time() - t_start, 2)}, indent=1))
+        (out_dir / "history.json").write_text(json.dumps({
+            "epochs": history, "test": final, "steps": state.step, "time_s": round(time.time() - t_start, 2),
+            "train_samples": state.samples - samples_start, "train_loop_s": round(t_loop, 3), "processes": world,
+        }, indent=1))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir

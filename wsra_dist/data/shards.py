@@ -150,10 +150,12 @@ class _HashingReader(io.RawIOBase):
         return True
 
     def readinto(self, b) -> int:
-        n = self.f.readinto(b)
+        data = self.f.read(len(b))  # wds.gopen's Pipe has read() but no readinto()
+        n = len(data)
+        b[:n] = data
         if n:
-            self.h.update(memoryview(b)[:n])
-        return n or 0
+            self.h.update(data)
+        return n
 
     def drain(self) -> str:
         while chunk := self.f.read(1 << 20):
