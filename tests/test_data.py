@@ -268,3 +268,23 @@ def test_charades_shards(planted_charades):
     m = load_manifest(planted_charades / "shards" / "train")
     assert m["benchmark"] == "charades" and m["dims"]["video"] == 1024 and m["dims"]["snippets"] is None
     assert m["reader"]["charades_filter"] == "clamp" and verify(planted_charades / "shards" / "train") == []
+
+
+def test_charades_features_h5_4d_and_resample(tmp_path):
+    import h5py
+
+    x = np.arange(12 * 4, dtype=np.float32).reshape(12, 1, 1, 4)
+    np.save(tmp_path / "AAAAA.npy", x)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("AAAAA", data=x[:, 0, 0].astype(np.float64))
+    a = charades.SnippetFeatures(tmp_path).get("AAAAA")
+    b = charades.SnippetFeatures(tmp_path / "f.h5").get("AAAAA")
+    assert a.shape == (12, 4) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    r = charades.resample(a, 4)  # mean within 4 equal bins of 3 snippets
+    np.testing.assert_allclose(r[0], a[:3].mean(0))
+    np.testing.assert_allclose(r[3], a[9:].mean(0))
+    assert charades.resample(a, 24).shape == (24, 4)  # shorter videos are stretched
+    with pytest.raises(DataError, match="AAAAA"):
+        np.save(tmp_path / "AAAAA.npy", np.full((3, 4), np.nan, dtype=np.float32))
+        charades.SnippetFeatures(tmp_path).get("AAAAA")

@@ -187,7 +187,7 @@ def evaluate(
     except _known_errors() as e:
         _fail(e)
     if md:
-        out_console.print(md)
+        print(md)  # plain print: markdown rows must not be wrapped
         out_console.print(f"wrote {out}/metrics.json, table.md, table.csv")
 
 
@@ -205,7 +205,7 @@ def demo(
         md = run_demo(out, videos, epochs, seed)
     except _known_errors() as e:
         _fail(e)
-    out_console.print(md)
+    print(md)
     out_console.print(f"results: {out / 'results' / 'table.md'}, {out / 'results' / 'metrics.json'}")
 
 
@@ -225,7 +225,7 @@ def ablate(
         md = run_ablation(recipe, study, out, list(ctx.args))
     except _known_errors() as e:
         _fail(e)
-    out_console.print(md)
+    print(md)
 
 
 @app.command()
@@ -239,7 +239,8 @@ def ground(
     top_k: int = typer.Option(5, help="Moments to print per query."),
     as_json: bool = typer.Option(False, "--json", help='Print {"results": [{"query", "moments", "scores"}, ...]}.'),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of the attention weights over time per query."),
-    truth: Optional[str] = typer.Option(None, help="Ground-truth span 'START,END' in seconds to draw on the plot."),
+    truth: List[str] = typer.Option([], help="Ground-truth span 'START,END' in seconds to draw on the plot; repeat "
+                                             "once per query, in the order of the queries."),
 ):
     """Ground free-text queries in one video's features: the top moments in seconds with their scores."""
     from .ground import ground_cli
@@ -248,7 +249,7 @@ def ground(
     try:
         if not qs:
             raise ValueError("give at least one --query or a --queries file")
-        res = ground_cli(checkpoint, features, qs, duration, top_k, plot, truth)
+        res = ground_cli(checkpoint, features, qs, duration, top_k, plot, list(truth))
     except _known_errors() as e:
         _fail(e)
     if as_json:

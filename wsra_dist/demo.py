@@ -42,6 +42,7 @@ def run_demo(out: str | Path, videos: int = 1200, epochs: int = 6, seed: int = 0
     ])
     run_dir = train(recipe)
     con.rule("4/4 evaluation (official DiDeMo protocol, test split)")
-    _, md = evaluate_checkpoints([str(run_dir)], [str(out / "shards" / "test")], "didemo", out / "results")
+    _, md = evaluate_checkpoints([str(run_dir)], [str(out / "shards" / "test")], "didemo", out / "results",
+                                 run_name="WSRA + cross-video variant (this toolkit, planted data)")
     con.print(f"demo finished in {time.time() - t0:.0f} s")
     return md or ""

@@ -132,7 +132,8 @@ def load_model(run_dir: str | Path, device: str | None = None) -> Grounder:
     return Grounder(model, info, dev)
 
 
-def plot_attention(results: list[dict], path: str | Path, truth: tuple[float, float] | None = None) -> None:
+def plot_attention(results: list[dict], path: str | Path,
+                   truths: Sequence[tuple[float, float] | None] | None = None) -> None:
     """The paper's Figure 7: α over time per query, top moment shaded, ground truth outlined."""
     import matplotlib
 
@@ -140,7 +141,9 @@ def plot_attention(results: list[dict], path: str | Path, truth: tuple[float, fl
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.2 * len(results)), squeeze=False)
-    for ax, r in zip(axes[:, 0], results):
+    truths = list(truths or [])
+    for i, (ax, r) in enumerate(zip(axes[:, 0], results)):
+        truth = truths[i] if i < len(truths) else None
         t = np.asarray(r["snippet_times"])
         centers = t.mean(1)
         ax.bar(centers, r["alpha"], width=(t[:, 1] - t[:, 0]) * 0.9, color="#4a7ab5", label="attention α")
@@ -161,10 +164,18 @@ def plot_attention(results: list[dict], path: str | Path, truth: tuple[float, fl
     tmp.replace(path)
 
 
-def ground_cli(checkpoint, features: str, queries: list[str], duration, top_k: int, plot, truth: str | None):
+def ground_cli(checkpoint, features: str, queries: list[str], duration, top_k: int, plot, truths: list[str]):
+    if len(truths) > len(queries):
+        raise ValueError(f"{len(truths)} --truth spans for {len(queries)} queries")
+    spans = []
+    for t in truths:
+        try:
+            s, e = (float(x) for x in t.split(","))
+        except ValueError:
+            raise ValueError(f"--truth {t!r}: expected START,END in seconds")
+        spans.append((s, e))
     g = load_model(checkpoint)
     res = g.ground(read_features(features), queries, duration, top_k)
     if plot:
-        span = tuple(float(x) for x in truth.split(",")) if truth else None
-        plot_attention(res, plot, span)
+        plot_attention(res, plot, spans)
     return [{"query": r["query"], "moments": r["moments"], "scores": r["scores"]} for r in res]

@@ -48,7 +48,7 @@ def _dist():
 def evaluate_checkpoints(
     checkpoints: Sequence[str], shards: Sequence[str], protocol: str, out: str | Path,
     fusion_weights: Sequence[float] | None = None, batch_size: int = 64, strict: bool = False,
-    nms: float | None = None, device: str | None = None,
+    nms: float | None = None, device: str | None = None, run_name: str | None = None,
 ) -> tuple[dict, str | None]:
     """Score one checkpoint (or several, late-fused with weights) on their shards."""
     import torch
@@ -69,10 +69,12 @@ def evaluate_checkpoints(
         dev = state.device
     fused: dict = {}
     truth_all: list[dict] = []
+    reader: dict = {}
     id_key = "annotation_id" if protocol == "didemo" else "query_id"
     for ck, sh, w in zip(checkpoints, shards, weights):
         model, info = load_run(ck, dev)
         src = ShardSource.open(sh)
+        reader = src.manifest.get("reader", {})
         if src.manifest.get("benchmark") != protocol:
             raise DataError(f"{sh}: shards are {src.manifest.get('benchmark')!r}, not --protocol {protocol}")
         check_compatible(info, src.manifest, sh)
@@ -95,9 +97,11 @@ def evaluate_checkpoints(
     predictions.sort(key=lambda p: p[id_key])
     truth_all.sort(key=lambda t: t["query_id"])
     return _finish(protocol, predictions, truth_all, out, strict, nms, rank,
-                   run_name=" + ".join(Path(c).name for c in checkpoints),
+                   run_name=run_name or " + ".join(Path(c).name for c in checkpoints),
                    feature=" & ".join(_feature_name(s) for s in shards), write_predictions=True,
-                   settings_extra={"checkpoints": list(checkpoints), "shards": list(shards), "fusion_weights": weights})
+                   settings_extra={"checkpoints": list(checkpoints), "shards": list(shards), "fusion_weights": weights,
+                                   **({"charades_filter": reader.get("charades_filter", "clamp")}
+                                      if protocol == "charades" else {})})
 
 
 def _feature_name(shards: str) -> str:

@@ -9,7 +9,7 @@ from .scoring import CHARADES_KEYS, DIDEMO_KEYS
 
 # WSRA paper, Table 2 (DiDeMo test) and Table 3 (Charades-STA test), as printed.
 PAPER_DIDEMO = [
-    ("Upper bound (paper; its mIoU 69.05 is a transposition of 96.05)", "-", (74.75, 100.0, 69.05)),
+    ("Upper bound (paper, as printed; mIoU should read 96.05)", "-", (74.75, 100.0, 69.05)),
     ("Chance (paper, one random draw)", "-", (3.75, 22.50, 22.64)),
     ("TGA [30] (weak)", "Flow&RGB", (12.19, 39.74, 24.92)),
     ("WSRA (paper)", "RGB", (14.20, 43.67, 25.22)),
