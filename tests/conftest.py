@@ -38,3 +38,4 @@ def trained_didemo(tmp_path_factory):
                              "train.epochs=3", f"output_dir={root / 'run'}", "train.progress=false"])
     train(r)
     return root
+

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+def _find_shared() -> Path:
+    """The real annotation files: $WSRA_SHARED_DATA, else a `shared/data` beside an ancestor, else /work/shared/data."""
+    import os
+
+    if os.environ.get("WSRA_SHARED_DATA"):
+        return Path(os.environ["WSRA_SHARED_DATA"])
+    for parent in Path(__file__).resolve().parents:
+        cand = parent / "shared" / "data"
+        if (cand / "didemo" / "val_data.json").is_file():
+            return cand
+    return Path("/work/shared/data")
+
+
+SHARED = _find_shared()
 
 
 def make_planted_didemo(root: Path, videos: int = 40, shard_size: int = 50, seed: int = 0) -> Path:
@@ -28,3 +41,11 @@ def make_planted_charades(root: Path, videos: int = 30, shard_size: int = 40, se
                        root / "data" / "features", root / "shards" / s, shard_size, progress=False,
                        cache_dir=str(root / "cache"))
     return root
+
+
+def requires_shared(fn):
+    """Skip (with the reason) when the real annotation files are not on this machine."""
+    import pytest
+
+    return pytest.mark.skipif(not (SHARED / "didemo" / "val_data.json").is_file(),
+                              reason=f"real annotation files not found at {SHARED} (set WSRA_SHARED_DATA)")(fn)

@@ -12,10 +12,11 @@ from wsra_dist.data import charades, didemo
 from wsra_dist.data.records import DataError
 from wsra_dist.evaluation.candidates import DIDEMO_CANDIDATES, didemo_candidate_features, proportional_windows, window_features
 
-from .helpers import SHARED
+from .helpers import SHARED, requires_shared
 
 
 # ------------------------------------------------------------------------------ real files
+@requires_shared
 def test_didemo_reader_real_files():
     val = didemo.read_annotations(SHARED / "didemo" / "val_data.json")
     test = didemo.read_annotations(SHARED / "didemo" / "test_data.json")
@@ -40,6 +41,7 @@ def test_didemo_reader_errors_name_file_and_record(tmp_path, record, msg):
         didemo.read_annotations(p)
 
 
+@requires_shared
 def test_charades_reader_real_files_and_defect_rules():
     dur = charades.read_durations(SHARED / "charades-sta" / "Charades_v1_test.csv")
     clamp, st = charades.read_annotations(SHARED / "charades-sta" / "charades_sta_test.txt", dur, "clamp")

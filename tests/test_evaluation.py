@@ -16,7 +16,7 @@ from wsra_dist.evaluation import metrics as M
 from wsra_dist.evaluation.candidates import DIDEMO_CANDIDATES, proportional_windows
 from wsra_dist.evaluation.scoring import score_charades, score_didemo
 
-from .helpers import SHARED
+from .helpers import SHARED, requires_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +60,7 @@ def test_didemo_order_is_never_assumed():
     assert m["R@1"] == 100.0  # (4, 5) is the last candidate in the reference order but first here
 
 
+@requires_shared
 def test_didemo_chance_and_upper_bound_on_real_test():
     recs = didemo.read_annotations(SHARED / "didemo" / "test_data.json")
     times = [r.times for r in recs]
@@ -69,6 +70,7 @@ def test_didemo_chance_and_upper_bound_on_real_test():
     assert (round(ub["R@1"], 2), ub["R@5"], round(ub["mIoU"], 2)) == (74.76, 100.0, 96.05)
 
 
+@requires_shared
 def test_didemo_chance_exact_agrees_with_monte_carlo():
     recs = didemo.read_annotations(SHARED / "didemo" / "val_data.json")[:400]
     times = [r.times for r in recs]
@@ -99,6 +101,7 @@ def test_charades_metrics_strict_nms_and_topn():
     assert m["R@5,IoU=0.7"] == 100.0 and m["mIoU"] == pytest.approx(50.0)
 
 
+@requires_shared
 def test_charades_chance_and_oracle_on_real_test():
     dur = charades.read_durations(SHARED / "charades-sta" / "Charades_v1_test.csv")
     recs, _ = charades.read_annotations(SHARED / "charades-sta" / "charades_sta_test.txt", dur, "clamp")
@@ -127,6 +130,7 @@ def _cli(*args, check=True):
     return p
 
 
+@requires_shared
 def test_evaluate_didemo_prediction_file(tmp_path):
     ann = SHARED / "didemo" / "val_data.json"
     recs = didemo.read_annotations(ann)
@@ -151,6 +155,7 @@ def test_evaluate_didemo_prediction_file(tmp_path):
     assert str(recs[0].query_id) in err and "999999" in err
 
 
+@requires_shared
 def test_evaluate_charades_prediction_file(tmp_path):
     ann, dur = SHARED / "charades-sta" / "charades_sta_test.txt", SHARED / "charades-sta" / "Charades_v1_test.csv"
     recs, _ = charades.read_annotations(ann, charades.read_durations(dur), "strict")

@@ -135,14 +135,15 @@ class _PairMLP1(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         pv, pt, w = ctx.saved_tensors
+        H = pv.shape[-1]
         gpv = torch.zeros_like(pv)
         gpt = torch.empty_like(pt)
         gw = torch.zeros_like(w)
         for s in range(0, pt.shape[0], ctx.chunk):
-            h = (pv.unsqueeze(2) + pt[s : s + ctx.chunk]).clamp_min_(0)  # (B, T, n, H)
-            gc = g[..., s : s + ctx.chunk]
-            gw += torch.einsum("btn,btnh->h", gc, h)
-            dh = (gc.unsqueeze(-1) * w).mul_(h > 0)
+            h = (pv.unsqueeze(2) + pt[s : s + ctx.chunk]).clamp_min_(0)  # (B, T, n, H), recomputed
+            gc = g[..., s : s + ctx.chunk].contiguous()
+            gw += (gc.reshape(1, -1) @ h.reshape(-1, H))[0]
+            dh = h.sign_().mul_(gc.unsqueeze(-1)).mul_(w)  # relu'(.) * g * w, in the same buffer
             gpv += dh.sum(2)
             gpt[s : s + ctx.chunk] = dh.sum((0, 1))
         return gpv, gpt, gw, g.sum(), None

@@ -249,8 +249,12 @@ def train(recipe: Recipe) -> Path:
                 state.samples += g.n_global
                 if state.step % recipe.train.log_every == 0 or state.step == 1:
                     now = time.time()
-                    logs = {f"loss/{k}": float(v.detach()) * g.world for k, v in out.terms.items()}  # one-process value
-                    logs["loss/total"] = float(out.loss.detach()) * g.world
+                    # Shares summed over processes = the value one process with the whole batch computes.
+                    names = list(out.terms)
+                    vals = torch.stack([out.terms[k].detach() for k in names] + [out.loss.detach()]).float()
+                    vals = accelerator.reduce(vals, reduction="sum") if world > 1 else vals
+                    logs = {f"loss/{k}": float(v) for k, v in zip(names, vals[:-1])}
+                    logs["loss/total"] = float(vals[-1])
                     logs["lr"] = optimizer.param_groups[0]["lr"]
                     if grad_norm is not None:
                         logs["grad_norm"] = float(grad_norm)
@@ -312,7 +316,10 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         print("RECIPE is a YAML file in recipes/; overrides are dotted key=value pairs, e.g.\n"
-              "  train.max_steps=1 train.batch_size=8 optim.name=sgd data.shuffle=false seed=0 output_dir=runs/x")
+              "  train.max_steps=1 train.batch_size=8 optim.name=sgd data.shuffle=false seed=0 output_dir=runs/x\n\n"
+              "Recipe keys and their defaults (docs/method.md explains the loss options):")
+        for k, v in flatten(to_dict(Recipe())).items():
+            print(f"  {k} = {v!r}")
         sys.exit(0 if argv else 2)
     recipe = load_recipe(argv[0], argv[1:])
     train(recipe)
