@@ -70,3 +70,14 @@ def test_train_wrapper_with_contract_overrides(planted_didemo, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "recipe.yaml").is_file()
     p = cli("train", ROOT / "recipes" / "planted_didemo.yaml", "train.max_stepz=1", check=False)
     assert p.returncode == 2 and "unknown recipe key 'train.max_stepz'" in p.stderr
+
+
+def test_ablate_k_grid_writes_table_and_plot(planted_didemo, tmp_path):
+    out = tmp_path / "abl"
+    p = cli("ablate", ROOT / "recipes" / "planted_didemo.yaml", "--study", "k", "--out", out, "--k-top", "1,2",
+            "--k-last", "0", f"data.train_shards={planted_didemo / 'shards' / 'train'}",
+            f"data.val_shards={planted_didemo / 'shards' / 'val'}", "train.max_steps=2", "train.batch_size=16")
+    assert "| 1 | 0 |" in p.stdout and "| 2 | 0 |" in p.stdout
+    assert (out / "k_study.png").read_bytes()[:4] == b"\x89PNG" and (out / "table.md").is_file()
+    results = __import__("json").loads((out / "results.json").read_text())
+    assert [(r["k_top"], r["k_last"]) for r in results] == [(1, 0), (2, 0)] and all("R@1" in r for r in results)

@@ -100,6 +100,7 @@ def _plot_k(results: list[dict], path: Path) -> None:
     for kl in sorted({r["k_last"] for r in results}):
         rs = sorted((r for r in results if r["k_last"] == kl), key=lambda r: r["k_top"])
         ax.plot([r["k_top"] for r in rs], [r[key] for r in rs], marker="o", label=f"K_last = {kl}")
+    ax.set_xticks(sorted({r["k_top"] for r in results}))
     ax.set_xlabel("K_top")
     ax.set_ylabel(f"{key} (%)")
     ax.set_title("Top/last-K sampling (Figure 6 protocol)")

@@ -216,13 +216,16 @@ def ablate(
     study: str = typer.Option("losses", help="losses: the four loss combinations of Table 1; k: the top/last-K grid "
                                              "of Figure 6."),
     out: Path = typer.Option(Path("runs/ablate"), help="Folder for the runs, table and plot."),
+    k_top: str = typer.Option("1,2,3,4", help="--study k: comma-separated K_top values."),
+    k_last: str = typer.Option("0,2,4", help="--study k: comma-separated K_last values."),
 ):
     """Train the paper's ablations and write a table (and for --study k a PNG of R@1 against K).
     Extra arguments are recipe overrides applied to every run."""
     from .ablate import run_ablation
 
     try:
-        md = run_ablation(recipe, study, out, list(ctx.args))
+        md = run_ablation(recipe, study, out, list(ctx.args), tuple(int(x) for x in k_top.split(",")),
+                          tuple(int(x) for x in k_last.split(",")))
     except _known_errors() as e:
         _fail(e)
     print(md)
