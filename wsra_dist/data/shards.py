@@ -269,10 +269,11 @@ def _stream_members(f, url: str) -> Iterator[tuple[str, bytes]]:
     return _members(header, data, url)
 
 
-def _mmap_members(mv: memoryview, url: str) -> Iterator[tuple[str, memoryview]]:
-    """Local shards: members are zero-copy views of the mapped file."""
+def _mmap_index(mv: memoryview, url: str) -> list[tuple[str, str, int, int]]:
+    """(key, ext, offset, size) of every member of a mapped local shard, parsed once."""
     pos = 0
     n = len(mv)
+    last = (0, 0)  # offset and size of the member _members yields next
 
     def header():
         nonlocal pos
@@ -285,14 +286,36 @@ def _mmap_members(mv: memoryview, url: str) -> Iterator[tuple[str, memoryview]]:
         return hdr
 
     def data(size: int) -> memoryview:
-        nonlocal pos
+        nonlocal pos, last
         if pos + size > n:
             raise DataError(f"{url}: truncated tar member")
+        last = (pos, size)
         d = mv[pos : pos + size]
         pos += size + (-size) % 512
         return d
 
-    return _members(header, data, url)
+    out = []
+    for name, _ in _members(header, data, url):
+        slash = name.rfind("/")
+        dot = name.find(".", slash + 1)
+        if dot >= 0:
+            out.append((name[:dot], name[dot + 1 :], *last))
+    return out
+
+
+_INDEX: dict[tuple[str, int, int], list[tuple[str, str, int, int]]] = {}
+
+
+def _indexed_samples(mv: memoryview, index: list[tuple[str, str, int, int]]) -> Iterator[dict]:
+    cur: dict | None = None
+    for key, ext, off, size in index:
+        if cur is None or cur["__key__"] != key:
+            if cur is not None:
+                yield cur
+            cur = {"__key__": key}
+        cur[ext] = mv[off : off + size]
+    if cur is not None:
+        yield cur
 
 
 def _samples(members: Iterable[tuple[str, bytes]]) -> Iterator[dict]:
@@ -347,20 +370,23 @@ def iter_shard(url: str, expected_sha256: str | None = None, dims: dict | None =
                 raise DataError(f"{url}: empty shard")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         mv = memoryview(mm)
-        if expected_sha256:
-            key = (os.path.abspath(url), st.st_size, st.st_mtime_ns, expected_sha256)
-            if key not in _VERIFIED:
-                _check_sha(url, hashlib.sha256(mv).hexdigest(), expected_sha256)
-                _VERIFIED.add(key)
-        members = _mmap_members(mv, url)
+        version = (os.path.abspath(url), st.st_size, st.st_mtime_ns)
+        if expected_sha256 and version + (expected_sha256,) not in _VERIFIED:
+            _check_sha(url, hashlib.sha256(mv).hexdigest(), expected_sha256)
+            _VERIFIED.add(version + (expected_sha256,))
+        if version not in _INDEX:  # tar headers are parsed once per process and file version
+            if len(_INDEX) > 4096:
+                _INDEX.clear()
+            _INDEX[version] = _mmap_index(mv, url)
+        samples = _indexed_samples(mv, _INDEX[version])
         stream = None
         raw = None
     else:
         raw = _open_url(url)
         stream = _HashingReader(raw) if expected_sha256 else raw
-        members = _stream_members(io.BufferedReader(stream, 1 << 20) if expected_sha256 else stream, url)
+        samples = _samples(_stream_members(io.BufferedReader(stream, 1 << 20) if expected_sha256 else stream, url))
     try:
-        for s in _samples(members):
+        for s in samples:
             key = s["__key__"]
             out = {"__key__": key, "__url__": url}
             for ext, data in s.items():
