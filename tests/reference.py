@@ -84,7 +84,8 @@ def wsra_terms(scorer, videos, texts, vids, cfg) -> dict[str, float]:
         beta = []
         for t in range(T):
             den = sum(math.exp(phis[t][i]) for i in range(n))
-            beta.append([math.exp(phis[t][i]) / den for i in range(n)])
+            scale = n if getattr(cfg, "beta_normalize", False) else 1
+            beta.append([scale * math.exp(phis[t][i]) / den for i in range(n)])
         negs = sorted(samp[j]["hard"])
         if cfg.snippet_negatives == "in_log":
             zs = [cfg.tau * (beta[t][j] * phis[t][q] - beta[t][q] * phis[t][j] + cfg.margin) for q in negs for t in range(T)]

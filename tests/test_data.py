@@ -97,7 +97,7 @@ def test_synth_deterministic_and_official_format(tmp_path, profile):
 
     a = synth(profile, tmp_path / "a", 12, seed=3)
     synth(profile, tmp_path / "b", 12, seed=3)
-    c = synth(profile, tmp_path / "c", 12, seed=4)
+    synth(profile, tmp_path / "c", 12, seed=4)
 
     def digest(root):
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()

