@@ -174,7 +174,8 @@ def test_run_folder_and_tensorboard(exact_shards, tmp_path, planted_didemo):
     ev.Reload()
     tags = set(ev.Tags()["scalars"])
     assert {"loss/total", "loss/video", "loss/snippet", "loss/batch", "loss/cross", "lr", "samples_per_s",
-            "val/R@1"} <= tags
+            "grad_norm", "val/R@1"} <= tags
+    assert [e.step for e in ev.Scalars("grad_norm")] == [1, 2, 3]
 
 
 def test_url_pattern_and_pipe_sources_read_the_same_shards(exact_shards, tmp_path):

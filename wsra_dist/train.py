@@ -237,17 +237,18 @@ def train(recipe: Recipe) -> Path:
                 accelerator.backward(out.loss * g.loss_scale)
                 if debug_dir and accelerator.is_main_process and out.negatives is not None:
                     _dump_negatives(Path(debug_dir), state.step + 1, out, batch)
+                log_now = (state.step + 1) % recipe.train.log_every == 0 or state.step == 0
                 grad_norm = None
                 if recipe.optim.grad_clip > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-                elif state.step % recipe.train.log_every == 0:
+                elif log_now:
                     grad_norm = _grad_norm(model)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.batch_in_epoch += 1
                 state.samples += g.n_global
-                if state.step % recipe.train.log_every == 0 or state.step == 1:
+                if log_now:
                     now = time.time()
                     # Shares summed over processes = the value one process with the whole batch computes.
                     names = list(out.terms)
