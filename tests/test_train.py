@@ -95,6 +95,9 @@ def test_sigkill_and_resume_matches_uninterrupted(exact_shards, tmp_path):
     p = _run([*base, *_overrides(exact_shards, cut, 16, 7, "adam", extra), "resume=latest"])
     assert "resumed from" in p.stdout + p.stderr
     assert _max_diff(_weights(full), _weights(cut)) <= 1e-7
+    h_full = json.loads((full / "history.json").read_text())
+    h_cut = json.loads((cut / "history.json").read_text())
+    assert [e["epoch"] for e in h_cut["epochs"]] == [e["epoch"] for e in h_full["epochs"]] == [1, 2]
 
 
 @pytest.mark.slow

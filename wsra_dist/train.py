@@ -38,13 +38,16 @@ class TrainState:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.samples = 0
+        self.history: list[dict] = []  # one row per finished epoch (validation metrics, times)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "samples": self.samples}
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "samples": self.samples,
+                "history": json.dumps(self.history)}
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.epoch = int(d["step"]), int(d["epoch"])
         self.batch_in_epoch, self.samples = int(d["batch_in_epoch"]), int(d["samples"])
+        self.history = json.loads(d.get("history", "[]"))
 
 
 def make_accelerator(recipe: Recipe):
@@ -219,7 +222,7 @@ def train(recipe: Recipe) -> Path:
     total = per_epoch * recipe.train.epochs
     if recipe.train.max_steps:
         total = min(total, recipe.train.max_steps)
-    history = []
+    history = state.history
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[info]}"),
                         disable=not (accelerator.is_main_process and recipe.train.progress))
