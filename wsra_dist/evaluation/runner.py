@@ -40,7 +40,9 @@ def _dist():
         from accelerate import PartialState
         from accelerate.utils import gather_object
 
-        st = PartialState(cpu=not __import__("torch").cuda.is_available())
+        import torch
+
+        st = PartialState(cpu=not torch.cuda.is_available())
         return st.num_processes, st.process_index, gather_object, st
     return 1, 0, (lambda x: x), None
 
@@ -83,7 +85,11 @@ def evaluate_checkpoints(
         if not truth_all:
             seen = set()
             truth_all = [t for t in truth if not (t["query_id"] in seen or seen.add(t["query_id"]))]
+        seen_ids: set = set()
         for p in preds:
+            if p[id_key] in seen_ids:  # gathered from several processes: keep one prediction per id
+                continue
+            seen_ids.add(p[id_key])
             entry = fused.setdefault(p[id_key], {"p": p, "s": {}})
             for m, s in zip(p["moments"], p["scores"]):
                 entry["s"][tuple(m)] = entry["s"].get(tuple(m), 0.0) + w * s
