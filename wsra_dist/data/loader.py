@@ -100,6 +100,11 @@ def collate(samples: list[dict]) -> Batch:
     )
 
 
+def _pinned(b: Batch) -> Batch:
+    return Batch(b.video.pin_memory(), b.mask.pin_memory(), b.text.pin_memory(), b.video_id.pin_memory(),
+                 b.target.pin_memory(), b.meta)
+
+
 class EpochLoader:
     def __init__(self, source: ShardSource, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 2000, num_workers: int = 0, verify: bool = True,
@@ -110,6 +115,7 @@ class EpochLoader:
         self.source, self.batch_size, self.world, self.rank = source, batch_size, world, rank
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.num_workers, self.verify, self.drop_last = num_workers, verify, drop_last
+        self.pin_memory = torch.cuda.is_available()  # lets Batch.to(non_blocking=True) overlap the copy
 
     def _order(self, epoch: int) -> list[int]:
         idx = list(range(len(self.source.urls)))
@@ -148,4 +154,5 @@ class EpochLoader:
             if not samples:
                 break
             if b >= skip:
-                yield collate(samples)
+                batch = collate(samples)
+                yield _pinned(batch) if self.pin_memory else batch
