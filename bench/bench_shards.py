@@ -44,7 +44,7 @@ def main() -> None:
         for i in range(a.samples):
             meta = {"query_id": i, "video": f"v{i // 4}.mov", "video_hash": i // 4, "times": [[1, 2]] * 4,
                     "duration": 30.0, "num_segments": 6, "target": 3}
-            w.write(f"{i:08d}", encode_sample(f"{i:08d}", video, text, meta, "a man opens the door."))
+            w.write(f"{i:08d}", encode_sample(video, text, meta, "a man opens the door."))
         m = w.finish({"benchmark": "didemo", "num_queries": a.samples, "num_videos": a.samples // 4,
                       "dims": {"video": a.dim, "text": 384}})
         t_write = time.perf_counter() - t

@@ -235,7 +235,7 @@ def test_interrupted_write_leaves_nothing_complete(tmp_path):
     from wsra_dist.data.shards import MANIFEST, ShardWriter, encode_sample
 
     w = ShardWriter(tmp_path, shard_size=2)
-    fields = encode_sample("k", np.zeros((2, 3)), np.zeros(4), {"a": 1}, "q")
+    fields = encode_sample(np.zeros((2, 3)), np.zeros(4), {"a": 1}, "q")
     w.write("00000000", fields)
     w.write("00000001", fields)  # shard 0 complete
     w.write("00000002", fields)  # shard 1 in progress ...

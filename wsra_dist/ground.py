@@ -172,7 +172,7 @@ def ground_cli(checkpoint, features: str, queries: list[str], duration, top_k: i
         try:
             s, e = (float(x) for x in t.split(","))
         except ValueError:
-            raise ValueError(f"--truth {t!r}: expected START,END in seconds")
+            raise ValueError(f"--truth {t!r}: expected START,END in seconds") from None
         spans.append((s, e))
     g = load_model(checkpoint)
     res = g.ground(read_features(features), queries, duration, top_k)

@@ -25,7 +25,8 @@ def read_durations(path: str | Path) -> dict[str, float]:
                 try:
                     out[row["id"]] = float(row["length"])
                 except (TypeError, ValueError):
-                    raise DataError(f"{path}: line {reader.line_num}: bad length {row.get('length')!r} for {row.get('id')!r}")
+                    raise DataError(f"{path}: line {reader.line_num}: bad length {row.get('length')!r} "
+                                    f"for {row.get('id')!r}") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read durations: {e}") from e
     return out
@@ -63,7 +64,7 @@ def read_annotations(
         try:
             s, e = float(fields[1]), float(fields[2])
         except ValueError:
-            raise DataError(f"{path}: line {i + 1}: start/end are not numbers: {line[:80]!r}")
+            raise DataError(f"{path}: line {i + 1}: start/end are not numbers: {line[:80]!r}") from None
         if vid not in durations:
             raise DataError(f"{path}: line {i + 1}: video {vid!r} has no duration in {durations_file}")
         length = durations[vid]

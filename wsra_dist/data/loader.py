@@ -18,7 +18,7 @@ import torch
 
 from ..objective import Batch
 from .records import DataError
-from .shards import iter_shard, load_manifest, manifest_path_for, shard_counts, shard_sha, shard_urls
+from .shards import iter_shard, load_manifest, manifest_path_for, shard_entries, shard_urls
 
 
 @dataclass
@@ -36,7 +36,8 @@ class ShardSource:
         urls = shard_urls(source, m)
         if not urls:
             raise DataError(f"{source}: no shards")
-        return cls(urls, shard_counts(urls, m), [shard_sha(u, m) for u in urls], m)
+        entries = shard_entries(urls, m)
+        return cls(urls, [e["num_samples"] for e in entries], [e["sha256"] for e in entries], m)
 
     @property
     def num_samples(self) -> int:

@@ -64,7 +64,7 @@ def _write(
                 lengths.append(v.shape[0])
                 meta = {"query_id": r.query_id, "video": r.video, "video_hash": video_hash(r.video),
                         "times": r.times, "duration": r.duration, "num_segments": r.num_segments, **meta_of(r)}
-                writer.write(f"{i:08d}", encode_sample(f"{i:08d}", v, t, meta, r.sentence))
+                writer.write(f"{i:08d}", encode_sample(v, t, meta, r.sentence))
                 bar.advance(task)
     except BaseException:
         writer.abort()

@@ -48,7 +48,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def encode_sample(key: str, video: np.ndarray, text: np.ndarray, meta: dict, query: str) -> dict[str, bytes]:
+def encode_sample(video: np.ndarray, text: np.ndarray, meta: dict, query: str) -> dict[str, bytes]:
     return {
         "video.npy": npy_bytes(np.asarray(video, dtype=np.float32)),
         "text.npy": npy_bytes(np.asarray(text, dtype=np.float32)),
@@ -472,20 +472,21 @@ def manifest_path_for(source: str) -> str:
     return str(Path(source.split("{", 1)[0]).parent / MANIFEST)
 
 
-def shard_counts(urls: Iterable[str], manifest: dict) -> list[int]:
+def shard_name(url: str) -> str:
+    """The manifest name of a shard URL: its file name, or the shard-NNNNNN.tar inside a `pipe:` command."""
+    return _pipe_name(url) if url.startswith("pipe:") else url.rstrip().split("/")[-1].split()[0]
+
+
+def shard_entries(urls: Iterable[str], manifest: dict) -> list[dict]:
+    """The manifest entry (num_samples, sha256, ...) of every URL; a URL the manifest lacks is an error."""
     by_name = {s["name"]: s for s in manifest["shards"]}
     out = []
     for u in urls:
-        name = u.rstrip().split("/")[-1].split()[0] if not u.startswith("pipe:") else _pipe_name(u)
+        name = shard_name(u)
         if name not in by_name:
             raise DataError(f"{u}: shard {name!r} is not in the manifest")
-        out.append(by_name[name]["num_samples"])
+        out.append(by_name[name])
     return out
-
-
-def shard_sha(url: str, manifest: dict) -> str:
-    name = _pipe_name(url) if url.startswith("pipe:") else url.split("/")[-1]
-    return {s["name"]: s["sha256"] for s in manifest["shards"]}[name]
 
 
 def _pipe_name(url: str) -> str:

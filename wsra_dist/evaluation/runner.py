@@ -94,7 +94,7 @@ def evaluate_checkpoints(
             for m, s in zip(p["moments"], p["scores"]):
                 entry["s"][tuple(m)] = entry["s"].get(tuple(m), 0.0) + w * s
     predictions = []
-    for qid, e in fused.items():
+    for e in fused.values():
         ranked = sorted(e["s"].items(), key=lambda kv: -kv[1])
         p = {k: v for k, v in e["p"].items() if k not in ("moments", "scores")}
         p["moments"] = [list(m) for m, _ in ranked]
