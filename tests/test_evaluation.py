@@ -146,7 +146,7 @@ def test_evaluate_didemo_prediction_file(tmp_path):
     assert "WSRA (paper)" in p.stdout and "TGA" in p.stdout
     # Missing, extra and duplicate ids are errors that list a few.
     lines = (tmp_path / "p.jsonl").read_text().splitlines()
-    bad = lines[1:] + [lines[2], json.dumps({"annotation_id": 999999, "moments": [[0, 0]]})]
+    bad = lines[1:] + [lines[2], json.dumps({"annotation_id": 999999, "moments": [list(c) for c in DIDEMO_CANDIDATES]})]
     (tmp_path / "bad.jsonl").write_text("\n".join(bad) + "\n")
     p = _cli("evaluate", "--predictions", tmp_path / "bad.jsonl", "--annotations", ann, "--protocol", "didemo",
              "--out", tmp_path / "res2", check=False)

@@ -17,25 +17,23 @@ app = typer.Typer(
     help="Distributed training and evaluation of WSRA (weakly-supervised temporal grounding with referring "
          "attention).\n\nWorkflow: `wsra-dist shard ...` -> `accelerate launch -m wsra_dist.train RECIPE` -> "
          "`wsra-dist evaluate ...`.  `wsra-dist demo` runs it all on the embedded planted benchmark.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
 )
 shard_app = typer.Typer(help="Pack an official benchmark (annotations + features) into WebDataset shards + manifest.",
-                        no_args_is_help=True)
+                        no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(shard_app, name="shard")
-console = Console(stderr=True)
-out_console = Console()
+# soft_wrap: lines are never hard-wrapped (scripts parse this output); data is always escaped.
+console = Console(stderr=True, soft_wrap=True, highlight=False, markup=False)
+out_console = Console(soft_wrap=True, highlight=False, markup=False)
 
 
-def _fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}")
-    raise typer.Exit(2)
+def _fail(e: BaseException) -> None:
+    """Kept for the commands' except clauses: the one error path (wsra_dist.errors) prints it."""
+    raise e
 
 
 def _known_errors():
-    from .config import ConfigError
-    from .data.records import DataError
-
-    return (DataError, ConfigError, FileNotFoundError, ValueError)
+    return (Exception,)
 
 
 @app.command()
@@ -68,6 +66,15 @@ DEVICE = typer.Option("cpu", help="Device for the text model.")
 QUIET = typer.Option(False, help="No progress bars.")
 
 
+def _print_shard_summary(out: Path, m: dict, extra: str = "") -> None:
+    from .errors import print_warning
+
+    for w in m.get("warnings", []):
+        print_warning(w)
+    out_console.print(f"{out}: {m['num_queries']} queries, {m['num_videos']} videos, {len(m['shards'])} shards, "
+                      f"dims {m['dims']}{extra}")
+
+
 @shard_app.command("didemo")
 def shard_didemo(
     annotations: Path = typer.Option(..., help="{train,val,test}_data.json of LocalizingMoments."),
@@ -92,8 +99,7 @@ def shard_didemo(
                 not quiet, str(cache_dir) if cache_dir else None, device)
     except _known_errors() as e:
         _fail(e)
-    out_console.print(f"{out}: {m['num_queries']} queries, {m['num_videos']} videos, {len(m['shards'])} shards, "
-                      f"dims {m['dims']}")
+    _print_shard_summary(out, m)
 
 
 @shard_app.command("charades")
@@ -122,8 +128,7 @@ def shard_charades(
                 skip_missing, not quiet, str(cache_dir) if cache_dir else None, device)
     except _known_errors() as e:
         _fail(e)
-    out_console.print(f"{out}: {m['num_queries']} queries, {m['num_videos']} videos, {len(m['shards'])} shards, "
-                      f"dims {m['dims']}; filter {m['reader']}")
+    _print_shard_summary(out, m, f"; filter {m['reader']}")
 
 
 @app.command()
@@ -137,7 +142,7 @@ def verify(path: Path = typer.Argument(..., help="A shard folder with manifest.j
         _fail(e)
     if problems:
         for p in problems:
-            console.print(f"[red]mismatch:[/] {p}")
+            console.print(f"mismatch: {p}", style="red")
         raise typer.Exit(1)
     out_console.print(f"{path}: all shards match the manifest")
 
@@ -173,6 +178,10 @@ def evaluate(
     fusion_weights: Optional[str] = typer.Option(None, help="Comma-separated late-fusion weights, one per checkpoint."),
     nms: Optional[float] = typer.Option(None, help="Charades: NMS IoU threshold before top-n (default off)."),
     strict_iou: bool = typer.Option(False, help="Charades: count a hit when IoU > m instead of >= m."),
+    iou_tolerance: float = typer.Option(0.0, help="Charades: count IoU >= m - TOL as a hit (> m + TOL with "
+                                                  "--strict-iou); default 0, the official plain comparison."),
+    clip_predictions: bool = typer.Option(False, help="Charades: clip moments into [0, duration] and order "
+                                                      "start<=end instead of refusing them; NaN still refused."),
     batch_size: int = typer.Option(64, help="Queries per scoring batch."),
     out: Path = typer.Option(..., help="Folder for predictions.jsonl, metrics.json, table.md, table.csv."),
 ):
@@ -186,13 +195,15 @@ def evaluate(
             if annotations is None:
                 raise ValueError("--predictions needs --annotations")
             _, md = evaluate_predictions(predictions, annotations, protocol, out, str(durations) if durations else None,
-                                         charades_filter, strict_iou, nms)
+                                         charades_filter, strict_iou, nms, clip_predictions=clip_predictions,
+                                         iou_tolerance=iou_tolerance)
         else:
             if not checkpoint:
                 raise ValueError("give --checkpoint RUN_DIR --shards DIR, or --predictions P.jsonl --annotations FILE")
             w = [float(x) for x in fusion_weights.split(",")] if fusion_weights else None
             _, md = evaluate_checkpoints([str(c) for c in checkpoint], shards, protocol, out, w, batch_size,
-                                         strict_iou, nms)
+                                         strict_iou, nms, clip_predictions=clip_predictions,
+                                         iou_tolerance=iou_tolerance)
     except _known_errors() as e:
         _fail(e)
     if md:
@@ -268,7 +279,7 @@ def ground(
         print(json.dumps({"results": res}))
         return
     for r in res:
-        out_console.print(f"[bold]{r['query']}[/]")
+        out_console.print(r["query"], style="bold")
         for (s, e), sc in zip(r["moments"], r["scores"]):
             out_console.print(f"  {s:7.2f}s - {e:7.2f}s   score {sc:.4f}")
     if plot:
@@ -276,8 +287,11 @@ def ground(
 
 
 def main() -> None:  # pragma: no cover
-    app()
+    """Console entry point: every failure is one markup-safe line and exit 2 (`--debug`: traceback)."""
+    from .errors import run_typer
+
+    run_typer(app)
 
 
 if __name__ == "__main__":
-    sys.exit(app())
+    main()

@@ -8,6 +8,7 @@ data.num_workers, model.dropout, seed, output_dir, ...
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,19 +92,92 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
-        self.loss.validate()
-        if self.optim.name not in ("adam", "adamw", "sgd"):
-            raise ValueError(f"optim.name must be adam, adamw or sgd, got {self.optim.name!r}")
-        if self.train.batch_size < 1:
-            raise ValueError(f"train.batch_size must be >= 1, got {self.train.batch_size}")
-        if self.train.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"train.device must be auto, cpu or cuda, got {self.train.device!r}")
-        if self.model.input_norm not in ("none", "l2", "layernorm"):
-            raise ValueError(f"model.input_norm must be none, l2 or layernorm, got {self.model.input_norm!r}")
+        """Every value checked before any work is done; a bad one raises ConfigError naming its key."""
+        try:
+            self.loss.validate()
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        _validate(self)
 
 
 class ConfigError(ValueError):
-    pass
+    """A recipe value that cannot work; the message names the key (train.epochs, optim.lr, ...)."""
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _validate(r: "Recipe") -> None:
+    def choice(key: str, value: Any, allowed: tuple) -> None:
+        _check(value in allowed, key, value, "one of " + ", ".join(map(str, allowed)))
+
+    def integer(key: str, value: Any, low: int, rule: str | None = None) -> None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+        _check(ok, key, value, rule or f"an integer >= {low}")
+
+    def number(key: str, value: Any, low: float, high: float | None = None, low_open: bool = False,
+               high_open: bool = True, rule: str = "") -> None:
+        ok = _finite(value) and (value > low if low_open else value >= low)
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not rule:
+            lo = f"> {low:g}" if low_open else f">= {low:g}"
+            rule = f"a number {lo}" + (f" and {'<' if high_open else '<='} {high:g}" if high is not None else "")
+        _check(ok, key, value, rule)
+
+    t, o, m, d, e, lc = r.train, r.optim, r.model, r.data, r.eval, r.loss
+    integer("seed", r.seed, 0)
+    _check(r.seed < 2**32, "seed", r.seed, "< 2**32")
+    _check(bool(str(r.output_dir).strip()), "output_dir", r.output_dir, "a folder path (not empty)")
+    # data
+    integer("data.shuffle_buffer", d.shuffle_buffer, 0)
+    integer("data.num_workers", d.num_workers, 0)
+    # model
+    integer("model.hidden", m.hidden, 1)
+    integer("model.depth", m.depth, 0)
+    number("model.dropout", m.dropout, 0.0, 1.0)
+    choice("model.input_norm", m.input_norm, ("none", "l2", "layernorm"))
+    integer("model.query_chunk", m.query_chunk, 0, "an integer >= 0 (0: all queries at once)")
+    number("model.attention_scale", m.attention_scale, 0.0, low_open=True)
+    # loss (choices and K are checked by LossConfig.validate)
+    for k in ("w_video", "w_snippet", "w_batch", "w_cross", "w_supervised"):
+        number(f"loss.{k}", getattr(lc, k), 0.0, rule="a number >= 0 (0 switches the term off)")
+    if not any(getattr(lc, k) for k in ("w_video", "w_snippet", "w_batch", "w_cross", "w_supervised")):
+        raise ConfigError("every loss weight is 0: set at least one of loss.w_video, loss.w_snippet, loss.w_batch, "
+                          "loss.w_cross, loss.w_supervised above 0")
+    for k in ("tau", "cross_tau"):
+        number(f"loss.{k}", getattr(lc, k), 0.0, low_open=True)
+    for k in ("margin", "cross_margin"):
+        _check(_finite(getattr(lc, k)), f"loss.{k}", getattr(lc, k), "a finite number")
+    # optimizer
+    choice("optim.name", o.name, ("adam", "adamw", "sgd"))
+    number("optim.lr", o.lr, 0.0, low_open=True)
+    number("optim.beta1", o.beta1, 0.0, 1.0)
+    number("optim.beta2", o.beta2, 0.0, 1.0)
+    number("optim.weight_decay", o.weight_decay, 0.0)
+    number("optim.momentum", o.momentum, 0.0)
+    number("optim.grad_clip", o.grad_clip, 0.0, rule="a number >= 0 (0: off)")
+    # training
+    integer("train.epochs", t.epochs, 1, "an integer >= 1 (0 epochs would write an untrained model)")
+    integer("train.max_steps", t.max_steps, 0, "an integer >= 0 (0: no limit)")
+    integer("train.batch_size", t.batch_size, 1, "an integer >= 1 (queries per process)")
+    choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    integer("train.log_every", t.log_every, 1, "an integer >= 1 (steps)")
+    integer("train.checkpoint_every", t.checkpoint_every, 0, "an integer >= 0 (steps; 0: only at epoch ends)")
+    integer("train.keep_checkpoints", t.keep_checkpoints, 1, "an integer >= 1 (resume needs the last checkpoint)")
+    integer("train.process_group_timeout_s", t.process_group_timeout_s, 1, "an integer >= 1 (seconds)")
+    # evaluation
+    integer("eval.batch_size", e.batch_size, 1)
+    choice("eval.charades_filter", e.charades_filter, ("clamp", "strict"))
+    _check(_finite(e.nms) and e.nms <= 1.0, "eval.nms", e.nms, "a number <= 1 (< 0: off)")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

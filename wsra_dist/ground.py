@@ -18,26 +18,74 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .data.records import DataError
 from .evaluation.candidates import DIDEMO_CANDIDATES, proportional_windows, window_features
 from .evaluation.predict import load_run
 
 
 def read_features(spec: str) -> np.ndarray:
-    """`VIDEO.npy` or `FILE.h5:KEY` (the key may contain dots and colons; the split is at the first ':' after .h5)."""
+    """`VIDEO.npy` or `FILE.h5:KEY` (the key may contain dots and colons; the split is at the first ':' after .h5).
+
+    Checked here: the file and key exist, the array is numeric, 2-D ((T, D), or (T, 1, 1, D) as some I3D
+    releases store it) with T >= 1, and finite."""
     low = spec.lower()
+    where = spec
     for ext in (".h5:", ".hdf5:"):
         i = low.find(ext)
         if i >= 0:
             import h5py
 
             path, key = spec[: i + len(ext) - 1], spec[i + len(ext):]
-            with h5py.File(path, "r") as f:
-                if key not in f:
-                    raise KeyError(f"{path}: no dataset {key!r}")
-                return np.asarray(f[key][()], dtype=np.float32)
-    if not Path(spec).is_file():
-        raise FileNotFoundError(f"{spec}: no such features file (VIDEO.npy or FILE.h5:KEY)")
-    return np.load(spec, allow_pickle=False).astype(np.float32)
+            if not Path(path).is_file():
+                raise DataError(f"{path}: no such HDF5 features file")
+            try:
+                with h5py.File(path, "r") as f:
+                    node = f.get(key)
+                    if not isinstance(node, h5py.Dataset):
+                        some = ", ".join(repr(k) for k in list(f.keys())[:3])
+                        raise DataError(f"{path}: no dataset {key!r}" + (f" (it holds e.g. {some})" if some else " (empty file)"))
+                    x = np.asarray(node[()])
+            except OSError as e:
+                raise DataError(f"{path}: cannot read HDF5: {e}") from None
+            break
+    else:
+        if not Path(spec).is_file():
+            raise DataError(f"{spec}: no such features file (VIDEO.npy or FILE.h5:KEY)")
+        try:
+            x = np.load(spec, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{spec}: not a numeric .npy array: {e}") from None
+        if not isinstance(x, np.ndarray):
+            raise DataError(f"{spec}: holds several arrays (.npz); give one (T, D) array")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise DataError(f"{where}: dtype {x.dtype} is not a real number type")
+    if x.ndim == 4 and x.shape[1:3] == (1, 1):
+        x = x.reshape(x.shape[0], x.shape[3])
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise DataError(f"{where}: features of shape {x.shape}, expected (T, D) with T >= 1")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{where}: features contain NaN or inf")
+    return x
+
+
+def check_queries(queries: Sequence[str]) -> list[str]:
+    if isinstance(queries, str):
+        queries = [queries]
+    if not queries:
+        raise DataError("give at least one query")
+    for i, q in enumerate(queries):
+        if not isinstance(q, str) or not q.strip():
+            raise DataError(f"query {i + 1} is empty")
+    return [q.strip() for q in queries]
+
+
+def check_duration(duration: float | None) -> float | None:
+    if duration is None:
+        return None
+    if not (np.isfinite(duration) and duration > 0):
+        raise DataError(f"--duration must be a positive number of seconds, got {duration}")
+    return float(duration)
 
 
 @dataclass
@@ -54,7 +102,7 @@ class Grounder:
 
             t = self.info.get("text") or {}
             if not t:
-                raise ValueError("this checkpoint records no text model; it cannot encode free text")
+                raise DataError("this checkpoint records no text model; it cannot encode free text")
             name = t.get("model")
             try:
                 enc = TextEncoder(name, t.get("pooling", "layers_mean"), max_length=t.get("max_length", 64))
@@ -62,10 +110,10 @@ class Grounder:
                 enc = TextEncoder(t.get("model_path", name), t.get("pooling", "layers_mean"),
                                   max_length=t.get("max_length", 64))
             if enc.dim != self.info["dims"]["text"]:
-                raise ValueError(f"text model {name} gives {enc.dim}-d features but the checkpoint expects "
+                raise DataError(f"text model {name} gives {enc.dim}-d features but the checkpoint expects "
                                  f"{self.info['dims']['text']}-d")
             if t.get("identity") and enc.identity != t["identity"]:
-                raise ValueError(f"text model at {enc.path} differs from the one the checkpoint was trained with "
+                raise DataError(f"text model at {enc.path} differs from the one the checkpoint was trained with "
                                  f"({t.get('model_path')}, identity {t['identity']} != {enc.identity})")
             self._encoder = enc
         return self._encoder
@@ -78,9 +126,12 @@ class Grounder:
             from .data.didemo import candidate_features
 
             if feats.ndim != 2 or feats.shape[0] != 6:
-                raise ValueError(f"a DiDeMo checkpoint takes (6, D) chunk features, got {feats.shape}")
+                raise DataError(f"a DiDeMo checkpoint takes (6, D) chunk features, got {feats.shape}")
             cand = candidate_features([feats], tef=reader.get("tef", False))
             length = duration or 30.0
+            if length <= 20.0 or length > 30.0:  # DiDeMo videos have 5 or 6 five-second chunks
+                raise DataError(f"--duration {length:g}: a DiDeMo video lasts more than 20 and at most 30 s "
+                                "(6 chunks of 5 s, the last ones may be empty)")
             moments = np.array([[5.0 * s, min(5.0 * (e + 1), length)] for s, e in DIDEMO_CANDIDATES])
             singles = cand[:6]
             times = np.array([[5.0 * k, min(5.0 * (k + 1), length)] for k in range(6)])
@@ -101,10 +152,16 @@ class Grounder:
     def ground(self, features: np.ndarray, queries: Sequence[str], duration: float | None = None,
                top_k: int = 5) -> list[dict]:
         """Top moments (seconds) with scores per query, best first; also α over the snippets/chunks."""
+        queries = check_queries(queries)
+        duration = check_duration(duration)
+        if int(top_k) < 1:
+            raise DataError(f"--top-k must be >= 1, got {top_k}")
         feats = np.asarray(features, dtype=np.float32)
+        if feats.ndim != 2 or feats.shape[0] < 1 or not np.isfinite(feats).all():
+            raise DataError(f"features must be a finite (T, D) array with T >= 1, got shape {feats.shape}")
         cand, moments, snippets, times = self._candidates(feats, duration)
         if cand.shape[1] != self.info["dims"]["video"]:
-            raise ValueError(f"features give {cand.shape[1]}-d candidates but the checkpoint expects "
+            raise DataError(f"features give {cand.shape[1]}-d candidates but the checkpoint expects "
                              f"{self.info['dims']['video']}-d")
         text = torch.from_numpy(self.encoder.encode(list(queries))).to(self.device)
         c = torch.from_numpy(cand).to(self.device)
@@ -158,21 +215,29 @@ def plot_attention(results: list[dict], path: str | Path,
         ax.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("time (s)")
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    tmp = Path(path).with_name(f".{Path(path).stem}.tmp{Path(path).suffix or '.png'}")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
 
 
 def ground_cli(checkpoint, features: str, queries: list[str], duration, top_k: int, plot, truths: list[str]):
+    queries = check_queries(queries)
+    duration = check_duration(duration)
+    if top_k < 1:
+        raise DataError(f"--top-k must be >= 1, got {top_k}")
+    if plot and Path(plot).suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise DataError(f"--plot {plot}: give a .png, .pdf or .svg file name")
     if len(truths) > len(queries):
-        raise ValueError(f"{len(truths)} --truth spans for {len(queries)} queries")
+        raise DataError(f"{len(truths)} --truth spans for {len(queries)} queries")
     spans = []
     for t in truths:
         try:
             s, e = (float(x) for x in t.split(","))
         except ValueError:
-            raise ValueError(f"--truth {t!r}: expected START,END in seconds") from None
+            raise DataError(f"--truth {t!r}: expected START,END in seconds") from None
+        if not (np.isfinite(s) and np.isfinite(e) and 0 <= s <= e):
+            raise DataError(f"--truth {t!r}: expected 0 <= START <= END, finite seconds")
         spans.append((s, e))
     g = load_model(checkpoint)
     res = g.ground(read_features(features), queries, duration, top_k)

@@ -36,7 +36,9 @@ class LossConfig:
     k_last: int = 2
     self_in_top_k: bool = False  # does the query itself take one of the K_top slots?
     snippet_negatives: str = "mean"  # mean | sum | in_log: how L_snippet combines hard negatives
-    snippet_videos: str = "mean"  # mean | sum: how L_snippet combines videos (Eq. 8's Σ)
+    # mean | sum: how L_snippet combines videos.  Eq. 8 sums over videos (`sum`); `mean` (default) divides
+    # that sum by N, a deviation that weights L_snippet N x less than the paper (docs/method.md measures both).
+    snippet_videos: str = "mean"
     gamma_denominator: str = "all"  # all | others: Eq. 6's Σ_j over every query or other videos only
     beta_normalize: bool = False  # variant: β x N (mean weight 1 instead of 1/N) in Eq. 5
 

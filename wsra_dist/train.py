@@ -5,13 +5,31 @@
 Each process reads its own shards; text features and pooled video features are gathered across
 processes with gradient, so the losses see the global batch, and the local loss share is scaled by
 the world size so that averaged gradients equal those of one process holding the whole batch.
+
+Batches the top/last-K sampler cannot use never stop a run:
+
+* the short last batch of an epoch is folded into the batch before it when the global batch it leaves
+  has fewer than K_top + K_last + 2 queries (decided from the manifest counts, the same way on every
+  process; `data.loader` explains the rule);
+* a global batch with enough queries but too few *other-video* queries for some query (a few videos
+  with many queries each) trains without the sampler-based terms (L_snippet, L_batch, the cross term
+  with hard negatives) for that step; the decision is a function of the gathered video ids, so every
+  process takes it together.  With no other term weighted, the batch is skipped (no optimizer step).
+
+Checkpoints never unpickle code: the position in training is `train_state.json`, the weights are
+safetensors, and the optimizer and RNG states accelerate writes are read with
+`torch.load(weights_only=True)` (numpy's RNG arrays allowlisted) by `load_checkpoint`, never by
+`accelerator.load_state`.
 """
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import sys
@@ -19,19 +37,23 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .config import Recipe, dump_recipe, flatten, load_recipe, to_dict
+from .config import ConfigError, Recipe, dump_recipe, flatten, load_recipe, to_dict
 from .data.loader import EpochLoader, ShardSource
+from .data.records import DataError
 from .distributed import Gatherer
 from .evaluation.predict import INFO_FILE, MODEL_FILE, model_from_info, predict
 from .objective import wsra_objective
 
 CKPT_DIR = "checkpoints"
+STATE_FILE = "train_state.json"  # TrainState, written by rank 0 into every checkpoint folder (JSON: no pickle)
+STATE_FORMAT = "wsra-dist-train-state/1"
 
 
 class TrainState:
-    """Position in training, saved with accelerate's state so a resume continues mid-epoch."""
+    """Position in training, saved as JSON in each checkpoint so a resume continues mid-epoch."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -39,15 +61,24 @@ class TrainState:
         self.batch_in_epoch = 0
         self.samples = 0
         self.history: list[dict] = []  # one row per finished epoch (validation metrics, times)
+        self.world = 1  # processes and per-process batch of the run that wrote the state
+        self.batch_size = 0
 
-    def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "samples": self.samples,
-                "history": json.dumps(self.history)}
+    def to_json(self) -> dict:
+        return {"format": STATE_FORMAT, "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "samples": self.samples, "world": self.world, "batch_size": self.batch_size, "history": self.history}
 
-    def load_state_dict(self, d: dict) -> None:
-        self.step, self.epoch = int(d["step"]), int(d["epoch"])
-        self.batch_in_epoch, self.samples = int(d["batch_in_epoch"]), int(d["samples"])
-        self.history = json.loads(d.get("history", "[]"))
+    def load_json(self, d: object, where: str) -> None:
+        if not isinstance(d, dict) or d.get("format") != STATE_FORMAT:
+            raise ConfigError(f"{where}: not a training state written by this tool (format {STATE_FORMAT})")
+        for k in ("step", "epoch", "batch_in_epoch", "samples", "world", "batch_size"):
+            v = d.get(k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{where}: {k!r} must be an integer >= 0, got {v!r}")
+        if not isinstance(d.get("history", []), list) or not all(isinstance(r, dict) for r in d.get("history", [])):
+            raise ConfigError(f"{where}: 'history' must be a list of objects")
+        self.step, self.epoch, self.batch_in_epoch, self.samples = d["step"], d["epoch"], d["batch_in_epoch"], d["samples"]
+        self.world, self.batch_size, self.history = d["world"], d["batch_size"], list(d.get("history", []))
 
 
 def make_accelerator(recipe: Recipe):
@@ -118,8 +149,10 @@ def checkpoint(accelerator, model, recipe: Recipe, state: TrainState, info: dict
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.save_state(str(tmp), safe_serialization=True)  # nothing registered: no custom pickles
     save_weights(accelerator, model, tmp, info, recipe)
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state.to_json(), indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -137,10 +170,189 @@ def find_resume(recipe: Recipe) -> Path | None:
     if recipe.resume != "latest":
         p = Path(recipe.resume)
         if not p.is_dir():
-            raise FileNotFoundError(f"resume={recipe.resume}: no such checkpoint folder")
+            raise ConfigError(f"resume={recipe.resume}: no such checkpoint folder")
         return p
-    done = sorted((Path(recipe.output_dir) / CKPT_DIR).glob("step-*"))
+    done = sorted(p for p in (Path(recipe.output_dir) / CKPT_DIR).glob("step-*") if p.is_dir())
     return done[-1] if done else None
+
+
+# ----------------------------------------------------------------------------------- safe resume
+# Everything read from a checkpoint folder is data: JSON, YAML (safe_load), safetensors, or a torch
+# file loaded with weights_only=True (tensors, numbers, strings and containers; plus the globals below).
+def _numpy_rng_globals() -> list:
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    out = [core.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode]
+    if hasattr(np, "dtypes"):
+        out.append(np.dtypes.UInt32DType)
+    return out
+
+
+def _deepspeed_globals() -> list:
+    """Plain-data classes DeepSpeed pickles into its ZeRO optimizer files (no code runs on load)."""
+    out = []
+    for mod, names in (("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+                       ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+                       ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler"))):
+        try:
+            m = __import__(mod, fromlist=list(names))
+        except Exception:  # noqa: BLE001 - an optional dependency
+            continue
+        out += [getattr(m, n) for n in names if hasattr(m, n)]
+    return out
+
+
+def safe_torch_load(path: Path, where: str, map_location="cpu", extra_globals: list | None = None):
+    """torch.load(weights_only=True): a pickle that would build any other object is refused, never run."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: {path.name} is missing from the checkpoint folder {path.parent}")
+    try:
+        with torch.serialization.safe_globals(list(extra_globals or [])):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError (bad zip), EOFError, ...
+        text = str(e).strip()
+        if "WeightsUnpickler error:" in text:  # keep the reason, not torch's advice to allowlist it
+            text = text.split("WeightsUnpickler error:", 1)[1].strip()
+        detail = (text.splitlines() or [type(e).__name__])[0].split(". Please use", 1)[0]
+        raise ConfigError(f"{where}: {path} cannot be loaded safely (only tensors and plain data are accepted, "
+                          f"nothing that could run code): {detail}") from None
+
+
+def _read_json(path: Path, where: str) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{where}: {path} is not readable JSON: {e}") from None
+
+
+def _checkpoint_info(path: Path, where: str) -> dict:
+    """The checkpoint's model description: wsra_model.json, else the model section of its recipe.yaml."""
+    import yaml
+
+    if (path / INFO_FILE).is_file():
+        info = _read_json(path / INFO_FILE, where)
+        if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
+            raise ConfigError(f"{where}: {path / INFO_FILE} has no 'model' section")
+        return info
+    if (path / "recipe.yaml").is_file():
+        try:
+            r = yaml.safe_load((path / "recipe.yaml").read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{where}: {path / 'recipe.yaml'} is not readable YAML: {e}") from None
+        if isinstance(r, dict) and isinstance(r.get("model"), dict):
+            return {"model": r["model"]}
+    return {"model": {}}
+
+
+SHAPE_KEYS = ("hidden", "depth", "input_norm")  # model.* keys that decide the parameters' names and shapes
+
+
+def check_resume_compatible(path: Path, info: dict, model: torch.nn.Module, where: str) -> None:
+    """Raise ConfigError naming the recipe keys whose values differ from the checkpoint's model."""
+    from safetensors import safe_open
+
+    ck = _checkpoint_info(path, where)
+    diffs = []
+    for k in SHAPE_KEYS:
+        if k in ck["model"] and ck["model"][k] != info["model"][k]:
+            diffs.append(f"model.{k} is {info['model'][k]!r} here, {ck['model'][k]!r} in the checkpoint")
+    dims = ck.get("dims") if isinstance(ck.get("dims"), dict) else {}
+    for k in ("video", "text"):
+        old = dims.get(k)
+        if old is not None and old != info["dims"][k]:
+            diffs.append(f"the {k} feature dim of data.train_shards is {info['dims'][k]} here, {old} in the checkpoint")
+    old_text = ck.get("text") if isinstance(ck.get("text"), dict) else {}
+    new_text = info.get("text") or {}
+    for k in ("model", "pooling"):
+        if old_text.get(k) and new_text.get(k) and old_text[k] != new_text[k]:
+            diffs.append(f"the text features of data.train_shards come from {k} {new_text[k]!r} here, "
+                         f"{old_text[k]!r} in the checkpoint")
+    weights = path / MODEL_FILE
+    if not weights.is_file():
+        raise ConfigError(f"{where}: {MODEL_FILE} is missing from the checkpoint folder {path}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - not a safetensors file
+        raise ConfigError(f"{where}: {weights} is not a readable safetensors file: {e}") from None
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if saved != want and not diffs:
+        odd = sorted(set(saved) ^ set(want)) + sorted(k for k in set(saved) & set(want) if saved[k] != want[k])
+        diffs.append("parameters differ: " + ", ".join(
+            f"{k} {saved.get(k, 'absent')} in the checkpoint, {want.get(k, 'absent')} here" for k in odd[:4]))
+    if diffs:
+        raise ConfigError(f"{where}: the checkpoint holds another model shape: " + "; ".join(diffs)
+                          + ". Resume with the checkpoint's values, or train into a new output_dir.")
+
+
+def read_train_state(path: Path, where: str) -> TrainState:
+    state = TrainState()
+    f = path / STATE_FILE
+    if not f.is_file():
+        old = " (an older checkpoint: its custom_checkpoint_0.pkl is a pickle and is not loaded)" if any(
+            path.glob("custom_checkpoint_*.pkl")) else ""
+        raise ConfigError(f"{where}: {STATE_FILE} is missing from the checkpoint folder {path}{old}")
+    state.load_json(_read_json(f, where), str(f))
+    return state
+
+
+def _restore_rng(accelerator, path: Path, where: str, required: bool) -> None:
+    f = path / f"random_states_{accelerator.process_index}.pkl"
+    if not f.is_file() and not required:
+        accelerator.print(f"{where}: no {f.name} (the checkpoint was written by fewer processes): this process "
+                          "keeps the seeded random state")
+        return
+    states = safe_torch_load(f, where, "cpu", _numpy_rng_globals())
+    try:
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+        if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
+            torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+    except Exception as e:  # noqa: BLE001 - wrong keys or types
+        raise ConfigError(f"{where}: {f} is not a random-state file of this tool: {type(e).__name__}: {e}") from None
+    if isinstance(states, dict) and isinstance(states.get("step"), int):
+        accelerator.step = states["step"]
+
+
+def load_checkpoint(accelerator, model, optimizer, path: Path, where: str, world_changed: bool) -> None:
+    """Model, optimizer and RNG states of `path`, never unpickling code (replaces accelerator.load_state).
+
+    Files read: model.safetensors (safetensors), optimizer.bin (weights_only), random_states_<rank>.pkl
+    (weights_only + numpy's array globals); with DeepSpeed its engine reads pytorch_model/, through a
+    weights_only loader.  Anything else in the folder (custom_checkpoint_*.pkl, ...) is never opened.
+    """
+    from safetensors.torch import load_file
+
+    ds = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+    if ds:
+        engine = model.checkpoint_engine
+        extra = _deepspeed_globals()
+        engine.load = lambda p, map_location=None: safe_torch_load(Path(p), where, map_location or "cpu", extra)
+        try:
+            loaded, _ = model.load_checkpoint(str(path), "pytorch_model")
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"{where}: DeepSpeed could not load {path / 'pytorch_model'}: {e}") from None
+        finally:
+            del engine.load  # back to the class's method
+        if loaded is None:
+            raise ConfigError(f"{where}: no DeepSpeed state (pytorch_model/) in {path}")
+    else:
+        weights = path / MODEL_FILE
+        try:
+            tensors = load_file(str(weights), device="cpu")
+            accelerator.unwrap_model(model).load_state_dict(tensors)
+        except Exception as e:  # noqa: BLE001 - checked by check_resume_compatible; a corrupt file lands here
+            raise ConfigError(f"{where}: cannot load {weights}: {e}") from None
+        opt = safe_torch_load(path / "optimizer.bin", where, "cpu")
+        try:
+            optimizer.load_state_dict(opt)
+        except Exception as e:  # noqa: BLE001 - another optimizer's state (optim.name changed), or junk
+            raise ConfigError(f"{where}: {path / 'optimizer.bin'} does not fit this optimizer (optim.name="
+                              f"{type(getattr(optimizer, 'optimizer', optimizer)).__name__.lower()}): {e}") from None
+    _restore_rng(accelerator, path, where, required=not world_changed)
 
 
 def evaluate_split(accelerator, model, source: ShardSource, recipe: Recipe) -> dict:
@@ -160,40 +372,102 @@ def evaluate_split(accelerator, model, source: ShardSource, recipe: Recipe) -> d
     return score_charades(preds, truth, strict=recipe.eval.strict_iou, nms=recipe.eval.nms if recipe.eval.nms >= 0 else None)
 
 
+def uses_sampler(lc) -> bool:
+    return bool(lc.w_snippet or lc.w_batch or (lc.w_cross and lc.cross_negatives == "hard"))
+
+
+def min_global_batch(lc) -> int:
+    """Queries one global batch needs for top/last-K sampling (1 when no term uses the sampler)."""
+    if not uses_sampler(lc):
+        return 1
+    k_top = max(lc.k_top - 1, 0) if lc.self_in_top_k else lc.k_top
+    return k_top + lc.k_last + 2  # + the query itself + at least one hard negative
+
+
 def check_batch_size(recipe: Recipe, world: int) -> None:
     lc = recipe.loss
-    if not (lc.w_snippet or lc.w_batch or (lc.w_cross and lc.cross_negatives == "hard")):
-        return
-    k_top = max(lc.k_top - 1, 0) if lc.self_in_top_k else lc.k_top
-    need = k_top + lc.k_last + 2  # + the query itself + at least one hard negative
+    need = min_global_batch(lc)
     if world * recipe.train.batch_size < need:
-        raise ValueError(f"global batch {world} x {recipe.train.batch_size} = {world * recipe.train.batch_size} is too small "
-                         f"for K_top={lc.k_top} + K_last={lc.k_last}: needs at least {need} queries")
+        raise ConfigError(f"global batch {world} x {recipe.train.batch_size} = {world * recipe.train.batch_size} is too small "
+                          f"for K_top={lc.k_top} + K_last={lc.k_last}: needs at least {need} queries "
+                          "(raise train.batch_size or lower loss.k_top/loss.k_last)")
+
+
+def without_sampler(lc):
+    """The loss config for a batch the sampler cannot serve: sampler-based terms off; None if nothing is left."""
+    reduced = dataclasses.replace(lc, w_snippet=0.0, w_batch=0.0,
+                                  w_cross=0.0 if lc.cross_negatives == "hard" else lc.w_cross)
+    return reduced if (reduced.w_video or reduced.w_cross or reduced.w_supervised) else None
+
+
+def sampler_shortfall(video_ids: torch.Tensor, lc) -> str:
+    """'' when every query of the global batch keeps >= 1 hard negative, else why not (same on every process)."""
+    n = video_ids.shape[0]
+    same = video_ids[:, None] == video_ids[None, :]
+    n_cand = n - same.sum(1)
+    k_top = max(lc.k_top - 1, 0) if lc.self_in_top_k else lc.k_top
+    worst = int(n_cand.min()) if n else 0
+    if n and worst - k_top - lc.k_last >= 1:
+        return ""
+    return (f"{n} queries of {len(torch.unique(video_ids))} videos: a query has only {worst} queries of other "
+            f"videos, K_top={lc.k_top} + K_last={lc.k_last} leave it no hard negative")
 
 
 def train(recipe: Recipe) -> Path:
     from accelerate.utils import set_seed
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    recipe.validate()  # also for recipes built in Python, not only load_recipe()
     accelerator = make_accelerator(recipe)
     set_seed(recipe.seed)
     if recipe.train.deterministic:
         torch.use_deterministic_algorithms(True)
     world, rank = accelerator.num_processes, accelerator.process_index
     check_batch_size(recipe, world)
+    need = min_global_batch(recipe.loss)
     train_src = ShardSource.open(recipe.data.train_shards, recipe.data.train_manifest)
     info = model_info(recipe, train_src.manifest)
     val_src = ShardSource.open(recipe.data.val_shards, recipe.data.val_manifest) if recipe.data.val_shards else None
     test_src = ShardSource.open(recipe.data.test_shards, recipe.data.test_manifest) if recipe.data.test_shards else None
+    for name, src in (("train", train_src), ("val", val_src), ("test", test_src)):
+        if src is not None:  # a shard deleted or truncated after sharding: fail now, not when reached
+            src.check_files(f"data.{name}_shards")
     for name, src in (("val", val_src), ("test", test_src)):
         if src is not None:
             from .evaluation.predict import check_compatible
 
             check_compatible(info, src.manifest, f"data.{name}_shards")
+    if need > 1 and isinstance(train_src.manifest.get("num_videos"), int) and train_src.manifest["num_videos"] < 2:
+        raise DataError(f"data.train_shards={recipe.data.train_shards}: all queries are of "
+                        f"{train_src.manifest['num_videos']} video; top/last-K sampling needs queries of other videos")
     loader = EpochLoader(train_src, recipe.train.batch_size, world, rank, recipe.seed, recipe.data.shuffle,
-                         recipe.data.shuffle_buffer, recipe.data.num_workers, recipe.data.verify_checksums)
+                         recipe.data.shuffle_buffer, recipe.data.num_workers, recipe.data.verify_checksums,
+                         min_global_batch=need)
+    plans: dict = {}
+
+    def plan_of(e: int):
+        if e not in plans:
+            plans[e] = loader.plan(e)
+        return plans[e]
+
+    total = 0  # batch plans of every epoch the run can reach: one that cannot work fails here, at start-up
+    for e in range(recipe.train.epochs):
+        total += plan_of(e).batches
+        if recipe.train.max_steps and total >= recipe.train.max_steps:
+            break
 
     model = model_from_info(info)
+    resume = find_resume(recipe)
+    resumed = None
+    if resume is not None:  # everything checked before any state is loaded
+        where = f"resume={resume}"
+        check_resume_compatible(resume, info, model, where)
+        resumed = read_train_state(resume, where)
+        moved = (resumed.world, resumed.batch_size) != (world, recipe.train.batch_size)
+        if resumed.batch_in_epoch and moved:
+            raise ConfigError(f"{where}: the checkpoint stopped mid-epoch with {resumed.world} process(es) x "
+                              f"train.batch_size={resumed.batch_size}; resume with the same number of processes and "
+                              "train.batch_size (or from a checkpoint at an epoch end)")
     optimizer = build_optimizer(recipe, model.parameters())
     ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds_plugin is not None:  # the WebDataset loader is not prepared, so DeepSpeed learns the batch here
@@ -201,11 +475,12 @@ def train(recipe: Recipe) -> Path:
         ds_plugin.deepspeed_config.setdefault("zero_allow_untested_optimizer", True)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    resume = find_resume(recipe)
     if resume is not None:
-        accelerator.load_state(str(resume))
+        # Not accelerator.load_state: it would unpickle custom_checkpoint_*.pkl (arbitrary code).
+        load_checkpoint(accelerator, model, optimizer, resume, f"resume={resume}", resumed.world != world)
+        state = resumed
         accelerator.print(f"resumed from {resume} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    state.world, state.batch_size = world, recipe.train.batch_size
 
     hparams = {k: v for k, v in flatten(to_dict(recipe)).items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers("tensorboard", config=hparams)
@@ -218,8 +493,6 @@ def train(recipe: Recipe) -> Path:
     accelerator.print(f"training on {world} process(es), device {accelerator.device}, global batch "
                       f"{world} x {recipe.train.batch_size}, {train_src.num_samples} training queries")
 
-    per_epoch = loader.batches_per_epoch(0)
-    total = per_epoch * recipe.train.epochs
     if recipe.train.max_steps:
         total = min(total, recipe.train.max_steps)
     history = state.history
@@ -233,10 +506,28 @@ def train(recipe: Recipe) -> Path:
         task = progress.add_task("", total=total, completed=state.step, info="")
         model.train()
         while state.epoch < recipe.train.epochs and not done:
+            plan = plan_of(state.epoch)
+            if plan.folded and state.batch_in_epoch < plan.batches:
+                accelerator.print(f"epoch {state.epoch + 1}: the last {plan.folded} queries are folded into batch "
+                                  f"{plan.batches} (a global batch needs at least {need} for top/last-K sampling)")
+            seen, skipped = plan.batches - state.batch_in_epoch, 0  # batches of this epoch run here / skipped
             for batch in loader.epoch(state.epoch, skip=state.batch_in_epoch):
                 batch = batch.to(accelerator.device)
                 g = Gatherer(batch.video.shape[0], accelerator.device)
-                out = wsra_objective(model, batch, recipe.loss, g)
+                loss_cfg = recipe.loss
+                if need > 1:  # too few other-video queries for the sampler: decided alike on every process
+                    why = sampler_shortfall(g.const(batch.video_id), recipe.loss)
+                    if why:
+                        loss_cfg = without_sampler(recipe.loss)
+                        left = "the batch is skipped (no optimizer step)" if loss_cfg is None else (
+                            "L_snippet/L_batch" + ("/L_cross" if recipe.loss.w_cross and recipe.loss.cross_negatives
+                                                   == "hard" else "") + " left out of this step")
+                        accelerator.print(f"warning: epoch {state.epoch + 1} batch {state.batch_in_epoch + 1}: {why}; {left}")
+                        if loss_cfg is None:
+                            state.batch_in_epoch += 1
+                            skipped += 1
+                            continue
+                out = wsra_objective(model, batch, loss_cfg, g)
                 accelerator.backward(out.loss * g.loss_scale)
                 if debug_dir and accelerator.is_main_process and out.negatives is not None:
                     _dump_negatives(Path(debug_dir), state.step + 1, out, batch)
@@ -274,6 +565,11 @@ def train(recipe: Recipe) -> Path:
                 if recipe.train.max_steps and state.step >= recipe.train.max_steps:
                     done = True
                     break
+            if not done and seen > 0 and skipped == seen:
+                raise DataError(f"data.train_shards={recipe.data.train_shards}: no global batch of epoch {state.epoch + 1} "
+                                "has enough queries of other videos for top/last-K sampling, and no other loss term is "
+                                "weighted: nothing was trained (raise train.batch_size, lower loss.k_top/loss.k_last, "
+                                "or shuffle the data so batches mix videos)")
             if not done:
                 state.epoch += 1
                 state.batch_in_epoch = 0
@@ -325,8 +621,13 @@ def main(argv: list[str] | None = None) -> None:
         for k, v in flatten(to_dict(Recipe())).items():
             print(f"  {k} = {v!r}")
         sys.exit(0 if argv else 2)
-    recipe = load_recipe(argv[0], argv[1:])
-    train(recipe)
+    from .errors import errors_exit
+
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["WSRA_DEBUG"] = "1"
+    with errors_exit():  # one line, exit 2, printed once across processes (wsra_dist/errors.py)
+        train(load_recipe(argv[0], argv[1:]))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,13 @@ def read_durations(path: str | Path) -> dict[str, float]:
                 raise DataError(f"{path}: needs columns 'id' and 'length', found {reader.fieldnames}")
             for row in reader:
                 try:
-                    out[row["id"]] = float(row["length"])
+                    length = float(row["length"])
                 except (TypeError, ValueError):
-                    raise DataError(f"{path}: line {reader.line_num}: bad length {row.get('length')!r} "
-                                    f"for {row.get('id')!r}") from None
+                    length = math.nan
+                if not (math.isfinite(length) and length > 0):  # NaN would reach the shards and the loss
+                    raise DataError(f"{path}: line {reader.line_num}: length {row.get('length')!r} of video "
+                                    f"{row.get('id')!r} is not a positive number of seconds")
+                out[row["id"]] = length
     except OSError as e:
         raise DataError(f"{path}: cannot read durations: {e}") from e
     return out
@@ -65,6 +69,10 @@ def read_annotations(
             s, e = float(fields[1]), float(fields[2])
         except ValueError:
             raise DataError(f"{path}: line {i + 1}: start/end are not numbers: {line[:80]!r}") from None
+        if not (math.isfinite(s) and math.isfinite(e)) or s < 0 or e < 0:
+            raise DataError(f"{path}: line {i + 1}: start/end must be finite seconds >= 0, got {fields[1]} {fields[2]}")
+        if not sentence.strip():
+            raise DataError(f"{path}: line {i + 1}: empty description (video {vid!r})")
         if vid not in durations:
             raise DataError(f"{path}: line {i + 1}: video {vid!r} has no duration in {durations_file}")
         length = durations[vid]
@@ -114,14 +122,19 @@ class SnippetFeatures:
     def get(self, vid: str) -> np.ndarray:
         try:
             x = np.asarray(self.h5[vid][()]) if self.h5 is not None else np.load(self.source / f"{vid}.npy", allow_pickle=False)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{self.where(vid)}: cannot read features: {e}") from e
-        x = x.reshape(x.shape[0], -1) if x.ndim == 4 else x
-        if x.ndim != 2 or x.shape[0] < 1:
-            raise DataError(f"{self.where(vid)}: shape {x.shape}, expected (T, D)")
+        if x.ndim == 4 and x.shape[1:3] == (1, 1):  # (T, 1, 1, D) as some I3D releases store it
+            x = x.reshape(x.shape[0], x.shape[3])
+        if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+            raise DataError(f"{self.where(vid)}: shape {x.shape}, expected (T, D) with T >= 1 snippets")
+        if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+            raise DataError(f"{self.where(vid)}: dtype {x.dtype} is not a real number type")
+        x = x.astype(np.float32)
         if not np.isfinite(x).all():
-            raise DataError(f"{self.where(vid)}: contains NaN or inf")
-        return x.astype(np.float32)
+            bad = np.argwhere(~np.isfinite(x))[0]
+            raise DataError(f"{self.where(vid)}: contains NaN or inf (first at snippet {bad[0]}, column {bad[1]})")
+        return x
 
     def dim(self, vid: str) -> int:
         return int(self.get(vid).shape[1])

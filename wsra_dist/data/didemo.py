@@ -36,6 +36,10 @@ def read_annotations(path: str | Path) -> list[QueryRecord]:
         if r["annotation_id"] in seen:
             raise DataError(f"{where}: duplicate annotation_id {r['annotation_id']}")
         seen.add(r["annotation_id"])
+        if not r["description"].strip():
+            raise DataError(f"{where}: empty description")
+        if not 1 <= r["num_segments"] <= 6:
+            raise DataError(f"{where}: num_segments {r['num_segments']} outside 1..6")
         if not r["times"]:
             raise DataError(f"{where}: 'times' is empty")
         for t in r["times"]:
@@ -80,10 +84,19 @@ class FeatureFiles:
 
     def chunks(self, video: str) -> list[np.ndarray]:
         out = []
-        for p, f in zip(self.paths, self.files):
-            x = np.asarray(f[video][()], dtype=np.float64)
-            if x.ndim != 2 or x.shape[0] != 6:
-                raise DataError(f"{p}: dataset {video!r} has shape {x.shape}, expected (6, D)")
+        import h5py
+
+        for p, f, dim in zip(self.paths, self.files, self.dims):
+            node = f.get(video)
+            if not isinstance(node, h5py.Dataset):
+                raise DataError(f"{p}: {video!r} is " + ("missing" if node is None else "a group, not a (6, D) dataset"))
+            try:
+                x = np.asarray(node[()], dtype=np.float64)
+            except (TypeError, ValueError, OSError) as e:
+                raise DataError(f"{p}: dataset {video!r} is not numeric: {e}") from e
+            if x.ndim != 2 or x.shape[0] != 6 or x.shape[1] != dim:
+                raise DataError(f"{p}: dataset {video!r} has shape {x.shape}, expected (6, {dim}) like the file's "
+                                f"first dataset")
             if not np.isfinite(x).all():
                 raise DataError(f"{p}: dataset {video!r} contains NaN or inf")
             out.append(x)

@@ -4,13 +4,23 @@ Each epoch: the shard list is shuffled with (seed, epoch) - the same order on ev
 process r takes shards[r::world] and its workers split those.  The number of batches per epoch is
 computed from the manifest's per-shard counts for every process (no communication) and the minimum
 is used everywhere, so uneven shards can never leave one process waiting in a collective.
+
+Short tail: every batch of an epoch is full (batch_size per process) except the last, which holds
+what is left.  When the *global* last batch (summed over processes, known to every process from the
+manifest) has fewer than `min_global_batch` queries - the top/last-K sampler needs K_top + K_last + 2
+- it is folded into the batch before it: that batch is larger (by fewer than `min_global_batch`
+queries in all), the epoch has one batch less, and no query is dropped.  Every process makes the same
+choice from the same counts, so 1 process x N*B and N processes x B still see the same global batches.
+An epoch whose only batch is too short cannot be folded and is an error at start-up (`EpochLoader.plan`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -27,6 +37,8 @@ class ShardSource:
     counts: list[int]
     shas: list[str]
     manifest: dict
+    sizes: list = field(default_factory=list)  # bytes per shard from the manifest (None: not recorded)
+    name: str = ""  # the source as given (folder, pattern, pipe:)
 
     @classmethod
     def open(cls, source: str, manifest: str = "") -> "ShardSource":
@@ -37,7 +49,35 @@ class ShardSource:
         if not urls:
             raise DataError(f"{source}: no shards")
         entries = shard_entries(urls, m)
-        return cls(urls, [e["num_samples"] for e in entries], [e["sha256"] for e in entries], m)
+        return cls(urls, [e["num_samples"] for e in entries], [e["sha256"] for e in entries], m,
+                   [e.get("bytes") for e in entries], source)
+
+    def check_files(self, key: str = "") -> None:
+        """Every local shard of the manifest exists, is readable and has the size the manifest recorded.
+
+        Run before training so a shard deleted or truncated after sharding stops the run at start-up,
+        not when an epoch reaches it.  Remote shards (`pipe:`, URLs) are skipped: they are checked
+        (sha256) while they stream.  The DataError names the file and `key` (e.g. data.train_shards).
+        """
+        where = f" ({key}={self.name})" if key else ""
+        sizes = self.sizes or [None] * len(self.urls)
+        for url, size in zip(self.urls, sizes):
+            if url.startswith("pipe:") or "://" in url:
+                continue
+            try:
+                st = os.stat(url)
+            except FileNotFoundError:
+                raise DataError(f"{url}: shard listed in the manifest is missing{where}; restore it or re-run "
+                                "`wsra-dist shard`") from None
+            except OSError as e:
+                raise DataError(f"{url}: cannot read shard{where}: {e.strerror or e}") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise DataError(f"{url}: shard listed in the manifest is not a regular file{where}")
+            if size is not None and st.st_size != int(size):
+                raise DataError(f"{url}: shard is {st.st_size} bytes but the manifest records {int(size)}{where} "
+                                "(truncated or replaced after sharding); restore it or re-run `wsra-dist shard`")
+            if not os.access(url, os.R_OK):
+                raise DataError(f"{url}: shard is not readable (permissions){where}")
 
     @property
     def num_samples(self) -> int:
@@ -106,16 +146,26 @@ def _pinned(b: Batch) -> Batch:
                  b.target.pin_memory(), b.meta)
 
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """How one epoch is cut into batches; the same on every process."""
+
+    batches: int  # batches every process runs
+    last: tuple[int, ...]  # size of the last batch of each process
+    folded: int  # queries of a too-short global tail added to the batch before it (0: no fold)
+
+
 class EpochLoader:
     def __init__(self, source: ShardSource, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 2000, num_workers: int = 0, verify: bool = True,
-                 drop_last: bool = False):
+                 drop_last: bool = False, min_global_batch: int = 1):
         if len(source.urls) < world:
             raise DataError(f"{len(source.urls)} shards for {world} processes: process {len(source.urls)} would get "
                             f"no shards; re-shard with a smaller --shard-size (at least {world} shards)")
         self.source, self.batch_size, self.world, self.rank = source, batch_size, world, rank
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.num_workers, self.verify, self.drop_last = num_workers, verify, drop_last
+        self.min_global_batch = max(int(min_global_batch), 1)
         self.pin_memory = torch.cuda.is_available()  # lets Batch.to(non_blocking=True) overlap the copy
 
     def _order(self, epoch: int) -> list[int]:
@@ -124,19 +174,43 @@ class EpochLoader:
             random.Random(self.seed * 100003 + epoch).shuffle(idx)
         return idx
 
-    def batches_per_epoch(self, epoch: int) -> int:
+    def plan(self, epoch: int) -> EpochPlan:
+        """Batches of `epoch` from the manifest counts alone: the same answer on every process.
+
+        All batches hold batch_size queries per process except the last; a last *global* batch with
+        fewer than `min_global_batch` queries is folded into the one before it (see the module doc).
+        """
         order = self._order(epoch)
         per_rank = [sum(self.source.counts[i] for i in order[r :: self.world]) for r in range(self.world)]
         if min(per_rank) == 0:
             r = per_rank.index(0)
             raise DataError(f"process {r} gets shards with no samples in epoch {epoch}")
+        B = self.batch_size
         f = math.floor if self.drop_last else math.ceil
-        return min(int(f(n / self.batch_size)) for n in per_rank)
+        n = min(int(f(c / B)) for c in per_rank)
+        if n == 0:
+            return EpochPlan(0, tuple(0 for _ in per_rank), 0)
+        last = [min(c, n * B) - (n - 1) * B for c in per_rank]
+        tail = sum(last)
+        if tail >= self.min_global_batch:
+            return EpochPlan(n, tuple(last), 0)
+        if n == 1:
+            raise DataError(
+                f"{self.source.name or 'training shards'}: epoch {epoch} has a single global batch of {tail} "
+                f"queries ({self.world} process(es) x {'/'.join(map(str, last))}), fewer than the "
+                f"{self.min_global_batch} a global batch needs; use more training data or fewer processes, or "
+                "lower loss.k_top/loss.k_last")
+        # fold: the previous batch takes the tail, so the epoch has one batch less
+        return EpochPlan(n - 1, tuple(min(c, n * B) - (n - 2) * B for c in per_rank), tail)
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        return self.plan(epoch).batches
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         """This process's batches of `epoch`, after skipping the first `skip` (mid-epoch resume)."""
         order = self._order(epoch)[self.rank :: self.world]
-        n_batches = self.batches_per_epoch(epoch)
+        plan = self.plan(epoch)
+        n_batches = plan.batches
         stream = _Stream([self.source.urls[i] for i in order], [self.source.shas[i] for i in order],
                          self.source.manifest["dims"], self.shuffle_buffer if self.shuffle else 0,
                          seed=(self.seed * 7919 + epoch) * 131 + self.rank, verify=self.verify)
@@ -147,10 +221,11 @@ class EpochLoader:
                                          collate_fn=lambda x: x, prefetch_factor=8 if self.num_workers else None)
         it = iter(dl)
         for b in range(n_batches):
+            want = plan.last[self.rank] if b == n_batches - 1 else self.batch_size
             samples = []
             for s in it:
                 samples.append(s)
-                if len(samples) == self.batch_size:
+                if len(samples) == want:
                     break
             if not samples:
                 break

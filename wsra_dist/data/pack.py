@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,7 +13,7 @@ from ..evaluation.candidates import DIDEMO_CANDIDATES
 from . import charades as CH
 from . import didemo as DD
 from .records import DataError, QueryRecord
-from .shards import ShardWriter, encode_sample, sha256_file
+from .shards import ShardWriter, Staging, encode_sample, sha256_file
 
 
 def video_hash(name: str) -> int:
@@ -30,56 +29,95 @@ def _folder_digest(folder: Path, names: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(desc: str, enabled: bool):
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    p = Progress(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not enabled,
-                 transient=False)
-    return p
+    return Progress(TextColumn(escape(desc)), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=False)
+
+
+def _check_videos(records: list[QueryRecord], video_of: Callable[[QueryRecord], np.ndarray],
+                  where_of: Callable[[QueryRecord], str], progress: bool) -> tuple[int, dict[str, int]]:
+    """Read and check every video's features once before anything is written: (dim, T per video)."""
+    first: dict[str, QueryRecord] = {}
+    for r in records:
+        first.setdefault(r.video, r)
+    dim, ref, lengths = None, None, {}
+    with _progress("checking video features", progress) as bar:
+        task = bar.add_task("", total=len(first))
+        for vid, r in first.items():
+            v = video_of(r)
+            if v.ndim != 2 or v.shape[0] < 1 or v.shape[1] < 1:
+                raise DataError(f"{where_of(r)}: features of shape {v.shape}, expected (T, D) with T >= 1")
+            if not np.isfinite(v).all():
+                raise DataError(f"{where_of(r)}: features contain NaN or inf")
+            if dim is None:
+                dim, ref = v.shape[1], vid
+            elif v.shape[1] != dim:
+                raise DataError(f"{where_of(r)}: feature dim {v.shape[1]} != {dim} of video {ref!r}")
+            lengths[vid] = int(v.shape[0])
+            bar.advance(task)
+    assert dim is not None
+    return int(dim), lengths
 
 
 def _write(
     records: list[QueryRecord], video_of: Callable[[QueryRecord], np.ndarray], meta_of: Callable[[QueryRecord], dict],
     out: Path, shard_size: int, text_model: str, pooling: str, manifest: dict, progress: bool, cache_dir: str | None,
-    device: str = "cpu",
+    device: str = "cpu", where_of: Callable[[QueryRecord], str] = lambda r: f"video {r.video!r}",
+    describe: Callable[[QueryRecord], str] = lambda r: f"query {r.query_id}",
 ) -> dict:
+    """Validate everything, encode the text, write the shards into a staging folder, swap them in."""
     from .text import TextEncoder, encode_cached
 
     if not records:
         raise DataError("no queries left to shard (check the annotation file and the filter options)")
+    if shard_size < 1:
+        raise DataError(f"--shard-size must be >= 1, got {shard_size}")
+    staging = Staging(out)
+    staging.check()  # a bad --out fails now, not after the text encoding
+    dims, lengths = _check_videos(records, video_of, where_of, progress)
     enc = TextEncoder(text_model, pooling, device=device)
+    truncated = enc.count_truncated([r.sentence for r in records])
     texts = encode_cached([r.sentence for r in records], enc, cache_dir=cache_dir, progress=progress)
-    writer = ShardWriter(out, shard_size)
-    dims = None
-    lengths = []
+    # tar headers (512 B each, 4 members) + arrays + json: refuse early when the disk cannot hold it
+    expected = sum(lengths[r.video] * dims * 4 + enc.dim * 4 + 4 * 1024 + 2 * len(r.sentence) for r in records)
+    writer = ShardWriter(staging.create(expected), shard_size)
     try:
-        with _progress(len(records), f"writing shards to {out}", progress) as bar:
+        with _progress(f"writing shards to {out}", progress) as bar:
             task = bar.add_task("", total=len(records))
             for i, (r, t) in enumerate(zip(records, texts)):
                 v = video_of(r)
-                if dims is None:
-                    dims = v.shape[1]
-                elif v.shape[1] != dims:
-                    raise DataError(f"query {r.query_id} (video {r.video!r}): feature dim {v.shape[1]} != {dims} of earlier videos")
-                lengths.append(v.shape[0])
                 meta = {"query_id": r.query_id, "video": r.video, "video_hash": video_hash(r.video),
                         "times": r.times, "duration": r.duration, "num_segments": r.num_segments, **meta_of(r)}
                 writer.write(f"{i:08d}", encode_sample(v, t, meta, r.sentence))
                 bar.advance(task)
+        T = [lengths[r.video] for r in records]
+        final = writer.finish({
+            **manifest,
+            "num_queries": len(records),
+            "num_videos": len(lengths),
+            "dims": {"video": dims, "text": int(enc.dim), "snippets": T[0] if len(set(T)) == 1 else None,
+                     "max_snippets": int(max(T)), "min_snippets": int(min(T))},
+            "dtype": "float32",
+            "text": {**enc.settings(), "truncated_queries": truncated["count"]},
+            "wsra_dist_version": __version__,
+        })
+        staging.publish()
+    except OSError as e:
+        writer.abort()
+        staging.discard()
+        raise DataError(f"--out {out}: writing the shards failed ({e.strerror or e}); nothing was changed in {out}") from None
     except BaseException:
         writer.abort()
+        staging.discard()
         raise
-    return writer.finish({
-        **manifest,
-        "num_queries": len(records),
-        "num_videos": len({r.video for r in records}),
-        "dims": {"video": int(dims), "text": int(enc.dim), "snippets": lengths[0] if len(set(lengths)) == 1 else None,
-                 "max_snippets": int(max(lengths)), "min_snippets": int(min(lengths))},
-        "dtype": "float32",
-        "text": enc.settings(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "wsra_dist_version": __version__,
-    })
+    if truncated["count"]:
+        r = records[truncated["first"]]
+        final["warnings"] = [f"{truncated['count']} queries are longer than the text model's {enc.max_length} tokens "
+                             f"and were truncated (e.g. {describe(r)}, {truncated['first_tokens']} tokens)"]
+    return final
 
 
 def shard_didemo(
@@ -112,11 +150,13 @@ def shard_didemo(
 
         return _write(records, video_of, meta_of, Path(out), shard_size, text_model, pooling, {
             "benchmark": "didemo",
-            "sources": [{"role": "annotations", "path": str(annotations), "sha256": sha256_file(annotations)}]
-            + [{"role": "features", "path": str(p), "sha256": sha256_file(p), "dim": d} for p, d in zip(features, files.dims)],
+            "sources": [{"role": "annotations", "path": Path(annotations).name, "sha256": sha256_file(annotations)}]
+            + [{"role": "features", "path": Path(p).name, "sha256": sha256_file(p), "dim": d} for p, d in zip(features, files.dims)],
             "reader": {"tef": tef, "skip_missing": skip_missing, "skipped_missing": len(missing),
                        "candidate_feature": "concat(global, local" + (", TEF)" if tef else ")") + " per feature file"},
-        }, progress, cache_dir, device)
+        }, progress, cache_dir, device,
+            where_of=lambda r: f"{', '.join(str(p) for p in features)}: video {r.video!r}",
+            describe=lambda r: f"{annotations}: annotation_id {r.query_id}")
     finally:
         files.close()
 
@@ -127,6 +167,8 @@ def shard_charades(
     pooling: str = "layers_mean", skip_missing: bool = False, progress: bool = True, cache_dir: str | None = None,
     device: str = "cpu",
 ) -> dict:
+    if resample < 0:
+        raise DataError(f"--resample must be >= 0 snippets (0 keeps T), got {resample}")
     dur = CH.read_durations(durations)
     records, stats = CH.read_annotations(annotations, dur, charades_filter, durations_file=str(durations))
     feats = CH.SnippetFeatures(features)
@@ -150,12 +192,13 @@ def shard_charades(
 
     src = Path(features)
     used = sorted({f"{r.video}.npy" for r in records})
-    feat_src = ({"role": "features", "path": str(src), "sha256": sha256_file(src)} if src.is_file() else
-                {"role": "features", "path": str(src), "listing_sha256": _folder_digest(src, used), "files": len(used)})
+    feat_src = ({"role": "features", "path": src.name, "sha256": sha256_file(src)} if src.is_file() else
+                {"role": "features", "path": src.name, "listing_sha256": _folder_digest(src, used), "files": len(used)})
     return _write(records, video_of, meta_of, Path(out), shard_size, text_model, pooling, {
         "benchmark": "charades",
-        "sources": [{"role": "annotations", "path": str(annotations), "sha256": sha256_file(annotations)},
-                    {"role": "durations", "path": str(durations), "sha256": sha256_file(durations)}, feat_src],
+        "sources": [{"role": "annotations", "path": Path(annotations).name, "sha256": sha256_file(annotations)},
+                    {"role": "durations", "path": Path(durations).name, "sha256": sha256_file(durations)}, feat_src],
         "reader": {"charades_filter": charades_filter, "resample": resample, "skip_missing": skip_missing,
                    "skipped_missing": len(missing), **stats},
-    }, progress, cache_dir, device)
+    }, progress, cache_dir, device, where_of=lambda r: feats.where(r.video),
+        describe=lambda r: f"{annotations}: line {r.query_id + 1}")

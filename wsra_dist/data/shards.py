@@ -13,8 +13,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
-import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -57,23 +57,23 @@ def encode_sample(video: np.ndarray, text: np.ndarray, meta: dict, query: str) -
     }
 
 
+# Tar headers carry no time, owner or host: the same input gives byte-identical shards (same sha256).
+_FIXED_MTIME = 0
+
+
 class ShardWriter:
-    """Writes shards of `shard_size` samples under temp names, renamed when complete."""
+    """Writes shards of `shard_size` samples into a staging folder this tool owns (see `Staging`)."""
 
     def __init__(self, out_dir: str | Path, shard_size: int = 1000):
         if shard_size < 1:
-            raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+            raise DataError(f"--shard-size must be >= 1, got {shard_size}")
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        # An old manifest would describe shards we are about to replace: remove it first.
-        for old in [self.out / MANIFEST, *self.out.glob("shard-*.tar"), *self.out.glob(".shard-*.tar.tmp*")]:
-            old.unlink(missing_ok=True)
         self.shard_size = shard_size
         self.shards: list[dict] = []
         self._tar: tarfile.TarFile | None = None
         self._count = 0
         self._bytes = 0
-        self._mtime = time.time()
 
     def _open(self) -> None:
         name = f"shard-{len(self.shards):06d}.tar"
@@ -95,14 +95,16 @@ class ShardWriter:
 
     def write(self, key: str, fields: dict[str, bytes]) -> None:
         if "." in key or "/" in key:
-            raise ValueError(f"shard key {key!r} must not contain '.' or '/' (WebDataset splits on the first dot)")
+            raise DataError(f"shard key {key!r} must not contain '.' or '/' (WebDataset splits on the first dot)")
         if self._tar is None:
             self._open()
         for ext, data in fields.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
-            info.mtime = self._mtime
+            info.mtime = _FIXED_MTIME
             info.mode = 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
             self._tar.addfile(info, io.BytesIO(data))
         self._count += 1
         if self._count >= self.shard_size:
@@ -121,6 +123,114 @@ class ShardWriter:
             self._tar.close()
             self._tar = None
             self._tmp.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Staging:
+    """A new shard set is written beside `--out` and swapped in only when complete.
+
+    Until `publish()`, `out` is untouched: a failure (bad features, SIGKILL, full disk) leaves the
+    user's earlier set intact and verifiable.  Only files this tool wrote are ever replaced or
+    removed: the shards the old manifest lists, and that manifest.  A `shard-*.tar` in `out` that
+    no manifest there lists is refused up front rather than deleted.
+    """
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.dir = self.out.parent / f".{self.out.name}.staging-{os.getpid()}"
+
+    def check(self) -> None:
+        """Is `out` a place we may write?  Raises DataError before any work is done."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise DataError(f"--out {out}: exists and is not a folder")
+        if out.is_dir():
+            ours = set()
+            if (out / MANIFEST).is_file():
+                try:
+                    ours = {s["name"] for s in load_manifest(out)["shards"]}
+                except (DataError, KeyError, TypeError) as e:
+                    raise DataError(f"--out {out}: holds a manifest.json this tool cannot read ({e}); move it away "
+                                    "or choose another --out") from None
+            foreign = sorted(p.name for p in out.glob("shard-*.tar") if p.name not in ours)
+            if foreign:
+                raise DataError(f"--out {out}: holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} "
+                                "that no manifest there lists (not written by this tool, or its manifest is gone); "
+                                "they would be overwritten: move them away or choose another --out")
+            if not os.access(out, os.W_OK | os.X_OK):
+                raise DataError(f"--out {out}: folder is not writable")
+        parent = self.out.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"--out {out}: cannot create its parent folder {parent}: {e.strerror or e}") from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise DataError(f"--out {out}: its folder {parent} is not writable")
+        for old in parent.glob(f".{self.out.name}.staging-*"):  # left by a killed run of ours
+            pid = old.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def create(self, expected_bytes: int = 0) -> Path:
+        self.check()
+        try:
+            self.dir.mkdir()
+        except OSError as e:
+            raise DataError(f"--out {self.out}: cannot create the staging folder {self.dir}: {e.strerror or e}") from None
+        free = shutil.disk_usage(self.dir).free
+        if expected_bytes and free < expected_bytes * 1.05:
+            self.discard()
+            raise DataError(f"--out {self.out}: the new shards need about {expected_bytes / 1e6:.1f} MB but "
+                            f"{free / 1e6:.1f} MB are free there")
+        return self.dir
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def publish(self) -> None:
+        """Swap the complete staged set into `out` (the manifest last, so a reader never sees a mix)."""
+        out = self.out
+        new = load_manifest(self.dir)
+        if not out.exists():
+            os.replace(self.dir, out)  # one rename: nothing of the user's was there
+            return
+        self.check()  # `out` may have changed while we worked
+        old_names = []
+        if (out / MANIFEST).is_file():
+            old_names = [s["name"] for s in load_manifest(out)["shards"]]
+        backup = self.dir / ".previous"
+        backup.mkdir()
+        moved: list[str] = []
+        placed: list[str] = []
+        try:
+            if (out / MANIFEST).is_file():  # the old set stops being "complete" first
+                os.replace(out / MANIFEST, backup / MANIFEST)
+                moved.append(MANIFEST)
+            for n in old_names:
+                if (out / n).exists():
+                    os.replace(out / n, backup / n)
+                    moved.append(n)
+            for s in new["shards"]:
+                os.replace(self.dir / s["name"], out / s["name"])
+                placed.append(s["name"])
+            os.replace(self.dir / MANIFEST, out / MANIFEST)
+        except OSError as e:  # put the old set back as it was
+            for n in placed:
+                os.replace(out / n, self.dir / n)
+            for n in moved:
+                os.replace(backup / n, out / n)
+            raise DataError(f"--out {out}: could not swap in the new shards ({e.strerror or e}); the previous set "
+                            "is unchanged") from None
+        self.discard()
 
 
 # ------------------------------------------------------------------------------------ reading

@@ -85,6 +85,18 @@ class TextEncoder:
             x = (h * mask).sum(1) / mask.sum(1).clamp_min(1)
         return x.float().cpu().numpy()
 
+    def count_truncated(self, sentences: Sequence[str]) -> dict:
+        """How many sentences are longer than max_length tokens (they are cut when encoded)."""
+        count, first, first_tokens = 0, -1, 0
+        for start in range(0, len(sentences), 4096):
+            ids = self.tokenizer(list(sentences[start : start + 4096]), truncation=False, verbose=False)["input_ids"]
+            for i, x in enumerate(ids):
+                if len(x) > self.max_length:
+                    if count == 0:
+                        first, first_tokens = start + i, len(x)
+                    count += 1
+        return {"count": count, "first": first, "first_tokens": first_tokens}
+
     def settings(self) -> dict:
         return {"model": self.name, "model_path": self.path, "pooling": self.pooling, "dim": self.dim,
                 "identity": self.identity, "max_length": self.max_length}

@@ -9,6 +9,7 @@ from typing import Sequence
 
 from ..data.records import DataError
 from . import scoring, tables
+from .metrics import check_iou_tolerance
 
 PROTOCOLS = ("didemo", "charades")
 
@@ -51,8 +52,10 @@ def evaluate_checkpoints(
     checkpoints: Sequence[str], shards: Sequence[str], protocol: str, out: str | Path,
     fusion_weights: Sequence[float] | None = None, batch_size: int = 64, strict: bool = False,
     nms: float | None = None, device: str | None = None, run_name: str | None = None,
+    clip_predictions: bool = False, iou_tolerance: float = 0.0,
 ) -> tuple[dict, str | None]:
-    """Score one checkpoint (or several, late-fused with weights) on their shards."""
+    """Score one checkpoint (or several, late-fused with weights) on their shards.  The predictions pass the
+    same checks as a prediction file (scoring.score_didemo / score_charades)."""
     import torch
 
     from ..data.loader import ShardSource
@@ -60,6 +63,7 @@ def evaluate_checkpoints(
 
     if protocol not in PROTOCOLS:
         raise DataError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    check_iou_tolerance(iou_tolerance)
     if len(checkpoints) != len(shards):
         raise DataError(f"give one --shards per --checkpoint (late fusion pairs them): {len(checkpoints)} vs {len(shards)}")
     weights = list(fusion_weights or [1.0 / len(checkpoints)] * len(checkpoints))
@@ -102,7 +106,7 @@ def evaluate_checkpoints(
         predictions.append(p)
     predictions.sort(key=lambda p: p[id_key])
     truth_all.sort(key=lambda t: t["query_id"])
-    return _finish(protocol, predictions, truth_all, out, strict, nms, rank,
+    return _finish(protocol, predictions, truth_all, out, strict, nms, rank, clip_predictions, iou_tolerance,
                    run_name=run_name or " + ".join(Path(c).name for c in checkpoints),
                    feature=" & ".join(_feature_name(s) for s in shards), write_predictions=True,
                    settings_extra={"checkpoints": list(checkpoints), "shards": list(shards), "fusion_weights": weights,
@@ -121,16 +125,19 @@ def _feature_name(shards: str) -> str:
         return "-"
 
 
-def _finish(protocol, predictions, truth, out, strict, nms, rank, run_name, feature, write_predictions,
-            settings_extra) -> tuple[dict, str | None]:
+def _finish(protocol, predictions, truth, out, strict, nms, rank, clip_predictions, iou_tolerance, run_name, feature,
+            write_predictions, settings_extra, where=None) -> tuple[dict, str | None]:
     if protocol == "didemo":
-        metrics = scoring.score_didemo(predictions, truth)
+        metrics = scoring.score_didemo(predictions, truth, where=where)
+        settings = {"strict": strict, "nms": nms, **settings_extra}
     else:
-        metrics = scoring.score_charades(predictions, truth, strict=strict, nms=nms)
+        metrics = scoring.score_charades(predictions, truth, strict=strict, nms=nms, clip_predictions=clip_predictions,
+                                         iou_tolerance=iou_tolerance, where=where)
+        settings = {"strict": strict, "nms": nms, "iou_tolerance": iou_tolerance, "clip_predictions": clip_predictions,
+                    **settings_extra}
     if rank != 0:
         return metrics, None
-    settings = {"strict": strict, "nms": nms, **settings_extra}
-    reference = scoring.reference_rows(protocol, truth, strict=strict)
+    reference = scoring.reference_rows(protocol, truth, strict=strict, iou_tolerance=iou_tolerance)
     md = _write_outputs(Path(out), protocol, metrics, reference, len(truth), settings, run_name, feature,
                         predictions if write_predictions else None)
     return metrics, md
@@ -138,14 +145,18 @@ def _finish(protocol, predictions, truth, out, strict, nms, rank, run_name, feat
 
 def evaluate_predictions(
     predictions: str | Path, annotations: str | Path, protocol: str, out: str | Path, durations: str | None = None,
-    charades_filter: str = "clamp", strict: bool = False, nms: float | None = None,
+    charades_filter: str = "clamp", strict: bool = False, nms: float | None = None, clip_predictions: bool = False,
+    iou_tolerance: float = 0.0,
 ) -> tuple[dict, str | None]:
-    """Score any method's JSONL predictions against the official annotation file."""
+    """Score any method's JSONL predictions against the official annotation file.  Malformed predictions are
+    refused with the file and line (scoring.read_predictions_located); Charades-STA `clip_predictions` orders
+    and clips moments into [0, duration] instead of refusing them."""
     from ..data import charades, didemo
 
     if protocol not in PROTOCOLS:
         raise DataError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    preds = scoring.read_predictions(predictions, protocol)
+    check_iou_tolerance(iou_tolerance)
+    preds, where = scoring.read_predictions_located(predictions, protocol, clip_predictions)
     if protocol == "didemo":
         recs = didemo.read_annotations(annotations)
         truth = [{"query_id": r.query_id, "times": r.times} for r in recs]
@@ -157,6 +168,7 @@ def evaluate_predictions(
                                                 durations_file=str(durations))
         truth = [{"query_id": r.query_id, "times": r.times, "duration": r.duration} for r in recs]
         extra = {"charades_filter": charades_filter, "filter_stats": stats}
-    return _finish(protocol, preds, truth, out, strict, nms, 0, run_name=Path(predictions).stem, feature="-",
-                   write_predictions=False, settings_extra={"predictions": str(predictions),
-                                                           "annotations": str(annotations), **extra})
+    return _finish(protocol, preds, truth, out, strict, nms, 0, clip_predictions, iou_tolerance,
+                   run_name=Path(predictions).stem, feature="-", write_predictions=False,
+                   settings_extra={"predictions": str(predictions), "annotations": str(annotations), **extra},
+                   where=where)
