@@ -53,7 +53,9 @@ def synth(
     except _known_errors() as e:
         _fail(e)
     out_console.print(f"wrote {profile} benchmark to {out}: splits {info['splits']}")
-    for row, vals in info["reference_rows"].items():
+    from .evaluation.reference import benchmark_reference_rows
+
+    for row, vals in benchmark_reference_rows(out, profile).items():
         out_console.print(f"  {row:12s} " + "  ".join(f"{k} {v:.2f}" for k, v in vals.items()))
 
 
@@ -81,7 +83,7 @@ def shard_didemo(
     features: List[Path] = typer.Option(..., help="Feature HDF5 (average_fc7.h5, average_global_flow.h5); repeat "
                                                   "for several (modalities are concatenated)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default shards/<annotation file stem>)."),
-    shard_size: int = typer.Option(1000, help="Samples (queries) per shard."),
+    shard_size: int = typer.Option(1000, help="Videos per shard: a shard sample is one video with all of its queries."),
     text_model: str = TEXT_MODEL,
     pooling: str = POOLING,
     tef: bool = typer.Option(False, help="Append the temporal endpoint feature [s/6, e/6] to each candidate."),
@@ -110,7 +112,7 @@ def shard_charades(
     out: Optional[Path] = typer.Option(None, help="Output folder (default shards/<annotation file stem>)."),
     charades_filter: str = typer.Option("clamp", help="clamp: end clamped to length (3,720 test queries); strict: "
                                                       "only start < end <= length (3,158)."),
-    shard_size: int = typer.Option(1000, help="Samples (queries) per shard."),
+    shard_size: int = typer.Option(1000, help="Videos per shard: a shard sample is one video with all of its queries."),
     resample: int = typer.Option(0, help="Resample every video to this many snippets (mean within bins); 0 keeps T."),
     text_model: str = TEXT_MODEL,
     pooling: str = POOLING,
@@ -133,7 +135,11 @@ def shard_charades(
 
 @app.command()
 def verify(path: Path = typer.Argument(..., help="A shard folder with manifest.json.")):
-    """Re-hash and re-count every shard against the manifest; exit 1 on any mismatch."""
+    """Re-hash and re-count every shard against the manifest; exit 1 on any mismatch.
+
+    Checks that each shard listed in PATH/manifest.json exists, has the recorded sha256 and sample
+    count, and that no unlisted shard-*.tar sits beside them. Exit 0: the set is complete and intact;
+    1: a mismatch (each is printed); 2: PATH has no readable manifest."""
     from .data.shards import verify as run
 
     try:
