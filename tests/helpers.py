@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 def _find_shared() -> Path:
-    """The real annotation files: $WSRA_SHARED_DATA, else a `shared/data` beside an ancestor, else /work/shared/data."""
+    """The real annotation files: $WSRA_SHARED_DATA, else `shared/data` beside the repo or an ancestor
+    (`../shared` from the repo root); tests that need them skip when neither exists."""
     import os
 
     if os.environ.get("WSRA_SHARED_DATA"):
@@ -14,10 +15,34 @@ def _find_shared() -> Path:
         cand = parent / "shared" / "data"
         if (cand / "didemo" / "val_data.json").is_file():
             return cand
-    return Path("/work/shared/data")
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 SHARED = _find_shared()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_checked(cmd, env=None, check=True):
+    """Run a command from the repo root (one thread per process); fail with its output tails."""
+    import os
+    import subprocess
+
+    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def load_weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run) / "model.safetensors"))
+
+
+def max_weight_diff(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 def make_planted_didemo(root: Path, videos: int = 40, shard_size: int = 50, seed: int = 0) -> Path:

@@ -34,23 +34,9 @@ def _overrides(shards, out, batch, steps, optim="sgd", extra=(), lr=0.01):
             "data.num_workers=0", "seed=0", f"output_dir={out}", "train.progress=false", *extra]
 
 
-def _run(cmd, env=None, check=True):
-    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
-
-
-def _weights(run):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(run) / "model.safetensors"))
-
-
-def _max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+from .helpers import load_weights as _weights  # noqa: E402
+from .helpers import max_weight_diff as _max_diff  # noqa: E402
+from .helpers import run_checked as _run  # noqa: E402
 
 
 @pytest.mark.slow
