@@ -27,13 +27,7 @@ console = Console(stderr=True, soft_wrap=True, highlight=False, markup=False)
 out_console = Console(soft_wrap=True, highlight=False, markup=False)
 
 
-def _fail(e: BaseException) -> None:
-    """Kept for the commands' except clauses: the one error path (wsra_dist.errors) prints it."""
-    raise e
-
-
-def _known_errors():
-    return (Exception,)
+# Commands raise; `main()` (wsra_dist.errors.run_typer) turns every failure into one line and exit 2.
 
 
 @app.command()
@@ -48,14 +42,9 @@ def synth(
     chance and oracle rows (test split)."""
     from .data.synthetic import synth as run
 
-    try:
-        info = run(profile, out, videos, seed)
-    except _known_errors() as e:
-        _fail(e)
+    info = run(profile, out, videos, seed)
     out_console.print(f"wrote {profile} benchmark to {out}: splits {info['splits']}")
-    from .evaluation.reference import benchmark_reference_rows
-
-    for row, vals in benchmark_reference_rows(out, profile).items():
+    for row, vals in info["reference_rows"].items():
         out_console.print(f"  {row:12s} " + "  ".join(f"{k} {v:.2f}" for k, v in vals.items()))
 
 
@@ -83,7 +72,7 @@ def shard_didemo(
     features: List[Path] = typer.Option(..., help="Feature HDF5 (average_fc7.h5, average_global_flow.h5); repeat "
                                                   "for several (modalities are concatenated)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default shards/<annotation file stem>)."),
-    shard_size: int = typer.Option(1000, help="Videos per shard: a shard sample is one video with all of its queries."),
+    shard_size: int = typer.Option(1000, help="Samples (queries) per shard."),
     text_model: str = TEXT_MODEL,
     pooling: str = POOLING,
     tef: bool = typer.Option(False, help="Append the temporal endpoint feature [s/6, e/6] to each candidate."),
@@ -96,11 +85,8 @@ def shard_didemo(
     from .data.pack import shard_didemo as run
 
     out = out or Path("shards") / annotations.stem
-    try:
-        m = run(annotations, [str(f) for f in features], out, shard_size, text_model, pooling, tef, skip_missing,
-                not quiet, str(cache_dir) if cache_dir else None, device)
-    except _known_errors() as e:
-        _fail(e)
+    m = run(annotations, [str(f) for f in features], out, shard_size, text_model, pooling, tef, skip_missing,
+            not quiet, str(cache_dir) if cache_dir else None, device)
     _print_shard_summary(out, m)
 
 
@@ -112,7 +98,7 @@ def shard_charades(
     out: Optional[Path] = typer.Option(None, help="Output folder (default shards/<annotation file stem>)."),
     charades_filter: str = typer.Option("clamp", help="clamp: end clamped to length (3,720 test queries); strict: "
                                                       "only start < end <= length (3,158)."),
-    shard_size: int = typer.Option(1000, help="Videos per shard: a shard sample is one video with all of its queries."),
+    shard_size: int = typer.Option(1000, help="Samples (queries) per shard."),
     resample: int = typer.Option(0, help="Resample every video to this many snippets (mean within bins); 0 keeps T."),
     text_model: str = TEXT_MODEL,
     pooling: str = POOLING,
@@ -125,11 +111,8 @@ def shard_charades(
     from .data.pack import shard_charades as run
 
     out = out or Path("shards") / annotations.stem
-    try:
-        m = run(annotations, durations, features, out, shard_size, charades_filter, resample, text_model, pooling,
-                skip_missing, not quiet, str(cache_dir) if cache_dir else None, device)
-    except _known_errors() as e:
-        _fail(e)
+    m = run(annotations, durations, features, out, shard_size, charades_filter, resample, text_model, pooling,
+            skip_missing, not quiet, str(cache_dir) if cache_dir else None, device)
     _print_shard_summary(out, m, f"; filter {m['reader']}")
 
 
@@ -142,10 +125,7 @@ def verify(path: Path = typer.Argument(..., help="A shard folder with manifest.j
     1: a mismatch (each is printed); 2: PATH has no readable manifest."""
     from .data.shards import verify as run
 
-    try:
-        problems = run(path)
-    except _known_errors() as e:
-        _fail(e)
+    problems = run(path)
     if problems:
         for p in problems:
             console.print(f"mismatch: {p}", style="red")
@@ -164,10 +144,7 @@ def train(
     from .config import load_recipe
     from .train import train as run
 
-    try:
-        out = run(load_recipe(recipe, list(ctx.args)))
-    except _known_errors() as e:
-        _fail(e)
+    out = run(load_recipe(recipe, list(ctx.args)))
     out_console.print(f"trained: {out}")
 
 
@@ -194,24 +171,21 @@ def evaluate(
     """Score checkpoints on shards, or a prediction file, with the official protocol; write and print the table."""
     from .evaluation.runner import evaluate_checkpoints, evaluate_predictions
 
-    try:
-        if predictions is not None:
-            if checkpoint:
-                raise ValueError("give either --checkpoint/--shards or --predictions/--annotations, not both")
-            if annotations is None:
-                raise ValueError("--predictions needs --annotations")
-            _, md = evaluate_predictions(predictions, annotations, protocol, out, str(durations) if durations else None,
-                                         charades_filter, strict_iou, nms, clip_predictions=clip_predictions,
-                                         iou_tolerance=iou_tolerance)
-        else:
-            if not checkpoint:
-                raise ValueError("give --checkpoint RUN_DIR --shards DIR, or --predictions P.jsonl --annotations FILE")
-            w = [float(x) for x in fusion_weights.split(",")] if fusion_weights else None
-            _, md = evaluate_checkpoints([str(c) for c in checkpoint], shards, protocol, out, w, batch_size,
-                                         strict_iou, nms, clip_predictions=clip_predictions,
-                                         iou_tolerance=iou_tolerance)
-    except _known_errors() as e:
-        _fail(e)
+    if predictions is not None:
+        if checkpoint:
+            raise ValueError("give either --checkpoint/--shards or --predictions/--annotations, not both")
+        if annotations is None:
+            raise ValueError("--predictions needs --annotations")
+        _, md = evaluate_predictions(predictions, annotations, protocol, out, str(durations) if durations else None,
+                                     charades_filter, strict_iou, nms, clip_predictions=clip_predictions,
+                                     iou_tolerance=iou_tolerance)
+    else:
+        if not checkpoint:
+            raise ValueError("give --checkpoint RUN_DIR --shards DIR, or --predictions P.jsonl --annotations FILE")
+        w = [float(x) for x in fusion_weights.split(",")] if fusion_weights else None
+        _, md = evaluate_checkpoints([str(c) for c in checkpoint], shards, protocol, out, w, batch_size,
+                                     strict_iou, nms, clip_predictions=clip_predictions,
+                                     iou_tolerance=iou_tolerance)
     if md:
         print(md)  # plain print: markdown rows must not be wrapped
         out_console.print(f"wrote {out}/metrics.json, table.md, table.csv")
@@ -227,10 +201,7 @@ def demo(
     """The embedded default end to end: synth -> shard -> train -> evaluate on the planted DiDeMo profile."""
     from .demo import run_demo
 
-    try:
-        md = run_demo(out, videos, epochs, seed)
-    except _known_errors() as e:
-        _fail(e)
+    md = run_demo(out, videos, epochs, seed)
     print(md)
     out_console.print(f"results: {out / 'results' / 'table.md'}, {out / 'results' / 'metrics.json'}")
 
@@ -249,11 +220,8 @@ def ablate(
     Extra arguments are recipe overrides applied to every run."""
     from .ablate import run_ablation
 
-    try:
-        md = run_ablation(recipe, study, out, list(ctx.args), tuple(int(x) for x in k_top.split(",")),
-                          tuple(int(x) for x in k_last.split(",")))
-    except _known_errors() as e:
-        _fail(e)
+    md = run_ablation(recipe, study, out, list(ctx.args), tuple(int(x) for x in k_top.split(",")),
+                      tuple(int(x) for x in k_last.split(",")))
     print(md)
 
 
@@ -275,12 +243,9 @@ def ground(
     from .ground import ground_cli
 
     qs = list(query) + ([l.strip() for l in queries.read_text().splitlines() if l.strip()] if queries else [])
-    try:
-        if not qs:
-            raise ValueError("give at least one --query or a --queries file")
-        res = ground_cli(checkpoint, features, qs, duration, top_k, plot, list(truth))
-    except _known_errors() as e:
-        _fail(e)
+    if not qs:
+        raise ValueError("give at least one --query or a --queries file")
+    res = ground_cli(checkpoint, features, qs, duration, top_k, plot, list(truth))
     if as_json:
         print(json.dumps({"results": res}))
         return
