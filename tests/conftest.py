@@ -32,7 +32,7 @@ def trained_didemo(tmp_path_factory):
 
     from .helpers import make_planted_didemo
 
-    root = make_planted_didemo(tmp_path_factory.mktemp("trained_didemo"), videos=400, shard_size=200, seed=1)
+    root = make_planted_didemo(tmp_path_factory.mktemp("trained_didemo"), videos=400, shard_size=50, seed=1)
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "planted_didemo.yaml"
     r = load_recipe(recipe, [f"data.train_shards={root / 'shards' / 'train'}", "data.val_shards=", "data.test_shards=",
                              "train.epochs=3", f"output_dir={root / 'run'}", "train.progress=false"])

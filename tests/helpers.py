@@ -45,7 +45,7 @@ def max_weight_diff(a, b) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def make_planted_didemo(root: Path, videos: int = 40, shard_size: int = 50, seed: int = 0) -> Path:
+def make_planted_didemo(root: Path, videos: int = 40, shard_size: int = 12, seed: int = 0) -> Path:
     from wsra_dist.data.pack import shard_didemo
     from wsra_dist.data.synthetic import synth
 
@@ -56,7 +56,7 @@ def make_planted_didemo(root: Path, videos: int = 40, shard_size: int = 50, seed
     return root
 
 
-def make_planted_charades(root: Path, videos: int = 30, shard_size: int = 40, seed: int = 0) -> Path:
+def make_planted_charades(root: Path, videos: int = 30, shard_size: int = 10, seed: int = 0) -> Path:
     from wsra_dist.data.pack import shard_charades
     from wsra_dist.data.synthetic import synth
 

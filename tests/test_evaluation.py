@@ -13,7 +13,7 @@ import pytest
 from wsra_dist.data import charades, didemo
 from wsra_dist.data.records import DataError
 from wsra_dist.evaluation import metrics as M
-from wsra_dist.evaluation.candidates import DIDEMO_CANDIDATES, proportional_windows
+from wsra_dist.geometry import DIDEMO_CANDIDATES, proportional_windows
 from wsra_dist.evaluation.scoring import score_charades, score_didemo
 
 from .helpers import SHARED, requires_shared

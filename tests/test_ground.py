@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from wsra_dist.data.synthetic import heldout_sentence
-from wsra_dist.evaluation.candidates import DIDEMO_CANDIDATES
+from wsra_dist.geometry import DIDEMO_CANDIDATES
 from wsra_dist.evaluation.metrics import didemo_iou
 from wsra_dist.ground import load_model
 

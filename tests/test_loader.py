@@ -22,7 +22,7 @@ def test_one_epoch_visits_every_query_once(planted_didemo, workers):
 
 def test_processes_split_shards_and_run_equal_batches(planted_didemo):
     src = ShardSource.open(str(planted_didemo / "shards" / "train"))
-    assert len(src.urls) >= 2 and len(set(src.counts)) > 1  # uneven shards (the last one is short)
+    assert len(src.urls) >= 2 and len(set(src.counts)) > 1  # uneven shards (queries per shard differ)
     for epoch in range(3):
         per_rank = [list(EpochLoader(src, 8, world=2, rank=r, seed=0).epoch(epoch)) for r in range(2)]
         assert len(per_rank[0]) == len(per_rank[1])  # no process waits in a collective for the other

@@ -41,10 +41,11 @@ def synth(
     """Write a planted weakly-supervised grounding benchmark in the official file formats and print its
     chance and oracle rows (test split)."""
     from .data.synthetic import synth as run
+    from .evaluation.reference import benchmark_reference_rows
 
     info = run(profile, out, videos, seed)
     out_console.print(f"wrote {profile} benchmark to {out}: splits {info['splits']}")
-    for row, vals in info["reference_rows"].items():
+    for row, vals in benchmark_reference_rows(Path(out), profile).items():
         out_console.print(f"  {row:12s} " + "  ".join(f"{k} {v:.2f}" for k, v in vals.items()))
 
 
@@ -72,7 +73,7 @@ def shard_didemo(
     features: List[Path] = typer.Option(..., help="Feature HDF5 (average_fc7.h5, average_global_flow.h5); repeat "
                                                   "for several (modalities are concatenated)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default shards/<annotation file stem>)."),
-    shard_size: int = typer.Option(1000, help="Samples (queries) per shard."),
+    shard_size: int = typer.Option(250, help="Videos per shard (a sample is one video with all of its queries)."),
     text_model: str = TEXT_MODEL,
     pooling: str = POOLING,
     tef: bool = typer.Option(False, help="Append the temporal endpoint feature [s/6, e/6] to each candidate."),
@@ -81,7 +82,10 @@ def shard_didemo(
     device: str = DEVICE,
     quiet: bool = QUIET,
 ):
-    """DiDeMo: 21 candidates per video as concat(global, local[, TEF]), one sample per query."""
+    """DiDeMo: one sample per video: its (6, D) chunks once (feature files side by side) and all of its queries.
+
+    The 21 candidates, concat(global, local[, TEF]) per feature file, are built from the chunks at training
+    and evaluation time (shard format wsra-dist-shards/2)."""
     from .data.pack import shard_didemo as run
 
     out = out or Path("shards") / annotations.stem
@@ -98,7 +102,7 @@ def shard_charades(
     out: Optional[Path] = typer.Option(None, help="Output folder (default shards/<annotation file stem>)."),
     charades_filter: str = typer.Option("clamp", help="clamp: end clamped to length (3,720 test queries); strict: "
                                                       "only start < end <= length (3,158)."),
-    shard_size: int = typer.Option(1000, help="Samples (queries) per shard."),
+    shard_size: int = typer.Option(250, help="Videos per shard (a sample is one video with all of its queries)."),
     resample: int = typer.Option(0, help="Resample every video to this many snippets (mean within bins); 0 keeps T."),
     text_model: str = TEXT_MODEL,
     pooling: str = POOLING,
@@ -107,7 +111,8 @@ def shard_charades(
     device: str = DEVICE,
     quiet: bool = QUIET,
 ):
-    """Charades-STA: I3D snippets per video, one sample per query (query_id = line number)."""
+    """Charades-STA: one sample per video: its (T, D) I3D snippets once and all of its queries (query_id = line
+    number of the annotation file)."""
     from .data.pack import shard_charades as run
 
     out = out or Path("shards") / annotations.stem
@@ -120,8 +125,8 @@ def shard_charades(
 def verify(path: Path = typer.Argument(..., help="A shard folder with manifest.json.")):
     """Re-hash and re-count every shard against the manifest; exit 1 on any mismatch.
 
-    Checks that each shard listed in PATH/manifest.json exists, has the recorded sha256 and sample
-    count, and that no unlisted shard-*.tar sits beside them. Exit 0: the set is complete and intact;
+    Checks that each shard listed in PATH/manifest.json exists, has the recorded sha256 and counts of
+    videos (samples) and queries, and that no unlisted shard-*.tar sits beside them. Exit 0: the set is complete and intact;
     1: a mismatch (each is printed); 2: PATH has no readable manifest."""
     from .data.shards import verify as run
 
@@ -238,6 +243,8 @@ def ground(
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of the attention weights over time per query."),
     truth: List[str] = typer.Option([], help="Ground-truth span 'START,END' in seconds to draw on the plot; repeat "
                                              "once per query, in the order of the queries."),
+    text_model: Optional[str] = typer.Option(None, help="Local folder of the text model the checkpoint was trained "
+                                                        "with (default: the one it records, by name)."),
 ):
     """Ground free-text queries in one video's features: the top moments in seconds with their scores."""
     from .ground import ground_cli
@@ -245,7 +252,7 @@ def ground(
     qs = list(query) + ([l.strip() for l in queries.read_text().splitlines() if l.strip()] if queries else [])
     if not qs:
         raise ValueError("give at least one --query or a --queries file")
-    res = ground_cli(checkpoint, features, qs, duration, top_k, plot, list(truth))
+    res = ground_cli(checkpoint, features, qs, duration, top_k, plot, list(truth), text_model)
     if as_json:
         print(json.dumps({"results": res}))
         return

@@ -43,6 +43,8 @@ class ModelConfig:
     recompute: bool = False
     fused_kernel: bool = True
     attention_scale: float = 1.0  # Eq. 2 uses exp(φ) (scale 1)
+    # DiDeMo: project the 6 chunks once and pool the projections (false: project the 21 materialised candidates)
+    project_chunks: bool = True
 
 
 @dataclass

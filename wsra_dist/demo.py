@@ -20,6 +20,7 @@ def run_demo(out: str | Path, videos: int = 1200, epochs: int = 6, seed: int = 0
     from .config import load_recipe
     from .data.pack import shard_didemo
     from .data.synthetic import synth
+    from .evaluation.reference import benchmark_reference_rows
     from .evaluation.runner import evaluate_checkpoints
     from .train import train
 
@@ -28,12 +29,12 @@ def run_demo(out: str | Path, videos: int = 1200, epochs: int = 6, seed: int = 0
     t0 = time.time()
     con.rule("1/4 planted DiDeMo benchmark (official formats)")
     info = synth("didemo", out / "data", videos, seed)
-    for row, vals in info["reference_rows"].items():
+    for row, vals in benchmark_reference_rows(out / "data", "didemo").items():
         con.print(f"  {row:12s} " + "  ".join(f"{k} {v:.2f}" for k, v in vals.items()))
     con.rule("2/4 shards (MiniLM query features)")
     for split in ("train", "val", "test"):
         m = shard_didemo(out / "data" / f"{split}_data.json", [str(out / "data" / "average_global_flow.h5")],
-                         out / "shards" / split, shard_size=500, progress=True)
+                         out / "shards" / split, shard_size=100, progress=True)
         con.print(f"  {split}: {m['num_queries']} queries, {m['num_videos']} videos, {len(m['shards'])} shards")
     con.rule("3/4 training (recipes/planted_didemo.yaml)")
     recipe = load_recipe(_recipe_path(), [

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .data.records import DataError
-from .evaluation.candidates import DIDEMO_CANDIDATES, proportional_windows, window_features
+from .geometry import DIDEMO_CANDIDATES, proportional_windows, window_features
 from .evaluation.predict import load_run
 
 
@@ -94,6 +94,7 @@ class Grounder:
     info: dict
     device: torch.device
     _encoder: object = None
+    text_model: str | None = None  # a local folder overriding the recorded text model
 
     @property
     def encoder(self):
@@ -103,18 +104,18 @@ class Grounder:
             t = self.info.get("text") or {}
             if not t:
                 raise DataError("this checkpoint records no text model; it cannot encode free text")
-            name = t.get("model")
+            name = self.text_model or t.get("model")
             try:
                 enc = TextEncoder(name, t.get("pooling", "layers_mean"), max_length=t.get("max_length", 64))
-            except FileNotFoundError:
-                enc = TextEncoder(t.get("model_path", name), t.get("pooling", "layers_mean"),
-                                  max_length=t.get("max_length", 64))
+            except FileNotFoundError as e:
+                raise DataError(f"{e}; the checkpoint was trained with text model {t.get('model')!r}: give its local "
+                                "folder with --text-model PATH") from None
             if enc.dim != self.info["dims"]["text"]:
                 raise DataError(f"text model {name} gives {enc.dim}-d features but the checkpoint expects "
                                  f"{self.info['dims']['text']}-d")
             if t.get("identity") and enc.identity != t["identity"]:
                 raise DataError(f"text model at {enc.path} differs from the one the checkpoint was trained with "
-                                 f"({t.get('model_path')}, identity {t['identity']} != {enc.identity})")
+                                 f"({t.get('model')}, identity {t['identity']} != {enc.identity})")
             self._encoder = enc
         return self._encoder
 
@@ -123,11 +124,15 @@ class Grounder:
         bench = self.info.get("benchmark")
         reader = self.info.get("reader", {})
         if bench == "didemo":
-            from .data.didemo import candidate_features
+            from .geometry import didemo_candidates_from_chunks
 
-            if feats.ndim != 2 or feats.shape[0] != 6:
-                raise DataError(f"a DiDeMo checkpoint takes (6, D) chunk features, got {feats.shape}")
-            cand = candidate_features([feats], tef=reader.get("tef", False))
+            layout = self.info.get("layout") or {"modalities": [feats.shape[-1]], "tef": reader.get("tef", False)}
+            mdims = tuple(int(d) for d in layout["modalities"])
+            if feats.ndim != 2 or feats.shape != (6, sum(mdims)):
+                raise DataError(f"a DiDeMo checkpoint takes (6, {sum(mdims)}) chunk features (feature files "
+                                f"{'+'.join(map(str, mdims))} side by side), got {feats.shape}")
+            cand = didemo_candidates_from_chunks(torch.from_numpy(feats).double(), mdims,
+                                                 bool(layout.get("tef", False))).float().numpy()
             length = duration or 30.0
             if length <= 20.0 or length > 30.0:  # DiDeMo videos have 5 or 6 five-second chunks
                 raise DataError(f"--duration {length:g}: a DiDeMo video lasts more than 20 and at most 30 s "
@@ -165,10 +170,14 @@ class Grounder:
                              f"{self.info['dims']['video']}-d")
         text = torch.from_numpy(self.encoder.encode(list(queries))).to(self.device)
         c = torch.from_numpy(cand).to(self.device)
-        scores = self.model.scorer.pair(c.unsqueeze(0), text.unsqueeze(1)).cpu().numpy()  # (Q, C)
-        sn = torch.from_numpy(np.ascontiguousarray(snippets)).to(self.device)
-        mask = torch.ones(len(queries), sn.shape[0], dtype=torch.bool, device=self.device)
-        alpha = self.model(sn.expand(len(queries), -1, -1), mask, text).alpha.cpu().numpy()
+        scores_t = self.model.scorer.pair(c.unsqueeze(0), text.unsqueeze(1))  # (Q, C) in candidate space
+        scores = scores_t.cpu().numpy()
+        if self.info.get("benchmark") == "didemo":  # Eq. 2 over the 6 single-chunk candidates
+            alpha = torch.softmax(self.model.attention_scale * scores_t[:, :6], -1).cpu().numpy()
+        else:
+            sn = torch.from_numpy(np.ascontiguousarray(snippets)).to(self.device)
+            mask = torch.ones(len(queries), sn.shape[0], dtype=torch.bool, device=self.device)
+            alpha = self.model(sn.expand(len(queries), -1, -1), mask, text).alpha.cpu().numpy()
         out = []
         for q, s, a in zip(queries, scores, alpha):
             order = np.argsort(-s, kind="stable")[:top_k]
@@ -178,7 +187,7 @@ class Grounder:
         return out
 
 
-def load_model(run_dir: str | Path, device: str | None = None) -> Grounder:
+def load_model(run_dir: str | Path, device: str | None = None, text_model: str | None = None) -> Grounder:
     """Load a trained run folder for grounding."""
     import json
 
@@ -186,7 +195,7 @@ def load_model(run_dir: str | Path, device: str | None = None) -> Grounder:
     model, info = load_run(run_dir, dev)
     manifest_reader = json.loads((Path(run_dir) / "wsra_model.json").read_text()).get("reader", {})
     info["reader"] = manifest_reader
-    return Grounder(model, info, dev)
+    return Grounder(model, info, dev, text_model=text_model)
 
 
 def plot_attention(results: list[dict], path: str | Path,
@@ -221,7 +230,8 @@ def plot_attention(results: list[dict], path: str | Path,
     tmp.replace(path)
 
 
-def ground_cli(checkpoint, features: str, queries: list[str], duration, top_k: int, plot, truths: list[str]):
+def ground_cli(checkpoint, features: str, queries: list[str], duration, top_k: int, plot, truths: list[str],
+               text_model: str | None = None):
     queries = check_queries(queries)
     duration = check_duration(duration)
     if top_k < 1:
@@ -239,7 +249,7 @@ def ground_cli(checkpoint, features: str, queries: list[str], duration, top_k: i
         if not (np.isfinite(s) and np.isfinite(e) and 0 <= s <= e):
             raise DataError(f"--truth {t!r}: expected 0 <= START <= END, finite seconds")
         spans.append((s, e))
-    g = load_model(checkpoint)
+    g = load_model(checkpoint, text_model=text_model)
     res = g.ground(read_features(features), queries, duration, top_k)
     if plot:
         plot_attention(res, plot, spans)

@@ -66,6 +66,67 @@ class Scorer(nn.Module):
     def project_text(self, t: torch.Tensor) -> torch.Tensor:
         return self.proj_t(self._nt(t))
 
+    def project_didemo(self, chunks: torch.Tensor, modality_dims: tuple[int, ...], tef: bool) -> torch.Tensor:
+        """project_video of the 21 DiDeMo candidates, computed from the 6 chunks: (b, 6, ΣD) -> (b, 21, H).
+
+        A candidate is concat(g/(|g|+ε), l/(|l|+ε) per modality[, TEF]) with g, l means of chunks, and
+        φ's first layer is linear: W x = Σ W_g g/(|g|+ε) + W_l l/(|l|+ε) (+ W_tef tef), where W_g g is the
+        mean of the projected chunks.  So the 6 chunks are projected once (not 21 candidates of 2ΣD) and
+        the norms come from the 6 x 6 Gram matrix.  `geometry.didemo_candidates_from_chunks` + project_video
+        is the materialised reference (equal within 1e-5 in float64, values and gradients).
+        LayerNorm input normalisation is not linear in the parts, so it uses the materialised path.
+        """
+        from .geometry import didemo_candidates_from_chunks, didemo_pooling_matrix, didemo_tef
+
+        if self.cfg.input_norm == "layernorm":
+            return self.project_video(didemo_candidates_from_chunks(chunks, modality_dims, tef))
+        W = self.proj_v.weight  # (H, 2ΣD [+2])
+        A = didemo_pooling_matrix(chunks.dtype, chunks.device)  # (21, 6)
+        acc = None
+        sq = None  # squared norm of each candidate vector (for the l2 input norm)
+        off = ow = 0
+        for d in modality_dims:
+            c = chunks[..., off : off + d]
+            off += d
+            p = c @ torch.cat([W[:, ow : ow + d], W[:, ow + d : ow + 2 * d]], 0).T  # (b, 6, 2H): global | local
+            pg, pl = p[..., : W.shape[0]], p[..., W.shape[0] :]
+            ow += 2 * d
+            G = c @ c.transpose(-1, -2)  # (b, 6, 6)
+            gn = G.mean((-1, -2)).clamp_min(0).sqrt()  # |mean of the 6 chunks|
+            ln = torch.einsum("ci,bij,cj->bc", A, G, A).clamp_min(0).sqrt()  # |mean of each candidate's chunks|
+            part = (pg.mean(-2) / (gn + 1e-5).unsqueeze(-1)).unsqueeze(-2) + (A @ pl) / (ln + 1e-5).unsqueeze(-1)
+            acc = part if acc is None else acc + part
+            s2 = (gn / (gn + 1e-5)).square().unsqueeze(-1) + (ln / (ln + 1e-5)).square()
+            sq = s2 if sq is None else sq + s2
+        if tef:
+            t = didemo_tef(chunks.dtype, chunks.device)
+            acc = acc + t @ W[:, ow : ow + 2].T
+            sq = sq + t.square().sum(-1)
+        if self.cfg.input_norm == "l2":  # F.normalize: x / max(|x|, eps)
+            acc = acc / sq.sqrt().clamp_min(1e-6).unsqueeze(-1)
+        return acc + self.proj_v.bias
+
+    def project_windows(self, snippets: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+        """project_video of window means: snippets (T, D), ranges (W, 2) [a, b) snippet indices -> (W, H).
+
+        The snippets are projected once and each window is a difference of prefix sums; the norm of a
+        window mean comes from a 2-D prefix sum of the T x T Gram matrix (sums in float64: long videos).
+        `geometry.window_features` + project_video is the materialised reference.
+        """
+        a, b = ranges[:, 0].long(), ranges[:, 1].long()
+        n = (b - a).to(torch.float64).unsqueeze(-1)
+        if self.cfg.input_norm == "layernorm":
+            cs = F.pad(snippets.to(torch.float64).cumsum(0), (0, 0, 1, 0))
+            return self.project_video(((cs[b] - cs[a]) / n).to(snippets.dtype))
+        p = F.pad((snippets @ self.proj_v.weight.T).to(torch.float64).cumsum(0), (0, 0, 1, 0))  # (T+1, H)
+        wm = (p[b] - p[a]) / n  # W · window mean
+        if self.cfg.input_norm == "l2":
+            x = snippets.to(torch.float64)
+            c = F.pad((x @ x.T).cumsum(0).cumsum(1), (1, 0, 1, 0))  # (T+1, T+1)
+            sq = (c[b, b] - c[a, b] - c[b, a] + c[a, a]).clamp_min(0) / n.squeeze(-1).square()
+            wm = wm / sq.sqrt().clamp_min(1e-6).unsqueeze(-1)
+        return wm.to(snippets.dtype) + self.proj_v.bias
+
     # -- scores -------------------------------------------------------------------------------
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         return self.tail(h).squeeze(-1)
@@ -80,8 +141,10 @@ class Scorer(nn.Module):
 
     def all_pairs_logits(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Logits for every (snippet, query) pair: v (B, T, Dv), t (N, Dt) -> (B, T, N)."""
-        pv = self.project_video(v)  # (B, T, H), once
-        pt = self.project_text(t)  # (N, H), once
+        return self.all_pairs_logits_projected(self.project_video(v), self.project_text(t))
+
+    def all_pairs_logits_projected(self, pv: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
+        """all_pairs_logits from projected snippets pv (B, T, H) and queries pt (N, H)."""
         if self.cfg.fused_kernel and self.cfg.depth == 1 and (self.cfg.dropout == 0 or not self.training):
             last = self.tail[-1]
             chunk = self.cfg.query_chunk or max(1, (1 << 24) // max(1, pv.shape[0] * pv.shape[1] * pv.shape[2]))
@@ -179,26 +242,70 @@ class WSRAOutput:
     phi_fg: torch.Tensor | None = None  # (b, N) φ(v_f, t_n)
 
 
+@dataclass(frozen=True)
+class DidemoLayout:
+    """Inputs are DiDeMo's (6, ΣD) chunks; candidates are built per feature file (modality) [+ TEF]."""
+
+    modality_dims: tuple[int, ...]
+    tef: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "DidemoLayout | None":
+        if not d or d.get("kind") != "didemo_chunks":
+            return None
+        return cls(tuple(int(x) for x in d["modalities"]), bool(d.get("tef", False)))
+
+    def to_dict(self) -> dict:
+        return {"kind": "didemo_chunks", "modalities": list(self.modality_dims), "tef": self.tef}
+
+
 class WSRA(nn.Module):
     """Referring attention for a batch of (video, own query) samples.
 
     Everything that touches parameters happens in forward, because data-parallel wrappers (DDP,
     DeepSpeed) synchronise gradients only for what runs through the wrapped forward.
+
+    With a `didemo` layout the video input is (b, 6, ΣD) chunks: the 21 candidates are the model's
+    "snippets", materialised for pooling (Eq. 1) and projected from the chunks (`Scorer.project_didemo`)
+    unless `project_chunks` is False (the materialised reference).
     """
 
-    def __init__(self, cfg: ScorerConfig, attention_scale: float = 1.0):
+    def __init__(self, cfg: ScorerConfig, attention_scale: float = 1.0, didemo: DidemoLayout | None = None,
+                 project_chunks: bool = True):
         super().__init__()
         self.cfg = cfg
         self.attention_scale = attention_scale
         self.scorer = Scorer(cfg)
+        self.didemo = didemo
+        self.project_chunks = project_chunks
+
+    def candidates(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model-space snippets/candidates (b, T, Dv), their first-layer projections (b, T, H))."""
+        if self.didemo is None:
+            return video, self.scorer.project_video(video)
+        from .geometry import didemo_candidates_from_chunks
+
+        cand = didemo_candidates_from_chunks(video, self.didemo.modality_dims, self.didemo.tef)
+        if self.project_chunks:
+            return cand, self.scorer.project_didemo(video, self.didemo.modality_dims, self.didemo.tef)
+        return cand, self.scorer.project_video(cand)
+
+    def candidate_scores(self, video: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """φ(candidate, own query) for ranking: (b, T) from video inputs and text (b, Dt)."""
+        _, pv = self.candidates(video)
+        return torch.sigmoid(self.scorer.logits_from_hidden(pv + self.scorer.project_text(text).unsqueeze(1)))
 
     def forward(self, video: torch.Tensor, mask: torch.Tensor, text: torch.Tensor,
                 text_global: torch.Tensor | None = None, all_pairs: bool = False, fg_pairs: bool = False) -> WSRAOutput:
-        logits = self.scorer.pair_logits(video, text.unsqueeze(1))  # (b, T)
+        v, pv = self.candidates(video)
+        pt_own = self.scorer.project_text(text)
+        logits = self.scorer.logits_from_hidden(pv + pt_own.unsqueeze(1))  # (b, T)
         scores = torch.sigmoid(logits)
         alpha = referring_attention(scores, mask, self.attention_scale)
-        fg, bg = pool_foreground_background(video, alpha, mask)
+        fg, bg = pool_foreground_background(v, alpha, mask)
         s_pos, s_neg = self.scorer.pair(fg, text), self.scorer.pair(bg, text)
-        phi_all = self.scorer.all_pairs(video, text_global) if all_pairs else None
-        phi_fg = self.scorer.all_pairs(fg.unsqueeze(1), text_global).squeeze(1) if fg_pairs else None
+        pt_g = self.scorer.project_text(text_global) if (all_pairs or fg_pairs) else None
+        phi_all = torch.sigmoid(self.scorer.all_pairs_logits_projected(pv, pt_g)) if all_pairs else None
+        phi_fg = (torch.sigmoid(self.scorer.all_pairs_logits_projected(self.scorer.project_video(fg).unsqueeze(1), pt_g))
+                  .squeeze(1) if fg_pairs else None)
         return WSRAOutput(scores, logits, alpha, fg, bg, s_pos, s_neg, phi_all, phi_fg)

@@ -6,34 +6,15 @@ same function serves 1 or N processes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from . import losses as L
+from .data.batch import Batch
 from .distributed import Gatherer
 from .model import WSRA
-
-
-@dataclass
-class Batch:
-    video: torch.Tensor  # (b, T, Dv) padded
-    mask: torch.Tensor  # (b, T) bool
-    text: torch.Tensor  # (b, Dt)
-    video_id: torch.Tensor  # (b,) int64, equal for queries of one video
-    target: torch.Tensor  # (b, T) annotated-time distribution (supervised reference only)
-    meta: list[dict] = field(default_factory=list)
-
-    def to(self, device: torch.device) -> "Batch":
-        return Batch(
-            self.video.to(device, non_blocking=True),
-            self.mask.to(device, non_blocking=True),
-            self.text.to(device, non_blocking=True),
-            self.video_id.to(device, non_blocking=True),
-            self.target.to(device, non_blocking=True),
-            self.meta,
-        )
 
 
 @dataclass

@@ -109,7 +109,10 @@ def build_optimizer(recipe: Recipe, params):
 
 
 def model_info(recipe: Recipe, manifest: dict) -> dict:
+    from .evaluation.predict import layout_of
+
     return {"dims": {"video": manifest["dims"]["video"], "text": manifest["dims"]["text"]},
+            "layout": layout_of(manifest),
             "benchmark": manifest.get("benchmark"), "text": manifest.get("text", {}), "reader": manifest.get("reader", {}),
             "model": to_dict(recipe)["model"], "recipe_name": recipe.name}
 

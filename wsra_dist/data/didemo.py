@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..evaluation.candidates import DIDEMO_CANDIDATES, didemo_candidate_features
+from ..geometry import DIDEMO_CANDIDATES, didemo_candidate_features
 from .records import DataError, QueryRecord
 
 KEYS = {"annotation_id": int, "description": str, "video": str, "num_segments": int, "times": list}

@@ -1,17 +1,24 @@
-"""WebDataset shards -> padded batches, split by process then by worker, equal batches per process.
+"""WebDataset shards (one sample per video) -> queries -> padded batches, equal batches per process.
 
-Each epoch: the shard list is shuffled with (seed, epoch) - the same order on every process - then
-process r takes shards[r::world] and its workers split those.  The number of batches per epoch is
-computed from the manifest's per-shard counts for every process (no communication) and the minimum
-is used everywhere, so uneven shards can never leave one process waiting in a collective.
+The pipeline is webdataset's own stages, in open_clip's pattern: the shard list is shuffled with
+(seed, epoch) by `wds.detshuffle` - the same order on every process - then split by process (every
+world-th shard, as `wds.split_by_node` does, with the rank accelerate gives us) and by DataLoader
+worker (`wds.split_by_worker`); tars are read by `tar_file_expander` + `group_by_keys` (see
+`shards.iter_shard`), each video is expanded into its queries, and queries are shuffled by
+`wds.shuffle` with a generator seeded by (seed, epoch, rank, worker).  Workers are persistent; the
+epoch reaches them through shared memory (`SharedEpoch`), so a worker keeps its record of verified
+shards and each shard's sha256 is checked at most once per worker process, never per epoch.
 
-Short tail: every batch of an epoch is full (batch_size per process) except the last, which holds
-what is left.  When the *global* last batch (summed over processes, known to every process from the
-manifest) has fewer than `min_global_batch` queries - the top/last-K sampler needs K_top + K_last + 2
-- it is folded into the batch before it: that batch is larger (by fewer than `min_global_batch`
-queries in all), the epoch has one batch less, and no query is dropped.  Every process makes the same
-choice from the same counts, so 1 process x N*B and N processes x B still see the same global batches.
-An epoch whose only batch is too short cannot be folded and is an error at start-up (`EpochLoader.plan`).
+Batch plan: the number of batches per epoch is computed from the manifest's per-shard query counts
+for every process (no communication) and the minimum is used everywhere, so uneven shards can never
+leave one process waiting in a collective.  Every batch of an epoch is full (batch_size queries per
+process) except the last, which holds what is left.  When the *global* last batch (summed over
+processes, known to every process from the manifest) has fewer than `min_global_batch` queries - the
+top/last-K sampler needs K_top + K_last + 2 - it is folded into the batch before it: that batch is
+larger (by fewer than `min_global_batch` queries in all), the epoch has one batch less, and no query
+is dropped.  Every process makes the same choice from the same counts, so 1 process x N*B and N
+processes x B still see the same global batches.  An epoch whose only batch is too short cannot be
+folded and is an error at start-up (`EpochLoader.plan`).
 """
 
 from __future__ import annotations
@@ -26,15 +33,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..objective import Batch
+from ..geometry import DIDEMO_CANDIDATES
+from .batch import Batch
 from .records import DataError
 from .shards import iter_shard, load_manifest, manifest_path_for, shard_entries, shard_urls
+
+N_DIDEMO = len(DIDEMO_CANDIDATES)  # candidates per DiDeMo video
 
 
 @dataclass
 class ShardSource:
     urls: list[str]
-    counts: list[int]
+    counts: list[int]  # queries per shard (the unit of batches)
     shas: list[str]
     manifest: dict
     sizes: list = field(default_factory=list)  # bytes per shard from the manifest (None: not recorded)
@@ -49,7 +59,7 @@ class ShardSource:
         if not urls:
             raise DataError(f"{source}: no shards")
         entries = shard_entries(urls, m)
-        return cls(urls, [e["num_samples"] for e in entries], [e["sha256"] for e in entries], m,
+        return cls(urls, [e["num_queries"] for e in entries], [e["sha256"] for e in entries], m,
                    [e.get("bytes") for e in entries], source)
 
     def check_files(self, key: str = "") -> None:
@@ -81,29 +91,76 @@ class ShardSource:
 
     @property
     def num_samples(self) -> int:
+        """Queries (not videos) in all shards."""
         return sum(self.counts)
 
+    @property
+    def layout(self) -> str:
+        return self.manifest["layout"]
 
-class _Stream(torch.utils.data.IterableDataset):
-    def __init__(self, urls, shas, dims, shuffle_buffer: int, seed: int, verify: bool):
-        self.urls, self.shas, self.dims = urls, shas, dims
-        self.shuffle_buffer, self.seed, self.verify = shuffle_buffer, seed, verify
+
+class SharedEpoch:
+    """The current epoch in shared memory, so persistent DataLoader workers see it (open_clip's pattern)."""
+
+    def __init__(self, epoch: int = 0):
+        import multiprocessing as mp
+
+        self.value = mp.Value("i", epoch)
+
+    def set(self, epoch: int) -> None:
+        self.value.value = epoch
+
+    def get(self) -> int:
+        return self.value.value
+
+
+def shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """Shard indices of `epoch`, shuffled by webdataset's detshuffle: the same order on every process."""
+    import webdataset as wds
+
+    idx = list(range(n))
+    if not shuffle:
+        return idx
+    # detshuffle seeds random.Random(seed + epoch) after incrementing its epoch, hence epoch - 1
+    return list(wds.detshuffle(bufsize=n, initial=n, seed=seed * 100003, epoch=epoch - 1).run(iter(idx)))
+
+
+def expand_queries(videos: Iterator[dict]) -> Iterator[dict]:
+    """A video sample -> one sample per query (the video array is shared, not copied)."""
+    for s in videos:
+        meta = s["meta.json"]
+        video_meta = {k: v for k, v in meta.items() if k != "queries"}
+        for j, q in enumerate(meta["queries"]):
+            yield {"video": s["video.npy"], "text": s["text.npy"][j], "key": f"{s['__key__']}/{j}",
+                   "meta": {**video_meta, **q, "query": q.get("sentence", "")}}
+
+
+class _Queries(torch.utils.data.IterableDataset):
+    """This process's shards of the current epoch -> shuffled queries (webdataset stages)."""
+
+    def __init__(self, source: "ShardSource", world: int, rank: int, seed: int, shuffle: bool, shuffle_buffer: int,
+                 verify: bool, epoch: SharedEpoch):
+        self.urls, self.manifest = source.urls, source.manifest
+        self.sha_of = dict(zip(source.urls, source.shas))
+        self.world, self.rank, self.seed, self.shuffle = world, rank, seed, shuffle
+        self.shuffle_buffer, self.verify, self.epoch = shuffle_buffer, verify, epoch
+
+    def _shards(self, src):
+        for u in src:
+            yield from iter_shard(u["url"], self.manifest, self.sha_of[u["url"]] if self.verify else None)
 
     def __iter__(self):
+        import webdataset as wds
+
+        epoch = self.epoch.get()
+        order = shard_order(len(self.urls), self.seed, epoch, self.shuffle)[self.rank :: self.world]
         info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        rng = random.Random(self.seed * 1000 + wid)
-        buf: list[dict] = []
-        for url, sha in list(zip(self.urls, self.shas))[wid::nw]:
-            for s in iter_shard(url, sha if self.verify else None, self.dims):
-                if self.shuffle_buffer <= 1:
-                    yield s
-                    continue
-                buf.append(s)
-                if len(buf) >= self.shuffle_buffer:
-                    yield buf.pop(rng.randrange(len(buf)))
-        rng.shuffle(buf)
-        yield from buf
+        wid = info.id if info else 0
+        stages = [wds.SimpleShardList([self.urls[i] for i in order]), wds.split_by_worker, self._shards, expand_queries]
+        if self.shuffle and self.shuffle_buffer > 1:
+            rng = random.Random(((self.seed * 7919 + epoch) * 131 + self.rank) * 64 + wid)
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
+        return iter(wds.DataPipeline(*stages))
 
 
 def _target(meta: dict, T: int) -> np.ndarray:
@@ -121,24 +178,45 @@ def _target(meta: dict, T: int) -> np.ndarray:
     return t
 
 
-def collate(samples: list[dict]) -> Batch:
-    T = max(s["video.npy"].shape[0] for s in samples)
-    D = samples[0]["video.npy"].shape[1]
-    video = np.zeros((len(samples), T, D), dtype=np.float32)
-    mask = np.zeros((len(samples), T), dtype=bool)
-    target = np.zeros((len(samples), T), dtype=np.float32)
-    for i, s in enumerate(samples):
-        v = s["video.npy"]
-        video[i, : len(v)] = v
-        mask[i, : len(v)] = True
-        target[i, : len(v)] = _target(s["meta.json"], len(v))
-    meta = [{**s["meta.json"], "query": s["query.txt"], "key": s["__key__"]} for s in samples]
+def collate(samples: list[dict], layout: str) -> Batch:
+    """Queries -> Batch.  `snippets`: padded (b, T, D) + mask; `didemo_chunks`: (b, 6, ΣD), 21 candidates each."""
+    b = len(samples)
+    D = samples[0]["video"].shape[1]
+    if layout == "didemo_chunks":
+        video = np.stack([s["video"] for s in samples]).astype(np.float32, copy=False)
+        mask = np.ones((b, N_DIDEMO), dtype=bool)
+        target = np.stack([_target(s["meta"], N_DIDEMO) for s in samples])
+    else:
+        T = max(s["video"].shape[0] for s in samples)
+        video = np.zeros((b, T, D), dtype=np.float32)
+        mask = np.zeros((b, T), dtype=bool)
+        target = np.zeros((b, T), dtype=np.float32)
+        for i, s in enumerate(samples):
+            v = s["video"]
+            video[i, : len(v)] = v
+            mask[i, : len(v)] = True
+            target[i, : len(v)] = _target(s["meta"], len(v))
+    meta = [{**s["meta"], "key": s["key"]} for s in samples]
     return Batch(
         video=torch.from_numpy(video), mask=torch.from_numpy(mask),
-        text=torch.from_numpy(np.stack([s["text.npy"] for s in samples]).astype(np.float32)),
+        text=torch.from_numpy(np.stack([s["text"] for s in samples]).astype(np.float32)),
         video_id=torch.tensor([m["video_hash"] for m in meta], dtype=torch.long),
         target=torch.from_numpy(target), meta=meta,
     )
+
+
+def iter_eval_batches(source: "ShardSource", batch_size: int, world: int = 1, rank: int = 0,
+                      verify: bool = True) -> Iterator[Batch]:
+    """Every query of this process's shards (every world-th, in order), in batches; no shuffling."""
+    buf: list[dict] = []
+    for url, sha in list(zip(source.urls, source.shas))[rank::world]:
+        for q in expand_queries(iter_shard(url, source.manifest, sha if verify else None)):
+            buf.append(q)
+            if len(buf) == batch_size:
+                yield collate(buf, source.layout)
+                buf = []
+    if buf:
+        yield collate(buf, source.layout)
 
 
 def _pinned(b: Batch) -> Batch:
@@ -167,12 +245,11 @@ class EpochLoader:
         self.num_workers, self.verify, self.drop_last = num_workers, verify, drop_last
         self.min_global_batch = max(int(min_global_batch), 1)
         self.pin_memory = torch.cuda.is_available()  # lets Batch.to(non_blocking=True) overlap the copy
+        self._epoch = SharedEpoch(0)
+        self._dl = None
 
     def _order(self, epoch: int) -> list[int]:
-        idx = list(range(len(self.source.urls)))
-        if self.shuffle:
-            random.Random(self.seed * 100003 + epoch).shuffle(idx)
-        return idx
+        return shard_order(len(self.source.urls), self.seed, epoch, self.shuffle)
 
     def plan(self, epoch: int) -> EpochPlan:
         """Batches of `epoch` from the manifest counts alone: the same answer on every process.
@@ -206,20 +283,26 @@ class EpochLoader:
     def batches_per_epoch(self, epoch: int) -> int:
         return self.plan(epoch).batches
 
+    def _dataloader(self):
+        if self._dl is None:
+            ds = _Queries(self.source, self.world, self.rank, self.seed, self.shuffle, self.shuffle_buffer,
+                          self.verify, self._epoch)
+            # Own generator: DataLoader otherwise draws its base seed from the global RNG at every epoch,
+            # which would shift the dropout stream of a run resumed mid-epoch.
+            gen = torch.Generator().manual_seed(self.seed * 7919)
+            nw = self.num_workers
+            self._dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw, generator=gen,
+                                                   collate_fn=lambda x: x, prefetch_factor=64 if nw else None,
+                                                   persistent_workers=nw > 0)
+        return self._dl
+
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         """This process's batches of `epoch`, after skipping the first `skip` (mid-epoch resume)."""
-        order = self._order(epoch)[self.rank :: self.world]
         plan = self.plan(epoch)
         n_batches = plan.batches
-        stream = _Stream([self.source.urls[i] for i in order], [self.source.shas[i] for i in order],
-                         self.source.manifest["dims"], self.shuffle_buffer if self.shuffle else 0,
-                         seed=(self.seed * 7919 + epoch) * 131 + self.rank, verify=self.verify)
-        # Own generator: DataLoader otherwise draws its base seed from the global RNG at every epoch,
-        # which would shift the dropout stream of a run resumed mid-epoch.
-        gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-        dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=gen,
-                                         collate_fn=lambda x: x, prefetch_factor=8 if self.num_workers else None)
-        it = iter(dl)
+        self._epoch.set(epoch)  # before iter(): persistent workers read it when their iterator restarts
+        it = iter(self._dataloader())
+        layout = self.source.layout
         for b in range(n_batches):
             want = plan.last[self.rank] if b == n_batches - 1 else self.batch_size
             samples = []
@@ -230,5 +313,5 @@ class EpochLoader:
             if not samples:
                 break
             if b >= skip:
-                batch = collate(samples)
+                batch = collate(samples, layout)
                 yield _pinned(batch) if self.pin_memory else batch

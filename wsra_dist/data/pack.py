@@ -1,4 +1,4 @@
-"""files -> records -> text features -> samples -> shards + manifest (one sample per query)."""
+"""files -> records -> text features -> samples -> shards + manifest (one sample per video, all its queries)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import __version__
-from ..evaluation.candidates import DIDEMO_CANDIDATES
+from ..geometry import didemo_input_dim
 from . import charades as CH
 from . import didemo as DD
 from .records import DataError, QueryRecord
@@ -63,43 +63,53 @@ def _check_videos(records: list[QueryRecord], video_of: Callable[[QueryRecord], 
 
 
 def _write(
-    records: list[QueryRecord], video_of: Callable[[QueryRecord], np.ndarray], meta_of: Callable[[QueryRecord], dict],
+    records: list[QueryRecord], video_of: Callable[[QueryRecord], np.ndarray], query_meta: Callable[[QueryRecord], dict],
     out: Path, shard_size: int, text_model: str, pooling: str, manifest: dict, progress: bool, cache_dir: str | None,
     device: str = "cpu", where_of: Callable[[QueryRecord], str] = lambda r: f"video {r.video!r}",
     describe: Callable[[QueryRecord], str] = lambda r: f"query {r.query_id}",
+    input_dim: Callable[[int], int] = lambda d: d,
 ) -> dict:
-    """Validate everything, encode the text, write the shards into a staging folder, swap them in."""
+    """Validate everything, encode the text, write one sample per video into a staging folder, swap it in.
+
+    Videos keep the order of their first query in the annotation file; a video's queries keep file order.
+    """
     from .text import TextEncoder, encode_cached
 
     if not records:
         raise DataError("no queries left to shard (check the annotation file and the filter options)")
     if shard_size < 1:
-        raise DataError(f"--shard-size must be >= 1, got {shard_size}")
+        raise DataError(f"--shard-size must be >= 1 (videos per shard), got {shard_size}")
     staging = Staging(out)
     staging.check()  # a bad --out fails now, not after the text encoding
     dims, lengths = _check_videos(records, video_of, where_of, progress)
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(r.video, []).append(i)
     enc = TextEncoder(text_model, pooling, device=device)
     truncated = enc.count_truncated([r.sentence for r in records])
     texts = encode_cached([r.sentence for r in records], enc, cache_dir=cache_dir, progress=progress)
-    # tar headers (512 B each, 4 members) + arrays + json: refuse early when the disk cannot hold it
-    expected = sum(lengths[r.video] * dims * 4 + enc.dim * 4 + 4 * 1024 + 2 * len(r.sentence) for r in records)
+    # tar headers (512 B each, 3 members + padding) + arrays + json: refuse early when the disk cannot hold it
+    expected = sum(lengths[v] * dims * 4 + 3 * 1024 for v in groups) + sum(
+        enc.dim * 4 + 256 + 2 * len(r.sentence.encode()) for r in records)
     writer = ShardWriter(staging.create(expected), shard_size)
     try:
         with _progress(f"writing shards to {out}", progress) as bar:
-            task = bar.add_task("", total=len(records))
-            for i, (r, t) in enumerate(zip(records, texts)):
-                v = video_of(r)
-                meta = {"query_id": r.query_id, "video": r.video, "video_hash": video_hash(r.video),
-                        "times": r.times, "duration": r.duration, "num_segments": r.num_segments, **meta_of(r)}
-                writer.write(f"{i:08d}", encode_sample(v, t, meta, r.sentence))
+            task = bar.add_task("", total=len(groups))
+            for k, (vid, idx) in enumerate(groups.items()):
+                first = records[idx[0]]
+                meta = {"video": vid, "video_hash": video_hash(vid), "duration": first.duration,
+                        "num_segments": first.num_segments,
+                        "queries": [{"query_id": records[i].query_id, "sentence": records[i].sentence,
+                                     "times": records[i].times, **query_meta(records[i])} for i in idx]}
+                writer.write(f"{k:08d}", encode_sample(video_of(first), np.asarray(texts)[idx], meta), len(idx))
                 bar.advance(task)
-        T = [lengths[r.video] for r in records]
+        T = list(lengths.values())
         final = writer.finish({
             **manifest,
-            "num_queries": len(records),
-            "num_videos": len(lengths),
-            "dims": {"video": dims, "text": int(enc.dim), "snippets": T[0] if len(set(T)) == 1 else None,
-                     "max_snippets": int(max(T)), "min_snippets": int(min(T))},
+            "num_videos": len(groups),
+            "dims": {**manifest.get("dims", {}), "video": input_dim(dims), "stored": dims, "text": int(enc.dim),
+                     "snippets": T[0] if len(set(T)) == 1 else None, "max_snippets": int(max(T)),
+                     "min_snippets": int(min(T))},
             "dtype": "float32",
             "text": {**enc.settings(), "truncated_queries": truncated["count"]},
             "wsra_dist_version": __version__,
@@ -136,27 +146,24 @@ def shard_didemo(
                 f"{', '.join(files.missing_from(r.video))} ({len(missing)} queries in all; --skip-missing skips them)"
             )
         records = [r for r in records if r.video in files]
-        cache: dict[str, np.ndarray] = {}
-
-        def video_of(r: QueryRecord) -> np.ndarray:
-            if r.video not in cache:
-                cache.clear() if len(cache) > 4096 else None
-                cache[r.video] = DD.candidate_features(files.chunks(r.video), tef=tef)
-            return cache[r.video]
+        def video_of(r: QueryRecord) -> np.ndarray:  # the official chunks, modalities side by side
+            return np.concatenate(files.chunks(r.video), axis=1).astype(np.float32)
 
         def meta_of(r: QueryRecord) -> dict:
-            return {"annotation_id": r.query_id, "candidates": DIDEMO_CANDIDATES,
-                    "target": DD.majority_candidate(r.times)}
+            return {"annotation_id": r.query_id, "target": DD.majority_candidate(r.times)}
 
+        mdims = [int(d) for d in files.dims]
         return _write(records, video_of, meta_of, Path(out), shard_size, text_model, pooling, {
-            "benchmark": "didemo",
+            "benchmark": "didemo", "layout": "didemo_chunks",
+            "dims": {"modalities": mdims, "tef": tef},
             "sources": [{"role": "annotations", "path": Path(annotations).name, "sha256": sha256_file(annotations)}]
             + [{"role": "features", "path": Path(p).name, "sha256": sha256_file(p), "dim": d} for p, d in zip(features, files.dims)],
             "reader": {"tef": tef, "skip_missing": skip_missing, "skipped_missing": len(missing),
                        "candidate_feature": "concat(global, local" + (", TEF)" if tef else ")") + " per feature file"},
         }, progress, cache_dir, device,
             where_of=lambda r: f"{', '.join(str(p) for p in features)}: video {r.video!r}",
-            describe=lambda r: f"{annotations}: annotation_id {r.query_id}")
+            describe=lambda r: f"{annotations}: annotation_id {r.query_id}",
+            input_dim=lambda d: didemo_input_dim(tuple(mdims), tef))
     finally:
         files.close()
 
@@ -195,7 +202,7 @@ def shard_charades(
     feat_src = ({"role": "features", "path": src.name, "sha256": sha256_file(src)} if src.is_file() else
                 {"role": "features", "path": src.name, "listing_sha256": _folder_digest(src, used), "files": len(used)})
     return _write(records, video_of, meta_of, Path(out), shard_size, text_model, pooling, {
-        "benchmark": "charades",
+        "benchmark": "charades", "layout": "snippets",
         "sources": [{"role": "annotations", "path": Path(annotations).name, "sha256": sha256_file(annotations)},
                     {"role": "durations", "path": Path(durations).name, "sha256": sha256_file(durations)}, feat_src],
         "reader": {"charades_filter": charades_filter, "resample": resample, "skip_missing": skip_missing,

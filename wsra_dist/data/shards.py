@@ -1,14 +1,17 @@
-"""WebDataset tar shards + manifest: written atomically, read with an allow-list decoder, verified.
+"""WebDataset tar shards + manifest: written atomically and reproducibly, read with webdataset's own
+stages and an allow-list decoder, verified.
 
-Layout of DIR: `shard-000000.tar`, ... and `manifest.json` (written last).  A sample is one query:
-`KEY.video.npy` (T, D) float32, `KEY.text.npy` (Dt,) float32, `KEY.meta.json`, `KEY.query.txt`.
-KEY is a zero-padded sample index (real ids, which may contain dots, live in the json).
-No pickle anywhere: npy is loaded with allow_pickle=False and other extensions are refused.
+Layout of DIR: `shard-000000.tar`, ... and `manifest.json` (written last).  Format 2: a sample is one
+*video* with all of its queries: `KEY.video.npy` (the official features once: DiDeMo (6, ΣD) chunks,
+modalities side by side; Charades-STA (T, D) snippets), `KEY.text.npy` (Q, Dt) float32 (row j = query j),
+`KEY.meta.json` {video, video_hash, duration, num_segments, queries: [{query_id, sentence, times, ...}]}.
+KEY is a zero-padded video index (real ids, which may contain dots, live in the json).  Stock
+`webdataset.WebDataset(urls).decode()` yields exactly these three fields.  No pickle anywhere: npy is
+loaded with allow_pickle=False and every other extension is refused.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -23,8 +26,10 @@ import numpy as np
 from .records import DataError
 
 MANIFEST = "manifest.json"
-FORMAT = "wsra-dist-shards/1"
-FIELDS = ("video.npy", "text.npy", "meta.json", "query.txt")
+FORMAT = "wsra-dist-shards/2"
+OLD_FORMATS = ("wsra-dist-shards/1",)
+FIELDS = ("video.npy", "text.npy", "meta.json")
+LAYOUTS = ("didemo_chunks", "snippets")
 
 
 def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
@@ -48,12 +53,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def encode_sample(video: np.ndarray, text: np.ndarray, meta: dict, query: str) -> dict[str, bytes]:
+def encode_sample(video: np.ndarray, text: np.ndarray, meta: dict) -> dict[str, bytes]:
+    """One video: features, its queries' text features (Q, Dt) and the json (queries in text row order)."""
+    text = np.asarray(text, dtype=np.float32)
+    if text.ndim != 2 or text.shape[0] != len(meta.get("queries", [])):
+        raise DataError(f"video {meta.get('video')!r}: text features {text.shape} do not match its "
+                        f"{len(meta.get('queries', []))} queries")
     return {
         "video.npy": npy_bytes(np.asarray(video, dtype=np.float32)),
-        "text.npy": npy_bytes(np.asarray(text, dtype=np.float32)),
-        "meta.json": json.dumps(meta, separators=(",", ":")).encode(),
-        "query.txt": query.encode(),
+        "text.npy": npy_bytes(text),
+        "meta.json": json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode(),
     }
 
 
@@ -81,6 +90,7 @@ class ShardWriter:
         self._tmp = self.out / f".{name}.tmp-{os.getpid()}"
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self._count = 0
+        self._queries = 0
 
     def _close(self) -> None:
         assert self._tar is not None
@@ -91,9 +101,11 @@ class ShardWriter:
         os.replace(self._tmp, final)
         size = final.stat().st_size
         self._bytes += size
-        self.shards.append({"name": self._name, "num_samples": self._count, "sha256": digest, "bytes": size})
+        self.shards.append({"name": self._name, "num_samples": self._count, "num_queries": self._queries,
+                            "sha256": digest, "bytes": size})
 
-    def write(self, key: str, fields: dict[str, bytes]) -> None:
+    def write(self, key: str, fields: dict[str, bytes], queries: int = 0) -> None:
+        """One sample (a video) with `queries` queries; a shard closes after `shard_size` samples."""
         if "." in key or "/" in key:
             raise DataError(f"shard key {key!r} must not contain '.' or '/' (WebDataset splits on the first dot)")
         if self._tar is None:
@@ -107,6 +119,7 @@ class ShardWriter:
             info.uname = info.gname = ""
             self._tar.addfile(info, io.BytesIO(data))
         self._count += 1
+        self._queries += queries
         if self._count >= self.shard_size:
             self._close()
 
@@ -114,7 +127,8 @@ class ShardWriter:
         if self._tar is not None:
             self._close()
         manifest = {"format": FORMAT, **manifest, "shards": self.shards,
-                    "num_samples": sum(s["num_samples"] for s in self.shards), "total_bytes": self._bytes}
+                    "num_samples": sum(s["num_samples"] for s in self.shards),
+                    "num_queries": sum(s["num_queries"] for s in self.shards), "total_bytes": self._bytes}
         atomic_write_text(self.out / MANIFEST, json.dumps(manifest, indent=1))
         return manifest
 
@@ -244,13 +258,79 @@ def load_manifest(path: str | Path) -> dict:
         m = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: manifest is not valid JSON: {e}") from e
+    if m.get("format") in OLD_FORMATS:
+        raise DataError(f"{path}: shards in the old format {m['format']} (one sample per query); this version reads "
+                        f"{FORMAT} (one sample per video, each video stored once): re-run the same `wsra-dist shard` "
+                        "command to rewrite them")
     if m.get("format") != FORMAT:
         raise DataError(f"{path}: unknown manifest format {m.get('format')!r} (expected {FORMAT})")
+    if m.get("layout") not in LAYOUTS:
+        raise DataError(f"{path}: unknown layout {m.get('layout')!r} (expected one of {LAYOUTS})")
     return m
 
 
+def _npy(data: bytes) -> np.ndarray:
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    if arr.dtype.hasobject:
+        raise ValueError("object arrays are refused")
+    return arr
+
+
+def decode_sample(sample: dict) -> dict:
+    """Allow-list decoder (a webdataset map stage): .npy without pickle, .json; anything else is refused."""
+    url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+    out = {}
+    for ext, data in sample.items():
+        if ext.startswith("__"):
+            out[ext] = data
+            continue
+        try:
+            if ext.endswith(".npy"):
+                out[ext] = _npy(data)
+            elif ext.endswith(".json"):
+                out[ext] = json.loads(data)
+            else:
+                raise DataError(f"{url}: sample {key}: field {ext!r} is not allowed (only .npy and .json are decoded)")
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{url}: sample {key}: cannot decode {ext}: {e}") from e
+    return out
+
+
+def check_sample(s: dict, manifest: dict) -> dict:
+    """A decoded video sample has the three fields, the manifest's shapes and one text row per query."""
+    url, key = s.get("__url__", "?"), s.get("__key__", "?")
+    missing = [f for f in FIELDS if f not in s]
+    if missing:
+        raise DataError(f"{url}: sample {key}: missing {missing}")
+    v, t, meta = s["video.npy"], s["text.npy"], s["meta.json"]
+    dims = manifest["dims"]
+    rows_ok = v.shape[0] == 6 if manifest["layout"] == "didemo_chunks" else v.shape[0] >= 1
+    if v.ndim != 2 or not rows_ok or v.shape[1] != dims["stored"]:
+        want = "(6, %d)" % dims["stored"] if manifest["layout"] == "didemo_chunks" else "(T, %d)" % dims["stored"]
+        raise DataError(f"{url}: sample {key}: video.npy has shape {v.shape}, the manifest says {want}")
+    queries = meta.get("queries") if isinstance(meta, dict) else None
+    if not queries or t.ndim != 2 or t.shape != (len(queries), dims["text"]):
+        raise DataError(f"{url}: sample {key}: text.npy {t.shape} does not match its {len(queries or [])} queries x "
+                        f"{dims['text']}-d text features")
+    return s
+
+
+_VERIFIED: set[tuple] = set()  # shards whose sha256 this process has checked: (url, size, mtime_ns, sha256)
+
+
+def _is_local(url: str) -> bool:
+    return not (url.startswith("pipe:") or "://" in url)
+
+
+def _check_sha(url: str, got: str, expected: str) -> None:
+    if got != expected:
+        raise DataError(f"{url}: sha256 {got[:12]}... does not match the manifest ({expected[:12]}...)")
+
+
 class _HashingReader(io.RawIOBase):
-    """File-like wrapper that hashes every byte read, so a shard is checked while it streams."""
+    """File-like wrapper that hashes every byte read, so a stream is checked while it is read."""
 
     def __init__(self, f):
         self.f = f
@@ -273,267 +353,77 @@ class _HashingReader(io.RawIOBase):
         return self.h.hexdigest()
 
 
-def _open_url(url: str):
-    if url.startswith("pipe:") or "://" in url:
-        import webdataset as wds
-
-        return wds.gopen(url, "rb")
-    return open(url, "rb", buffering=1 << 20)
+def _local_version(url: str, sha: str) -> tuple:
+    st = os.stat(url)
+    return (os.path.abspath(url), st.st_size, st.st_mtime_ns, sha)
 
 
-@functools.lru_cache(maxsize=256)
-def _npy_header(header: bytes) -> tuple[tuple, bool, np.dtype, int, int]:
-    """Parse an .npy header once per distinct header (shards repeat a handful of shapes)."""
-    fp = io.BytesIO(header)
-    version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
-    if dtype.hasobject:
-        raise ValueError("object arrays are refused (they would need pickle)")
-    return shape, fortran, dtype, fp.tell(), int(np.prod(shape)) if shape else 1
+def iter_shard(url: str, manifest: dict, expected_sha256: str | None = None) -> Iterator[dict]:
+    """Decoded, checked video samples of one shard, in order, through webdataset's tar stages.
 
-
-def _npy(data: bytes) -> np.ndarray:
-    """Zero-copy .npy decoding: the header is parsed (no pickle), the array is a view of the bytes."""
-    if len(data) < 10 or bytes(data[:6]) != b"\x93NUMPY":
-        raise ValueError("not an .npy payload")
-    hl = int.from_bytes(data[8:10], "little") + 10 if data[6] == 1 else int.from_bytes(data[8:12], "little") + 12
-    shape, fortran, dtype, offset, count = _npy_header(bytes(data[:hl]))
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-    return arr.reshape(shape, order="F" if fortran else "C")
-
-
-def decode_field(shard: str, key: str, ext: str, data: bytes) -> Any:
-    try:
-        if ext.endswith(".npy"):
-            return _npy(data)
-        if ext.endswith(".json"):
-            return json.loads(bytes(data))
-        if ext.endswith(".txt"):
-            return bytes(data).decode("utf-8")
-    except Exception as e:
-        raise DataError(f"{shard}: sample {key}: cannot decode {ext}: {e}") from e
-    raise DataError(f"{shard}: sample {key}: field {ext!r} is not allowed (only .npy, .json, .txt are decoded)")
-
-
-def _parse_header(hdr, url: str) -> tuple[int, bytes, str]:
-    """(size, typeflag, name) of a 512-byte tar header, checksum checked."""
-    h = np.frombuffer(hdr, dtype=np.uint8)
-    chk = int(bytes(hdr[148:156]).split(b"\0", 1)[0].strip() or b"0", 8)
-    if chk != int(h.sum(dtype=np.int64)) - int(h[148:156].sum(dtype=np.int64)) + 256:
-        raise DataError(f"{url}: corrupt tar header (checksum mismatch)")
-    raw_size = bytes(hdr[124:136])
-    size = int.from_bytes(raw_size[1:], "big") if raw_size[0] & 0x80 else int(raw_size.split(b"\0", 1)[0].strip() or b"0", 8)
-    name = bytes(hdr[:100]).split(b"\0", 1)[0].decode()
-    if bytes(hdr[257:262]) == b"ustar":
-        prefix = bytes(hdr[345:500]).split(b"\0", 1)[0].decode()
-        name = f"{prefix}/{name}" if prefix else name
-    return size, bytes(hdr[156:157]), name
-
-
-def _members(read_header, read_data, url: str) -> Iterator[tuple[str, Any]]:
-    """(name, data) of the regular files of a tar archive (ustar, pax and GNU long names)."""
-    long_name = None
-    while True:
-        hdr = read_header()
-        if hdr is None or not any(hdr[:512:64]) and bytes(hdr) == b"\0" * 512:
-            return
-        size, kind, name = _parse_header(hdr, url)
-        data = read_data(size)
-        if kind == b"L":  # GNU long name of the next member
-            long_name = bytes(data).split(b"\0", 1)[0].decode()
-            continue
-        if kind == b"x":  # pax extended header: only the path matters here
-            for rec in bytes(data).decode("utf-8", "replace").split("\n"):
-                if " path=" in rec:
-                    long_name = rec.split(" path=", 1)[1]
-            continue
-        if kind not in (b"0", b"\0", b"7"):
-            long_name = None
-            continue
-        yield (long_name or name), data
-        long_name = None
-
-
-def _stream_members(f, url: str) -> Iterator[tuple[str, bytes]]:
-    """Sequential reading (pipes, remote streams): one read call per member."""
-
-    def header():
-        hdr = f.read(512)
-        if not hdr:
-            return None
-        if len(hdr) < 512:
-            raise DataError(f"{url}: truncated tar header")
-        return hdr
-
-    def data(size: int) -> bytes:
-        d = f.read(size)
-        if len(d) < size:
-            raise DataError(f"{url}: truncated tar member")
-        if size % 512:
-            f.read(512 - size % 512)
-        return d
-
-    return _members(header, data, url)
-
-
-def _mmap_index(mv: memoryview, url: str) -> list[tuple[str, str, int, int]]:
-    """(key, ext, offset, size) of every member of a mapped local shard, parsed once."""
-    pos = 0
-    n = len(mv)
-    last = (0, 0)  # offset and size of the member _members yields next
-
-    def header():
-        nonlocal pos
-        if pos + 512 > n:
-            if pos < n and any(mv[pos:]):
-                raise DataError(f"{url}: truncated tar header")
-            return None
-        hdr = mv[pos : pos + 512]
-        pos += 512
-        return hdr
-
-    def data(size: int) -> memoryview:
-        nonlocal pos, last
-        if pos + size > n:
-            raise DataError(f"{url}: truncated tar member")
-        last = (pos, size)
-        d = mv[pos : pos + size]
-        pos += size + (-size) % 512
-        return d
-
-    out = []
-    for name, _ in _members(header, data, url):
-        slash = name.rfind("/")
-        dot = name.find(".", slash + 1)
-        if dot >= 0:
-            out.append((name[:dot], name[dot + 1 :], *last))
-    return out
-
-
-_INDEX: dict[tuple[str, int, int], list[tuple[str, str, int, int]]] = {}
-
-
-def _indexed_samples(mv: memoryview, index: list[tuple[str, str, int, int]]) -> Iterator[dict]:
-    cur: dict | None = None
-    for key, ext, off, size in index:
-        if cur is None or cur["__key__"] != key:
-            if cur is not None:
-                yield cur
-            cur = {"__key__": key}
-        cur[ext] = mv[off : off + size]
-    if cur is not None:
-        yield cur
-
-
-def _samples(members: Iterable[tuple[str, bytes]]) -> Iterator[dict]:
-    """Group consecutive members by key (the basename up to its first dot), as WebDataset does."""
-    cur: dict | None = None
-    for name, data in members:
-        slash = name.rfind("/")
-        dot = name.find(".", slash + 1)
-        if dot < 0:
-            continue
-        key, ext = name[:dot], name[dot + 1 :]
-        if cur is None or cur["__key__"] != key:
-            if cur is not None:
-                yield cur
-            cur = {"__key__": key}
-        if ext in cur:
-            raise DataError(f"duplicate file {name} in one sample")
-        cur[ext] = data
-    if cur is not None:
-        yield cur
-
-
-_VERIFIED: set[tuple[str, int, int, str]] = set()  # (path, size, mtime_ns, sha256) checked in this process
-
-
-def _is_local(url: str) -> bool:
-    return not (url.startswith("pipe:") or "://" in url)
-
-
-def _check_sha(url: str, got: str, expected: str) -> None:
-    if got != expected:
-        raise DataError(f"{url}: sha256 {got[:12]}... does not match the manifest ({expected[:12]}...)")
-
-
-def iter_shard(url: str, expected_sha256: str | None = None, dims: dict | None = None) -> Iterator[dict]:
-    """Decoded samples of one shard, in order.  Raises DataError naming the shard on any problem.
-
-    Local shards are memory-mapped and their arrays are read-only views (no copy until a batch is
-    built); the sha256 is checked before the first sample of a shard is yielded, once per process
-    and file version (size, mtime).  Streams (pipe:, URLs) are hashed while they are read.
+    The sha256 is checked at most once per process and file version: a local shard is hashed before
+    its first sample is yielded; a stream (pipe:, URL) is hashed while it is read and checked at its
+    end.  Any problem is a DataError naming the shard.
     """
-    if _is_local(url):
-        import mmap
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
-        try:
-            f = open(url, "rb")
-        except OSError as e:
-            raise DataError(f"{url}: cannot open shard: {e}") from e
-        with f:
-            st = os.fstat(f.fileno())
-            if st.st_size == 0:
-                raise DataError(f"{url}: empty shard")
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        mv = memoryview(mm)
-        version = (os.path.abspath(url), st.st_size, st.st_mtime_ns)
-        if expected_sha256 and version + (expected_sha256,) not in _VERIFIED:
-            _check_sha(url, hashlib.sha256(mv).hexdigest(), expected_sha256)
-            _VERIFIED.add(version + (expected_sha256,))
-        if version not in _INDEX:  # tar headers are parsed once per process and file version
-            if len(_INDEX) > 4096:
-                _INDEX.clear()
-            _INDEX[version] = _mmap_index(mv, url)
-        samples = _indexed_samples(mv, _INDEX[version])
-        stream = None
-        raw = None
-    else:
-        raw = _open_url(url)
-        stream = _HashingReader(raw) if expected_sha256 else raw
-        samples = _samples(_stream_members(io.BufferedReader(stream, 1 << 20) if expected_sha256 else stream, url))
+    verify = bool(expected_sha256)
+    raw = None
     try:
-        for s in samples:
-            key = s["__key__"]
-            out = {"__key__": key, "__url__": url}
-            for ext, data in s.items():
-                if ext.startswith("__"):
-                    continue
-                out[ext] = decode_field(url, key, ext, data)
-            missing = [f for f in FIELDS if f not in out]
-            if missing:
-                raise DataError(f"{url}: sample {key}: missing {missing}")
-            if dims:
-                v, t = out["video.npy"], out["text.npy"]
-                if v.ndim != 2 or v.shape[1] != dims["video"] or t.shape != (dims["text"],):
-                    raise DataError(f"{url}: sample {key}: video {v.shape} / text {t.shape} do not match the manifest "
-                                    f"dims (video {dims['video']}, text {dims['text']})")
-            yield out
-        if stream is not None and expected_sha256:
-            _check_sha(url, stream.drain(), expected_sha256)
+        if _is_local(url):
+            try:
+                version = _local_version(url, expected_sha256 or "")
+                if verify and version not in _VERIFIED:
+                    _check_sha(url, sha256_file(url), expected_sha256)
+                    _VERIFIED.add(version)
+                raw = open(url, "rb", buffering=1 << 20)
+            except FileNotFoundError:
+                raise DataError(f"{url}: shard is missing") from None
+            except OSError as e:
+                raise DataError(f"{url}: cannot open shard: {e.strerror or e}") from None
+            stream, hashing = raw, None
+        else:
+            import webdataset as wds
+
+            raw = wds.gopen(url, "rb")
+            hashing = _HashingReader(raw) if verify and (url, expected_sha256) not in _VERIFIED else None
+            stream = io.BufferedReader(hashing, 1 << 20) if hashing is not None else raw
+        files = tar_file_expander([{"url": url, "stream": stream}])
+        for s in group_by_keys(files):
+            yield check_sample(decode_sample(s), manifest)
+        if hashing is not None:
+            _check_sha(url, hashing.drain(), expected_sha256)
+            _VERIFIED.add((url, expected_sha256))
     except DataError as e:
         if url not in str(e):
             raise DataError(f"{url}: {e}") from e
         raise
+    except (tarfile.TarError, ValueError, OSError) as e:
+        raise DataError(f"{url}: unreadable shard: {e}") from e
     finally:
         if raw is not None:
             raw.close()
 
 
-def count_samples(path: str | Path) -> int:
-    keys = set()
+def count_samples(path: str | Path) -> tuple[int, int]:
+    """(videos, queries) of a shard, from its member names and meta.json files."""
+    keys, queries = set(), 0
     with tarfile.open(path, "r") as tf:
         for m in tf:
-            if m.isreg():
-                keys.add(m.name.split(".", 1)[0])
-    return len(keys)
+            if not m.isreg():
+                continue
+            key, _, ext = m.name.partition(".")
+            keys.add(key)
+            if ext == "meta.json":
+                try:
+                    queries += len(json.loads(tf.extractfile(m).read())["queries"])
+                except (ValueError, KeyError, TypeError) as e:
+                    raise tarfile.TarError(f"{m.name}: unreadable meta.json ({e})") from None
+    return len(keys), queries
 
 
 def verify(directory: str | Path) -> list[str]:
-    """Re-hash and re-count every shard against the manifest; returns the problems found."""
+    """Re-hash and re-count every shard (videos and queries) against the manifest; returns the problems found."""
     directory = Path(directory)
     m = load_manifest(directory)
     problems = []
@@ -550,15 +440,17 @@ def verify(directory: str | Path) -> list[str]:
             problems.append(f"{p}: sha256 {digest[:12]}... != manifest {s['sha256'][:12]}...")
             continue
         try:
-            n = count_samples(p)
+            n, q = count_samples(p)
         except tarfile.TarError as e:
             problems.append(f"{p}: unreadable tar: {e}")
             continue
         if n != s["num_samples"]:
-            problems.append(f"{p}: {n} samples != manifest {s['num_samples']}")
-    total = sum(s["num_samples"] for s in m["shards"])
+            problems.append(f"{p}: {n} videos != manifest {s['num_samples']}")
+        if q != s.get("num_queries"):
+            problems.append(f"{p}: {q} queries != manifest {s.get('num_queries')}")
+    total = sum(s.get("num_queries", 0) for s in m["shards"])
     if total != m.get("num_queries", total):
-        problems.append(f"{directory}: shards hold {total} samples, manifest num_queries says {m['num_queries']}")
+        problems.append(f"{directory}: shards hold {total} queries, manifest num_queries says {m['num_queries']}")
     return problems
 
 

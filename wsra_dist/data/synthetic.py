@@ -222,24 +222,6 @@ def write_charades(out: Path, videos: int, seed: int, dim: int = 1024, noise: fl
     return {"splits": sizes, "features": str(out / "features")}
 
 
-def reference_rows(out: Path, profile: str) -> dict[str, dict[str, float]]:
-    """Chance (exact expectation) and oracle rows of the written test split, through the official readers."""
-    from ..evaluation import candidates as C
-    from ..evaluation import metrics as M
-    from . import charades, didemo
-
-    if profile == "didemo":
-        recs = didemo.read_annotations(out / "test_data.json")
-        times = [r.times for r in recs]
-        oracle = M.didemo_metrics([M.didemo_oracle_ranking(t) for t in times], times)
-        return {"Chance": M.didemo_chance(times), "Upper bound": oracle}
-    dur = charades.read_durations(out / "Charades_v1_test.csv")
-    recs, _ = charades.read_annotations(out / "charades_sta_test.txt", dur, "clamp")
-    ch, orc = M.charades_chance_oracle([C.proportional_windows(r.duration) for r in recs],
-                                       np.array([r.times[0] for r in recs]))
-    return {"Chance": ch, "Upper bound": orc}
-
-
 def synth(profile: str, out: str | Path, videos: int | None = None, seed: int = 0) -> dict:
     out = Path(out)
     if profile == "didemo":
@@ -248,5 +230,4 @@ def synth(profile: str, out: str | Path, videos: int | None = None, seed: int = 
         info = write_charades(out, videos or 800, seed)
     else:
         raise ValueError(f"--profile must be didemo or charades, got {profile!r}")
-    info["reference_rows"] = reference_rows(out, profile)
     return info

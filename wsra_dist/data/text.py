@@ -98,8 +98,10 @@ class TextEncoder:
         return {"count": count, "first": first, "first_tokens": first_tokens}
 
     def settings(self) -> dict:
-        return {"model": self.name, "model_path": self.path, "pooling": self.pooling, "dim": self.dim,
-                "identity": self.identity, "max_length": self.max_length}
+        # No machine path: a bundled model by its name, a local folder by its folder name (+ identity hash).
+        name = self.name if self.path != self.name else Path(self.path.rstrip("/")).name
+        return {"model": name, "pooling": self.pooling, "dim": self.dim, "identity": self.identity,
+                "max_length": self.max_length}
 
 
 def encode_cached(

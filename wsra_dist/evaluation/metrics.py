@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data.records import DataError
-from .candidates import DIDEMO_CANDIDATES
+from ..geometry import DIDEMO_CANDIDATES
 
 Pair = tuple[int, int]
 

@@ -9,21 +9,31 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..data.loader import ShardSource, collate
-from ..data.shards import iter_shard
-from ..model import WSRA, ScorerConfig
-from .candidates import proportional_windows, window_features
+from ..data.loader import ShardSource, iter_eval_batches
+from ..geometry import DIDEMO_CANDIDATES, proportional_windows, window_snippet_range
+from ..model import WSRA, DidemoLayout, ScorerConfig
 
 MODEL_FILE = "model.safetensors"
 INFO_FILE = "wsra_model.json"
 
 
-def model_from_info(info: dict) -> WSRA:
+def layout_of(manifest: dict) -> dict | None:
+    """The model-input layout a shard manifest implies (recorded in the checkpoint's info)."""
+    if manifest.get("layout") == "didemo_chunks":
+        d = manifest["dims"]
+        return DidemoLayout(tuple(d["modalities"]), bool(d.get("tef", False))).to_dict()
+    return None
+
+
+def model_from_info(info: dict, manifest: dict | None = None) -> WSRA:
+    """The model an info dict describes; `manifest` supplies the input layout for checkpoints that lack it."""
     m = info["model"]
     cfg = ScorerConfig(video_dim=info["dims"]["video"], text_dim=info["dims"]["text"], hidden=m["hidden"],
                        depth=m["depth"], dropout=m["dropout"], input_norm=m["input_norm"],
                        query_chunk=m.get("query_chunk", 0), recompute=False, fused_kernel=m.get("fused_kernel", True))
-    return WSRA(cfg, attention_scale=m.get("attention_scale", 1.0))
+    layout = info.get("layout") or (layout_of(manifest) if manifest else None)
+    return WSRA(cfg, attention_scale=m.get("attention_scale", 1.0), didemo=DidemoLayout.from_dict(layout),
+                project_chunks=m.get("project_chunks", True))
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[WSRA, dict]:
@@ -56,37 +66,24 @@ def rank_batch(model: WSRA, batch, protocol: str, device: torch.device) -> list[
     video, mask, text = batch.video.to(device), batch.mask.to(device), batch.text.to(device)
     out = []
     if protocol == "didemo":
-        scores = model.scorer.pair(video, text.unsqueeze(1)).masked_fill(~mask, float("-inf")).cpu().numpy()
+        scores = model.candidate_scores(video, text).masked_fill(~mask, float("-inf")).cpu().numpy()
         for m, s in zip(batch.meta, scores):
             order = np.argsort(-s, kind="stable")
-            cands = m["candidates"]
-            out.append({"annotation_id": m["query_id"], "moments": [list(cands[i]) for i in order],
+            out.append({"annotation_id": m["query_id"], "moments": [list(DIDEMO_CANDIDATES[i]) for i in order],
                         "scores": [float(s[i]) for i in order]})
         return out
     for i, m in enumerate(batch.meta):
         T = int(mask[i].sum())
         dur = float(m["duration"])
         wins = proportional_windows(dur)
-        feats = torch.from_numpy(window_features(video[i, :T].cpu().numpy(), wins, dur)).to(device)
-        s = model.scorer.pair(feats, text[i].expand(len(wins), -1)).cpu().numpy()
+        ranges = torch.tensor([window_snippet_range(a, b, dur, T) for a, b in wins], device=device)
+        pv = model.scorer.project_windows(video[i, :T], ranges)  # windows pooled from projected snippets
+        s = torch.sigmoid(model.scorer.logits_from_hidden(pv + model.scorer.project_text(text[i]))).cpu().numpy()
         order = np.argsort(-s, kind="stable")
         out.append({"query_id": m["query_id"], "video": m["video"],
                     "moments": [[round(float(wins[j, 0]), 4), round(float(wins[j, 1]), 4)] for j in order],
                     "scores": [float(s[j]) for j in order]})
     return out
-
-
-def iter_batches(source: ShardSource, batch_size: int, world: int = 1, rank: int = 0, verify: bool = True) -> Iterator:
-    dims = source.manifest["dims"]
-    buf: list[dict] = []
-    for url, sha in list(zip(source.urls, source.shas))[rank::world]:
-        for s in iter_shard(url, sha if verify else None, dims):
-            buf.append(s)
-            if len(buf) == batch_size:
-                yield collate(buf)
-                buf = []
-    if buf:
-        yield collate(buf)
 
 
 def predict(model: WSRA, source: ShardSource, protocol: str, batch_size: int = 64, world: int = 1, rank: int = 0,
@@ -96,7 +93,9 @@ def predict(model: WSRA, source: ShardSource, protocol: str, batch_size: int = 6
     was_training = model.training
     model.eval()
     preds, truth = [], []
-    for batch in iter_batches(source, batch_size, world, rank, verify):
+    if getattr(model, "didemo", None) is None and source.layout == "didemo_chunks":
+        model.didemo = DidemoLayout.from_dict(layout_of(source.manifest))
+    for batch in iter_eval_batches(source, batch_size, world, rank, verify):
         preds += rank_batch(model, batch, protocol, device)
         truth += [{"query_id": m["query_id"], "video": m["video"], "times": m["times"], "duration": m["duration"]}
                   for m in batch.meta]

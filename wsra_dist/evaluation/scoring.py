@@ -128,7 +128,7 @@ def score_charades(preds: Sequence[dict], truth: Sequence[dict], strict: bool = 
 def reference_rows(protocol: str, truth: Sequence[dict], strict: bool = False,
                    iou_tolerance: float = 0.0) -> dict[str, dict[str, float]]:
     """Chance (exact expectation) and upper bound for exactly these queries."""
-    from .candidates import proportional_windows
+    from ..geometry import proportional_windows
 
     if protocol == "didemo":
         times = [t["times"] for t in truth]

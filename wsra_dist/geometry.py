@@ -1,4 +1,8 @@
-"""Moment candidates: DiDeMo's 21 chunk pairs and WSRA's proportional sliding windows (Charades-STA)."""
+"""Moment geometry shared by data, model and evaluation: DiDeMo's 21 chunk pairs (and their features
+from the 6 chunks) and WSRA's proportional sliding windows over snippets (Charades-STA).
+
+numpy versions build features the way the reference code does (float64); the torch versions are the
+same functions on batches, used by the model as the materialised reference of its projected path."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import itertools
 import math
 
 import numpy as np
+import torch
 
 # utils/data_processing.py order: the 6 single chunks, then combinations(range(6), 2).  Carry
 # candidates as (s, e) pairs, never as positions: other code uses other orders.
@@ -60,3 +65,43 @@ def window_features(snippets: np.ndarray, windows: np.ndarray, duration: float) 
         a, b = window_snippet_range(s, e, duration, T)
         out[i] = (csum[b] - csum[a]) / (b - a)
     return out
+
+
+def didemo_pooling_matrix(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(21, 6) rows averaging the chunks of each candidate (s..e inclusive), in DIDEMO_CANDIDATES order."""
+    a = torch.zeros(len(DIDEMO_CANDIDATES), 6, dtype=dtype, device=device)
+    for i, (s, e) in enumerate(DIDEMO_CANDIDATES):
+        a[i, s : e + 1] = 1.0 / (e - s + 1)
+    return a
+
+
+def didemo_tef(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(21, 2) temporal endpoint features [s/6, e/6] of the candidates."""
+    return torch.tensor([[s / 6.0, e / 6.0] for s, e in DIDEMO_CANDIDATES], dtype=dtype, device=device)
+
+
+def didemo_candidates_from_chunks(chunks: torch.Tensor, modality_dims: tuple[int, ...], tef: bool = False) -> torch.Tensor:
+    """Batched `didemo_candidate_features`: (b, 6, ΣD) chunks, modalities side by side -> (b, 21, 2ΣD [+2]).
+
+    Per modality concat(global mean / (|.| + 1e-5), candidate mean / (|.| + 1e-5)); TEF once at the end.
+    The global mean is over all 6 chunks (zero rows past the video's end included), as in the reference code.
+    """
+    if chunks.shape[-2] != 6 or chunks.shape[-1] != sum(modality_dims):
+        raise ValueError(f"DiDeMo chunks of shape {tuple(chunks.shape)}, expected (..., 6, {sum(modality_dims)})")
+    a = didemo_pooling_matrix(chunks.dtype, chunks.device)
+    parts, off = [], 0
+    for d in modality_dims:
+        c = chunks[..., off : off + d]
+        off += d
+        g = c.mean(-2, keepdim=True)
+        g = g / (g.norm(dim=-1, keepdim=True) + 1e-5)
+        loc = a @ c
+        loc = loc / (loc.norm(dim=-1, keepdim=True) + 1e-5)
+        parts += [g.expand_as(loc), loc]
+    if tef:
+        parts.append(didemo_tef(chunks.dtype, chunks.device).expand(*chunks.shape[:-2], -1, -1))
+    return torch.cat(parts, dim=-1)
+
+
+def didemo_input_dim(modality_dims: tuple[int, ...], tef: bool) -> int:
+    return 2 * sum(modality_dims) + (2 if tef else 0)
