@@ -106,11 +106,11 @@ def test_full_disk_while_writing_is_a_clear_error_and_changes_nothing(charades_c
     real = ShardWriter.write
     calls = {"n": 0}
 
-    def full(self, key, fields):
+    def full(self, key, fields, queries=0):
         calls["n"] += 1
         if calls["n"] > 7:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, key, fields)
+        return real(self, key, fields, queries)
 
     monkeypatch.setattr(ShardWriter, "write", full)
     with pytest.raises(DataError, match="No space left on device") as e:
@@ -149,11 +149,11 @@ import os, signal
 from wsra_dist.data import shards
 real = shards.ShardWriter.write
 n = [0]
-def write(self, key, fields):
+def write(self, key, fields, queries=0):
     n[0] += 1
     if n[0] == 8:
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(self, key, fields)
+    return real(self, key, fields, queries)
 shards.ShardWriter.write = write
 from wsra_dist.data.pack import shard_charades
 d = {str(charades_copy)!r}

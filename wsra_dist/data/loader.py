@@ -207,16 +207,20 @@ def collate(samples: list[dict], layout: str) -> Batch:
 
 def iter_eval_batches(source: "ShardSource", batch_size: int, world: int = 1, rank: int = 0,
                       verify: bool = True) -> Iterator[Batch]:
-    """Every query of this process's shards (every world-th, in order), in batches; no shuffling."""
-    buf: list[dict] = []
+    """Every query of this process's shards (every world-th, in order), in batches; no shuffling.
+
+    Batches never cross a shard boundary, so they are the same whatever the number of processes and
+    the predictions are bit-identical (BLAS results may depend on a batch's size).
+    """
     for url, sha in list(zip(source.urls, source.shas))[rank::world]:
+        buf: list[dict] = []
         for q in expand_queries(iter_shard(url, source.manifest, sha if verify else None)):
             buf.append(q)
             if len(buf) == batch_size:
                 yield collate(buf, source.layout)
                 buf = []
-    if buf:
-        yield collate(buf, source.layout)
+        if buf:
+            yield collate(buf, source.layout)
 
 
 def _pinned(b: Batch) -> Batch:
