@@ -1,7 +1,7 @@
 """Shard size against the official features, and reading rate of stock WebDataset, this repo's reader
 and a raw sequential read of the same tar bytes (format wsra-dist-shards/2: one sample per video).
 
-    python bench/bench_shards.py [--videos 400] [--shard-size 100] [--repeats 3]
+    python bench/bench_shards.py [--videos 400] [--shard-size 100] [--repeats 5]
 
 Planted official-format data (`wsra_dist.data.synthetic.synth`) is written to a temp folder and sharded
 with the real writers (`shard_didemo`, `shard_charades`, bundled local text model), training split only.
@@ -25,7 +25,6 @@ import argparse
 import ctypes
 import ctypes.util
 import hashlib
-import json
 import mmap
 import os
 import platform
@@ -240,7 +239,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--videos", type=int, default=400, help="planted training videos per benchmark")
     ap.add_argument("--shard-size", type=int, default=100, help="videos per shard")
-    ap.add_argument("--repeats", type=int, default=3, help="timed passes per reader and cache state (best is kept)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed passes per reader and cache state (best is kept)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for the text encoder (does not affect reading)")
     ap.add_argument("--workdir", default=None, help="parent folder of the temp folder (must be a real disk, not "

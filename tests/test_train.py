@@ -17,14 +17,25 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", 
 
 @pytest.fixture(scope="module")
 def exact_shards(planted_didemo, tmp_path_factory):
-    """6 shards of exactly 8 queries: rank r of 2 reads shards r, r+2, r+4 = what 1 process reads in pairs."""
+    """6 shards of exactly 8 queries (4 videos x 2 queries): rank r of 2 reads shards r, r+2, r+4 = what
+    1 process reads in pairs, so N x B and 1 x N*B see the same global batches in the same order."""
     from wsra_dist.data.pack import shard_didemo
+    from wsra_dist.data.synthetic import synth
 
     d = tmp_path_factory.mktemp("exact")
-    recs = json.loads((planted_didemo / "data" / "train_data.json").read_text())[:48]
-    (d / "ann.json").write_text(json.dumps(recs))
-    shard_didemo(d / "ann.json", [str(planted_didemo / "data" / "average_global_flow.h5")], d / "shards", 8,
+    synth("didemo", d / "data", 120, 5)
+    recs = json.loads((d / "data" / "train_data.json").read_text())
+    by_video: dict = {}
+    for r in recs:
+        by_video.setdefault(r["video"], []).append(r)
+    two = [qs[:2] for qs in by_video.values() if len(qs) >= 2][:24]
+    assert len(two) == 24
+    (d / "ann.json").write_text(json.dumps([r for qs in two for r in qs]))
+    shard_didemo(d / "ann.json", [str(d / "data" / "average_global_flow.h5")], d / "shards", 4,
                  progress=False, cache_dir=str(planted_didemo / "cache"))
+    from wsra_dist.data.shards import load_manifest
+
+    assert [s["num_queries"] for s in load_manifest(d / "shards")["shards"]] == [8] * 6
     return d / "shards"
 
 

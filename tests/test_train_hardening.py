@@ -29,34 +29,35 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", 
 
 # ------------------------------------------------------------------------------------------ helpers
 def regroup(src: Path, dst: Path, sizes: list[int], videos: dict[int, int] | None = None, **manifest) -> Path:
-    """Shards of exactly `sizes` queries from the queries of `src` (in order); `videos` maps a query index
-    to a new video_hash (to build batches of few videos); extra keyword arguments go into the manifest."""
-    m = json.loads((src / "manifest.json").read_text())
-    samples: list[list[tuple[str, bytes]]] = []
+    """Shards of exactly `sizes` queries from the queries of `src` (in order), one query per sample (a v2
+    sample may hold any subset of a video's queries); `videos` maps a query index to a new video_hash (to
+    build batches of few videos); extra keyword arguments go into the manifest."""
+    from wsra_dist.data.shards import ShardWriter, encode_sample, iter_shard, load_manifest
+
+    m = load_manifest(src)
+    queries = []
     for s in m["shards"]:
-        with tarfile.open(src / s["name"]) as tf:
-            by_key: dict[str, list] = {}
-            for ti in tf:
-                by_key.setdefault(ti.name.split(".", 1)[0], []).append((ti.name, tf.extractfile(ti).read()))
-            samples += list(by_key.values())
-    assert sum(sizes) <= len(samples)
-    dst.mkdir(parents=True)
+        for v in iter_shard(str(src / s["name"]), m):
+            meta = v["meta.json"]
+            for j, q in enumerate(meta["queries"]):
+                queries.append((v["video.npy"], v["text.npy"][j : j + 1], {**meta, "queries": [q]}))
+    assert sum(sizes) <= len(queries)
     shards, i = [], 0
+    dst.mkdir(parents=True)
     for n, size in enumerate(sizes):
-        name = f"shard-{n:06d}.tar"
-        with tarfile.open(dst / name, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for q in range(i, i + size):
-                for fname, data in samples[q]:
-                    if videos and q in videos and fname.endswith(".meta.json"):
-                        meta = json.loads(data)
-                        meta["video_hash"] = videos[q]
-                        data = json.dumps(meta).encode()
-                    ti = tarfile.TarInfo(fname)
-                    ti.size = len(data)
-                    tf.addfile(ti, io.BytesIO(data))
+        w = ShardWriter(dst / f"part{n}", size)
+        for q in range(i, i + size):
+            video, text, meta = queries[q]
+            if videos and q in videos:
+                meta = {**meta, "video_hash": videos[q]}
+            w.write(f"{q:08d}", encode_sample(video, text, meta), 1)
+        w.finish({})
+        os.replace(dst / f"part{n}" / "shard-000000.tar", dst / f"shard-{n:06d}.tar")
+        shutil.rmtree(dst / f"part{n}")
         i += size
-        raw = (dst / name).read_bytes()
-        shards.append({"name": name, "num_samples": size, "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)})
+        raw = (dst / f"shard-{n:06d}.tar").read_bytes()
+        shards.append({"name": f"shard-{n:06d}.tar", "num_samples": size, "num_queries": size,
+                       "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)})
     m.update(shards=shards, num_samples=sum(sizes), num_queries=sum(sizes), **manifest)
     (dst / "manifest.json").write_text(json.dumps(m, indent=1))
     return dst
@@ -123,8 +124,9 @@ def test_plan_never_leaves_a_global_batch_below_the_minimum():
             except DataError as e:
                 assert "single global batch" in str(e)
                 continue
-            order = list(range(len(counts)))
-            random.Random(0 * 100003 + epoch).shuffle(order)
+            from wsra_dist.data.loader import shard_order
+
+            order = shard_order(len(counts), 0, epoch, True)
             per_rank = [sum(counts[i] for i in order[r::world]) for r in range(world)]
             full = min(-(-c // batch) for c in per_rank)  # batches without folding
             sizes = [[batch] * (p.batches - 1) + [p.last[r]] for r in range(world)]
