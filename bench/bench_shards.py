@@ -43,15 +43,9 @@ def machine() -> str:
     import torch
     import webdataset
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"machine: {platform.node()} {platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores; "
+    from machine import describe
+
+    return (describe() + "; "
             f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
             f"webdataset {webdataset.__version__}")
 

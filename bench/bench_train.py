@@ -41,15 +41,9 @@ TARGET = 6.0  # samples/s per GFLOP/s (the issue's target; the old path measured
 def machine(threads: int) -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"machine: {platform.node()} {platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores; "
+    from machine import describe
+
+    return (describe() + "; "
             f"Python {platform.python_version()}, torch {torch.__version__}; torch threads {threads} "
             f"(OMP_NUM_THREADS={threads} for the trainer)")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from ..geometry import DIDEMO_CANDIDATES, didemo_candidate_features
+from ..geometry import DIDEMO_CANDIDATES
 from .records import DataError, QueryRecord
 
 KEYS = {"annotation_id": int, "description": str, "video": str, "num_segments": int, "times": list}
@@ -105,14 +105,6 @@ class FeatureFiles:
     def close(self) -> None:
         for f in self.files:
             f.close()
-
-
-def candidate_features(chunks: Iterable[np.ndarray], tef: bool = False) -> np.ndarray:
-    """Per modality concat(global, local); modalities side by side; TEF once at the end: (21, D')."""
-    parts = [didemo_candidate_features(c, tef=False) for c in chunks]
-    if tef:
-        parts.append(np.asarray([[s / 6.0, e / 6.0] for s, e in DIDEMO_CANDIDATES], dtype=np.float32))
-    return np.concatenate(parts, axis=1)
 
 
 def majority_candidate(times: Sequence[Sequence[int]]) -> int:
