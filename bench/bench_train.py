@@ -1,7 +1,8 @@
 """Training throughput on DiDeMo-like data, in samples/s per GFLOP/s of fp32 GEMM measured in the same run:
 the materialised-candidate path (`model.project_chunks=false`, the baseline) against projecting the 6
-chunks once (`model.project_chunks=true`), for the bare model+loss+backward+step loop on preloaded
-batches and for the full trainer (`python -m wsra_dist.train`, shards + loader + logging).
+chunks once (`model.project_chunks=true`), and that + the pair MLP through torch.compile
+(`model.compile=true`), for the bare model+loss+backward+step loop on preloaded batches and for the full
+trainer (`python -m wsra_dist.train`, shards + loader + logging).
 
     python bench/bench_train.py [--shards DIR] [--videos 1200] [--steps 60] [--threads 1]
 
@@ -12,8 +13,9 @@ so candidates of 2 x 1024; bundled 384-d text model) is written and sharded into
 (their mean is the divisor).  torch.set_num_threads(--threads) here and OMP_NUM_THREADS=--threads for the
 trainer subprocesses; default 1, because on a machine shared with other busy processes a 2-thread OpenMP
 team on 2 cores stalls at every barrier (measured here: ~20 samples/s instead of ~450) and the numbers
-become meaningless.  Pass --threads N on an idle machine.  Bare-loop variants alternate (false, true,
-false, true) and the best of each is kept.
+become meaningless.  Pass --threads N on an idle machine.  Bare-loop variants alternate (baseline,
+projected, compiled, baseline, ...) and the best of each is kept; the compiled variant's compile happens
+in the warm-up steps (bare loop) or before the first TensorBoard log (trainer), so neither rate includes it.
 Full-trainer samples/s: steady state from the TensorBoard `samples_per_s` scalars (logged every 10 steps;
 the first log, which includes start-up, is left out) and, for reference, train_samples / train_loop_s of
 history.json (start-up included).
@@ -65,8 +67,15 @@ def gemm_gflops(reps: int = 25) -> float:
     return 2 * 1024**3 / statistics.median(ts) / 1e9
 
 
-def bare_loops(shards: str, batch: int, steps: int, rounds: int = 2) -> dict[bool, float]:
-    """samples/s of model + losses + backward + step over batches already in memory, per project_chunks."""
+VARIANTS = {  # name -> recipe overrides
+    "before": ["model.project_chunks=false", "model.compile=false"],
+    "projected": ["model.project_chunks=true", "model.compile=false"],
+    "compiled": ["model.project_chunks=true", "model.compile=true"],
+}
+
+
+def bare_loops(shards: str, batch: int, steps: int, rounds: int = 2) -> dict[str, float]:
+    """samples/s of model + losses + backward + step over batches already in memory, per variant."""
     import torch
 
     from wsra_dist.config import load_recipe
@@ -85,12 +94,11 @@ def bare_loops(shards: str, batch: int, steps: int, rounds: int = 2) -> dict[boo
         sys.exit(f"{shards}: only {len(batches)} batches of {batch} in an epoch; need {steps + 5} (use more --videos "
                  "or fewer --steps)")
 
-    def once(project: bool) -> float:
-        r = load_recipe(RECIPE, [f"data.train_shards={shards}", f"train.batch_size={batch}",
-                                 f"model.project_chunks={str(project).lower()}"])
+    def once(variant: str) -> float:
+        r = load_recipe(RECIPE, [f"data.train_shards={shards}", f"train.batch_size={batch}", *VARIANTS[variant]])
         torch.manual_seed(0)
         model = model_from_info(model_info(r, src.manifest))
-        assert model.project_chunks is project
+        assert model.project_chunks is (variant != "before")
         opt = build_optimizer(r, model.parameters())
         for b in batches[:5]:  # warm-up
             wsra_objective(model, b, r.loss).loss.backward()
@@ -105,10 +113,10 @@ def bare_loops(shards: str, batch: int, steps: int, rounds: int = 2) -> dict[boo
             n += b.video.shape[0]
         return n / (time.perf_counter() - t)
 
-    best = {False: 0.0, True: 0.0}
+    best = dict.fromkeys(VARIANTS, 0.0)
     for _ in range(rounds):
-        for project in (False, True):
-            best[project] = max(best[project], once(project))
+        for v in VARIANTS:
+            best[v] = max(best[v], once(v))
     return best
 
 
@@ -132,13 +140,12 @@ def tensorboard_rate(out: Path) -> float:
     return num / (ev[-1].wall_time - ev[0].wall_time)
 
 
-def trainer(shards: str, batch: int, steps: int, project: bool, threads: int, out: Path) -> tuple[float, float]:
+def trainer(shards: str, batch: int, steps: int, variant: str, threads: int, out: Path) -> tuple[float, float]:
     """(steady-state samples/s from TensorBoard, samples/s of the whole training loop from history.json)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "wsra_dist.train", str(RECIPE), f"data.train_shards={shards}", "data.val_shards=",
            "data.test_shards=", f"train.batch_size={batch}", f"train.max_steps={steps}", f"output_dir={out}",
-           "train.progress=false", "train.log_every=10", "data.shuffle=true",
-           f"model.project_chunks={str(project).lower()}"]
+           "train.progress=false", "train.log_every=10", "data.shuffle=true", *VARIANTS[variant]]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if p.returncode:
         sys.exit(p.stderr[-3000:])
@@ -179,28 +186,28 @@ def main() -> None:
         bare = bare_loops(shards, a.batch, a.steps)
         full = {}
         if not a.no_trainer:
-            for project in (False, True):
-                full[project] = trainer(shards, a.batch, a.steps, project, a.threads, Path(tmp) / f"run-{project}")
+            for v in VARIANTS:
+                full[v] = trainer(shards, a.batch, a.steps, v, a.threads, Path(tmp) / f"run-{v}")
         g1 = gemm_gflops()
         gf = (g0 + g1) / 2
         print(f"fp32 GEMM 1024^3: {g0:.1f} GFLOP/s before, {g1:.1f} after; divisor {gf:.1f} GFLOP/s")
-        print(f"{'path':58s} {'samples/s':>9s} {'per GFLOP/s':>11s} {'after/before':>12s}")
-        rows = [("bare loop, project_chunks=false (materialised, before)", bare[False], None),
-                ("bare loop, project_chunks=true (6 chunks, after)", bare[True], bare[False])]
+        print(f"{'path':64s} {'samples/s':>9s} {'per GFLOP/s':>11s} {'vs before':>9s}")
+        label = {"before": "project_chunks=false (materialised, before)", "projected": "project_chunks=true",
+                 "compiled": "project_chunks=true + compile=true"}
+        rows = [(f"bare loop, {label[v]}", bare[v], bare["before"]) for v in VARIANTS]
         if full:
-            rows += [("full trainer, project_chunks=false (TB steady state)", full[False][0], None),
-                     ("full trainer, project_chunks=true (TB steady state)", full[True][0], full[False][0]),
-                     ("full trainer, false (history.json, start-up incl.)", full[False][1], None),
-                     ("full trainer, true (history.json, start-up incl.)", full[True][1], full[False][1])]
+            rows += [(f"full trainer (TB steady state), {label[v]}", full[v][0], full["before"][0]) for v in VARIANTS]
+            rows += [(f"full trainer (history.json, start-up incl.), {v}", full[v][1], full["before"][1])
+                     for v in VARIANTS]
         for name, v, before in rows:
-            ratio = f"{v / before:12.2f}" if before else " " * 12
-            print(f"{name:58s} {v:9.0f} {v / gf:11.2f} {ratio}")
+            print(f"{name:64s} {v:9.0f} {v / gf:11.2f} {v / before:9.2f}")
         if full:
-            print(f"full trainer / bare loop (TB steady state): false {full[False][0] / bare[False]:.2f}, "
-                  f"true {full[True][0] / bare[True]:.2f}")
-        best = full[True][0] if full else bare[True]
-        print(f"target >= {TARGET} samples/s per GFLOP/s ({'full trainer' if full else 'bare loop'}, "
-              f"project_chunks=true): {best / gf:.2f} -> {'met' if best / gf >= TARGET else 'NOT MET'}")
+            print("full trainer / bare loop (TB steady state): " + ", ".join(
+                f"{v} {full[v][0] / bare[v]:.2f}" for v in VARIANTS))
+        for v in ("projected", "compiled"):
+            best = full[v][0] if full else bare[v]
+            print(f"target >= {TARGET} samples/s per GFLOP/s ({'full trainer' if full else 'bare loop'}, {label[v]}): "
+                  f"{best / gf:.2f} -> {'met' if best / gf >= TARGET else 'NOT MET'}")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,38 @@ def test_resharding_gives_identical_bytes(planted_charades, tmp_path):
     assert [s["sha256"] for s in outs[0]["shards"]] == [s["sha256"] for s in outs[1]["shards"]]
 
 
+def test_compressed_shards_read_like_plain_ones_and_are_reproducible(planted_didemo, tmp_path):
+    import webdataset as wds
+
+    from wsra_dist.data.loader import EpochLoader, ShardSource
+    from wsra_dist.data.pack import shard_didemo
+    from wsra_dist.data.shards import load_manifest, shard_name, verify
+
+    root = planted_didemo / "data"
+    args = (root / "train_data.json", [str(root / "average_global_flow.h5")])
+    kw = dict(progress=False, cache_dir=str(planted_didemo / "cache"))
+    plain = shard_didemo(*args, tmp_path / "plain", 12, **kw)
+    gz = [shard_didemo(*args, tmp_path / n, 12, compress=True, **kw) for n in ("a", "b")]
+    assert [s["sha256"] for s in gz[0]["shards"]] == [s["sha256"] for s in gz[1]["shards"]]
+    assert all(s["name"].endswith(".tar.gz") for s in gz[0]["shards"]) and gz[0]["compression"] == "gzip"
+    assert gz[0]["total_bytes"] < 0.95 * plain["total_bytes"] and verify(tmp_path / "a") == []
+    # the stock reader and this repo's loader see the same samples as in the plain set
+    stock = [(s["meta.json"]["video"], s["video.npy"].tobytes()) for s in wds.WebDataset(
+        [str(tmp_path / "a" / s["name"]) for s in gz[0]["shards"]], shardshuffle=False).decode()]
+    ref = [(s["meta.json"]["video"], s["video.npy"].tobytes()) for s in wds.WebDataset(
+        [str(tmp_path / "plain" / s["name"]) for s in plain["shards"]], shardshuffle=False).decode()]
+    assert stock == ref
+    batches = list(EpochLoader(ShardSource.open(str(tmp_path / "a")), 8, seed=0).epoch(0))
+    ref_batches = list(EpochLoader(ShardSource.open(str(tmp_path / "plain")), 8, seed=0).epoch(0))
+    assert [m["query_id"] for b in batches for m in b.meta] == [m["query_id"] for b in ref_batches for m in b.meta]
+    assert all(torch.equal(x.video, y.video) for x, y in zip(batches, ref_batches))
+    assert shard_name("pipe:curl -s http://h/shard-000001.tar.gz") == "shard-000001.tar.gz"
+    # a shard nobody listed beside the set is reported, compressed or not
+    (tmp_path / "a" / "shard-000099.tar.gz").write_bytes(b"x")
+    assert any("shard-000099.tar.gz: not in the manifest" in p for p in verify(tmp_path / "a"))
+    assert load_manifest(tmp_path / "a")["num_queries"] == plain["num_queries"]
+
+
 def test_each_shard_is_hashed_once_per_process(planted_didemo, monkeypatch):
     from wsra_dist.data import shards
     from wsra_dist.data.loader import EpochLoader, ShardSource
@@ -186,3 +218,23 @@ def test_data_never_imports_higher_floors():
     for p in sorted((ROOT / "wsra_dist" / "data").glob("*.py")):
         bad = {n for n in _imports(p) if any(k in n for k in ("evaluation", "objective", "model", "train", "losses"))}
         assert not bad, f"{p.name} imports {bad}"
+
+
+def test_compiled_pair_kernel_equals_the_eager_kernel_values_and_gradients():
+    """model.compile: torch.compile of the depth-1 pair MLP, against `_PairMLP1` (float64)."""
+    from wsra_dist.model import Scorer, _compiled_pairs
+
+    if _compiled_pairs() is None:
+        pytest.skip("torch.compile cannot compile on this machine (the eager kernel is used; warned)")
+    torch.manual_seed(0)
+    outs = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        sc = Scorer(ScorerConfig(video_dim=10, text_dim=7, hidden=16, depth=1, compile=compile)).double()
+        pv = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+        pt = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+        y = sc.all_pairs_logits_projected(pv, pt)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
+        outs.append((y.detach(), pv.grad, pt.grad, *[p.grad for p in sc.tail.parameters()]))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)

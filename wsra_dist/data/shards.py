@@ -1,7 +1,8 @@
 """WebDataset tar shards + manifest: written atomically and reproducibly, read with webdataset's own
 stages and an allow-list decoder, verified.
 
-Layout of DIR: `shard-000000.tar`, ... and `manifest.json` (written last).  Format 2: a sample is one
+Layout of DIR: `shard-000000.tar`, ... (`.tar.gz` with `--compress`: the same tar, gzip level 1, which
+tarfile and stock WebDataset read transparently) and `manifest.json` (written last).  Format 2: a sample is one
 *video* with all of its queries: `KEY.video.npy` (the official features once: DiDeMo (6, ΣD) chunks,
 modalities side by side; Charades-STA (T, D) snippets), `KEY.text.npy` (Q, Dt) float32 (row j = query j),
 `KEY.meta.json` {video, video_hash, duration, num_segments, queries: [{query_id, sentence, times, ...}]}.
@@ -12,6 +13,7 @@ loaded with allow_pickle=False and every other extension is refused.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -73,22 +75,31 @@ _FIXED_MTIME = 0
 class ShardWriter:
     """Writes shards of `shard_size` samples into a staging folder this tool owns (see `Staging`)."""
 
-    def __init__(self, out_dir: str | Path, shard_size: int = 1000):
+    def __init__(self, out_dir: str | Path, shard_size: int = 1000, compress: bool = False):
         if shard_size < 1:
             raise DataError(f"--shard-size must be >= 1, got {shard_size}")
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
+        self.compress = compress
+        self._streams: list[Any] = []
         self.shards: list[dict] = []
         self._tar: tarfile.TarFile | None = None
         self._count = 0
         self._bytes = 0
 
     def _open(self) -> None:
-        name = f"shard-{len(self.shards):06d}.tar"
+        name = f"shard-{len(self.shards):06d}.tar" + (".gz" if self.compress else "")
         self._name = name
         self._tmp = self.out / f".{name}.tmp-{os.getpid()}"
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        if self.compress:
+            # gzip's header carries a name and an mtime: both fixed, so the same input gives the same sha256.
+            raw = open(self._tmp, "wb")
+            gz = gzip.GzipFile(filename="", mode="wb", compresslevel=1, fileobj=raw, mtime=0)
+            self._streams = [gz, raw]
+            self._tar = tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT)
+        else:
+            self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self._count = 0
         self._queries = 0
 
@@ -96,6 +107,9 @@ class ShardWriter:
         assert self._tar is not None
         self._tar.close()
         self._tar = None
+        for f in self._streams:
+            f.close()
+        self._streams = []
         digest = sha256_file(self._tmp)
         final = self.out / self._name
         os.replace(self._tmp, final)
@@ -126,7 +140,8 @@ class ShardWriter:
     def finish(self, manifest: dict) -> dict:
         if self._tar is not None:
             self._close()
-        manifest = {"format": FORMAT, **manifest, "shards": self.shards,
+        manifest = {"format": FORMAT, **manifest, "compression": "gzip" if self.compress else None,
+                    "shards": self.shards,
                     "num_samples": sum(s["num_samples"] for s in self.shards),
                     "num_queries": sum(s["num_queries"] for s in self.shards), "total_bytes": self._bytes}
         atomic_write_text(self.out / MANIFEST, json.dumps(manifest, indent=1))
@@ -136,6 +151,9 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
+            for f in self._streams:
+                f.close()
+            self._streams = []
             self._tmp.unlink(missing_ok=True)
 
 
@@ -154,7 +172,7 @@ class Staging:
 
     Until `publish()`, `out` is untouched: a failure (bad features, SIGKILL, full disk) leaves the
     user's earlier set intact and verifiable.  Only files this tool wrote are ever replaced or
-    removed: the shards the old manifest lists, and that manifest.  A `shard-*.tar` in `out` that
+    removed: the shards the old manifest lists, and that manifest.  A `shard-*.tar[.gz]` in `out` that
     no manifest there lists is refused up front rather than deleted.
     """
 
@@ -175,7 +193,7 @@ class Staging:
                 except (DataError, KeyError, TypeError) as e:
                     raise DataError(f"--out {out}: holds a manifest.json this tool cannot read ({e}); move it away "
                                     "or choose another --out") from None
-            foreign = sorted(p.name for p in out.glob("shard-*.tar") if p.name not in ours)
+            foreign = sorted(p.name for p in out.glob("shard-*.tar*") if p.name not in ours)
             if foreign:
                 raise DataError(f"--out {out}: holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} "
                                 "that no manifest there lists (not written by this tool, or its manifest is gone); "
@@ -428,7 +446,7 @@ def verify(directory: str | Path) -> list[str]:
     m = load_manifest(directory)
     problems = []
     listed = {s["name"] for s in m["shards"]}
-    for extra in sorted(p.name for p in directory.glob("*.tar") if p.name not in listed):
+    for extra in sorted(p.name for p in _shard_files(directory) if p.name not in listed):
         problems.append(f"{directory / extra}: not in the manifest")
     for s in m["shards"]:
         p = directory / s["name"]
@@ -454,6 +472,10 @@ def verify(directory: str | Path) -> list[str]:
     return problems
 
 
+def _shard_files(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if p.is_file() and p.name.endswith((".tar", ".tar.gz"))]
+
+
 def shard_urls(source: str, manifest: dict) -> list[str]:
     """Local folder -> its shards; a URL pattern (braces, pipe:) is expanded as WebDataset does."""
     p = Path(source)
@@ -475,7 +497,7 @@ def manifest_path_for(source: str) -> str:
 
 
 def shard_name(url: str) -> str:
-    """The manifest name of a shard URL: its file name, or the shard-NNNNNN.tar inside a `pipe:` command."""
+    """The manifest name of a shard URL: its file name, or the shard-NNNNNN.tar[.gz] inside a `pipe:` command."""
     return _pipe_name(url) if url.startswith("pipe:") else url.rstrip().split("/")[-1].split()[0]
 
 
@@ -494,7 +516,7 @@ def shard_entries(urls: Iterable[str], manifest: dict) -> list[dict]:
 def _pipe_name(url: str) -> str:
     import re
 
-    m = re.search(r"(shard-\d+\.tar)", url)
+    m = re.search(r"(shard-\d+\.tar(?:\.gz)?)", url)
     if not m:
-        raise DataError(f"{url}: cannot find a shard-NNNNNN.tar name in the pipe command")
+        raise DataError(f"{url}: cannot find a shard-NNNNNN.tar[.gz] name in the pipe command")
     return m.group(1)

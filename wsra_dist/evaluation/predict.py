@@ -30,7 +30,8 @@ def model_from_info(info: dict, manifest: dict | None = None) -> WSRA:
     m = info["model"]
     cfg = ScorerConfig(video_dim=info["dims"]["video"], text_dim=info["dims"]["text"], hidden=m["hidden"],
                        depth=m["depth"], dropout=m["dropout"], input_norm=m["input_norm"],
-                       query_chunk=m.get("query_chunk", 0), recompute=False, fused_kernel=m.get("fused_kernel", True))
+                       query_chunk=m.get("query_chunk", 0), recompute=False, fused_kernel=m.get("fused_kernel", True),
+                       compile=bool(m.get("compile", False)))
     layout = info.get("layout") or (layout_of(manifest) if manifest else None)
     return WSRA(cfg, attention_scale=m.get("attention_scale", 1.0), didemo=DidemoLayout.from_dict(layout),
                 project_chunks=m.get("project_chunks", True))
