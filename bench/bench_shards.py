@@ -97,21 +97,23 @@ def drop_cache(paths: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------ data
-def write_planted(profile: str, root: Path, videos: int, shard_size: int) -> tuple[Path, float, Path]:
+def write_planted(profile: str, root: Path, videos: int, shard_size: int,
+                  compress: bool = False) -> tuple[Path, float, Path]:
     """Official-format files -> shards of the training split; returns (shard dir, seconds, data dir)."""
     from wsra_dist.data.pack import shard_charades, shard_didemo
     from wsra_dist.data.synthetic import synth
 
     data = root / profile / "data"
-    out = root / profile / "shards"
-    synth(profile, data, videos, 0)
+    out = root / profile / ("shards-gz" if compress else "shards")
+    if not data.is_dir():
+        synth(profile, data, videos, 0)
     t = time.perf_counter()
     if profile == "didemo":
         shard_didemo(data / "train_data.json", [str(data / "average_global_flow.h5")], out, shard_size,
-                     progress=False, cache_dir=str(root / "cache"))
+                     progress=False, cache_dir=str(root / "cache"), compress=compress)
     else:
         shard_charades(data / "charades_sta_train.txt", data / "Charades_v1_train.csv", data / "features", out,
-                       shard_size, progress=False, cache_dir=str(root / "cache"))
+                       shard_size, progress=False, cache_dir=str(root / "cache"), compress=compress)
     return out, time.perf_counter() - t, data
 
 
@@ -251,6 +253,8 @@ def main() -> None:
             d, t_write, data = write_planted(profile, Path(tmp), a.videos, a.shard_size)
             r = size_report(profile, d, data)
             r["t_write"] = t_write
+            dz, r["t_write_gz"], _ = write_planted(profile, Path(tmp), a.videos, a.shard_size, compress=True)
+            r["gz"] = size_report(profile, dz, data)
             reports.append(r)
 
         print("\n== size: shard bytes against the official features (+ one text row per query) ==")
@@ -262,6 +266,10 @@ def main() -> None:
                   f"{r['text_src'] / 1e6:8.2f} {r['shards'] / 1e6:9.2f} {ratio:10.3f} "
                   f"{'met' if ratio <= 1.1 else 'NOT MET':>7s} {r['v1'] / 1e6:8.1f} {r['v1'] / r['source']:7.2f} "
                   f"{r['v1'] / r['shards']:6.2f}")
+            z = r["gz"]["shards"]
+            print(f"{r['profile'] + ' --compress':21s} {'':>4s}{r['video_src'] / 1e6:12.2f} {r['text_src'] / 1e6:8.2f} "
+                  f"{z / 1e6:9.2f} {z / r['source']:10.3f} {'met' if z / r['source'] <= 1.1 else 'NOT MET':>7s}   "
+                  f"(gzip level 1: {z / r['shards']:.3f} of the plain tar; sharding {r['t_write_gz']:.1f} s)")
         for r in reports:
             m = r["members"]
             other = r["shards"] - sum(m.values())
@@ -292,6 +300,16 @@ def main() -> None:
                     vs_stock = f"{stock_t / t:8.2f}" if kind == "ours" else " " * 8
                     print(f"{'cold' if cold else 'warm':5s} {name:42s} {r['videos'] / t:9.0f} {mb / t:8.0f} "
                           f"{base / t:7.2f} {vs_stock} {resid * 100:6.0f}%")
+        print("\n== reading --compress shards (gzip, warm cache): every video decoded to numpy ==")
+        for r in reports:
+            z = r["gz"]
+            rows = [(name, time_reader(fn, z["urls"], a.repeats, False)[0]) for name, fn, kind in
+                    readers(z["urls"], z["manifest"]) if kind != "raw"]
+            plain = {name: time_reader(fn, r["urls"], a.repeats, False)[0] for name, fn, kind in
+                     readers(r["urls"], r["manifest"]) if kind != "raw"}
+            for name, t in rows:
+                print(f"warm  {r['profile']:9s} {name:42s} {r['videos'] / t:9.0f} videos/s  vs plain tar "
+                      f"{plain[name] / t:5.2f}")
         print("\n(vs raw: raw time / reader time in the same cache state; vs stock: stock WebDataset time / "
               "iter_shard time; cached: share of the shard pages in the page cache when the timed passes began)")
 

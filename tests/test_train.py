@@ -178,6 +178,23 @@ def test_run_folder_and_tensorboard(exact_shards, tmp_path, planted_didemo):
     assert {"loss/total", "loss/video", "loss/snippet", "loss/batch", "loss/cross", "lr", "samples_per_s",
             "grad_norm", "val/R@1"} <= tags
     assert [e.step for e in ev.Scalars("grad_norm")] == [1, 2, 3]
+    # one TensorBoard run (no timestamped hparams sub-run) whose HParams tab has metric columns with values
+    runs = {p.parent for p in out.rglob("events.out.tfevents.*")}
+    assert len(runs) == 1, runs
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = ev.PluginTagToContent("hparams")
+    exp = [plugin_data_pb2.HParamsPluginData.FromString(c) for c in content.values()]
+    infos = [m.name.tag for e in exp if e.HasField("experiment") for m in e.experiment.metric_infos]
+    assert "hparams/final_val/R@1" in infos and "hparams/best_val/R@1" in infos
+    ev.Reload()
+    assert set(infos) <= set(ev.Tags()["scalars"])  # every column has its value in the same run
+    session = [e for e in exp if e.HasField("session_start_info")][0].session_start_info
+    assert session.hparams["optim.name"].string_value == "adam" and session.hparams["train.batch_size"].number_value == 16
+    assert ev.Scalars("hparams/best_val/R@1")[0].value == pytest.approx(hist["epochs"][0]["val/R@1"])
+    # epoch means of every loss term in history.json (report.html's learning curves read them)
+    assert {"loss/total", "loss/video", "loss/snippet", "loss/batch", "loss/cross"} <= set(hist["epochs"][0])
+    assert 0 < hist["train_s"] < hist["train_loop_s"]  # evaluation and checkpoints are not training time
 
 
 def test_url_pattern_and_pipe_sources_read_the_same_shards(exact_shards, tmp_path):

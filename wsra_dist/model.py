@@ -8,12 +8,33 @@ additive in v and t and could not rank snippets differently for different querie
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
+
+
+MODEL_FORMAT = "wsra-dist-model/1"  # in config.json and the safetensors metadata
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"  # save_pretrained
+RUN_CONFIG_FILE = "wsra_model.json"  # the same dict in training run and checkpoint folders
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """safetensors with the format version in its metadata, written to a staging name and swapped in."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": MODEL_FORMAT, "wsra_dist_version": __version__})
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -313,6 +334,63 @@ class WSRA(nn.Module):
         self.scorer = Scorer(cfg)
         self.didemo = didemo
         self.project_chunks = project_chunks
+        self.info: dict = {}  # what from_info built it from (dims, layout, model settings, text model, ...)
+
+    # ------------------------------------------------------------------ Hugging Face-style API
+    @classmethod
+    def from_info(cls, info: dict) -> "WSRA":
+        """The model a config dict describes (`config.json` / a run's `wsra_model.json`): no weights."""
+        m, dims = info["model"], info["dims"]
+        cfg = ScorerConfig(video_dim=int(dims["video"]), text_dim=int(dims["text"]), hidden=m["hidden"],
+                           depth=m["depth"], dropout=m["dropout"], input_norm=m["input_norm"],
+                           query_chunk=m.get("query_chunk", 0), recompute=False,
+                           fused_kernel=m.get("fused_kernel", True), compile=bool(m.get("compile", False)))
+        model = cls(cfg, attention_scale=m.get("attention_scale", 1.0), didemo=DidemoLayout.from_dict(info.get("layout")),
+                    project_chunks=m.get("project_chunks", True))
+        model.info = dict(info)
+        return model
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """`config.json` + `model.safetensors` (metadata: format version) into `directory`, each replaced atomically."""
+        if not self.info:
+            raise ValueError("save_pretrained needs the model's config: build it with WSRA.from_info / from_pretrained")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_safetensors(state, directory / WEIGHTS_FILE)
+        tmp = directory / f".{CONFIG_FILE}.tmp"
+        tmp.write_text(json.dumps({**self.info, "format": MODEL_FORMAT}, indent=1))
+        os.replace(tmp, directory / CONFIG_FILE)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "WSRA":
+        """A model in eval mode from a `save_pretrained` folder, a training run folder or one of its checkpoints."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_file = next((path / f for f in (CONFIG_FILE, RUN_CONFIG_FILE) if (path / f).is_file()), None)
+        if cfg_file is None or not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{path}: needs {WEIGHTS_FILE} and {CONFIG_FILE} (or a run's {RUN_CONFIG_FILE}): "
+                                    "give a save_pretrained folder, a finished run folder or a checkpoint folder")
+        try:
+            info = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+        for where, v in ((cfg_file, info.get("format")), (path / WEIGHTS_FILE, fmt)):
+            if v is not None and v.split("/")[0] != MODEL_FORMAT.split("/")[0]:
+                raise ValueError(f"{where}: format {v!r} is not a wsra-dist model ({MODEL_FORMAT})")
+            if v is not None and int(v.split("/")[-1]) > int(MODEL_FORMAT.split("/")[-1]):
+                raise ValueError(f"{where}: format {v} is newer than this wsra-dist reads ({MODEL_FORMAT}); upgrade")
+        try:
+            model = cls.from_info(info)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{cfg_file}: incomplete model config (missing {e})") from None
+        model.load_state_dict(load_file(str(path / WEIGHTS_FILE), device="cpu"))
+        return model.to(device).eval()
 
     def candidates(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(model-space snippets/candidates (b, T, Dv), their first-layer projections (b, T, H))."""

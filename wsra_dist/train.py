@@ -128,16 +128,14 @@ def _atomic_dir(final: Path, write) -> None:
 
 
 def save_weights(accelerator, model, out_dir: Path, info: dict, recipe: Recipe) -> None:
-    """model.safetensors + wsra_model.json + recipe.yaml into out_dir (main process, files replaced atomically)."""
-    from safetensors.torch import save_file
+    """model.safetensors (format version in its metadata) + wsra_model.json + recipe.yaml into out_dir (main
+    process, files replaced atomically): `WSRA.from_pretrained(out_dir)` loads it."""
+    from .model import save_safetensors
 
     state = accelerator.get_state_dict(model)  # gathers ZeRO shards on every rank
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        tmp = out_dir / f".{MODEL_FILE}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, out_dir / MODEL_FILE)
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()}, out_dir / MODEL_FILE)
         for name, text in ((INFO_FILE, json.dumps(info, indent=1)), ("recipe.yaml", dump_recipe(recipe))):
             t = out_dir / f".{name}.tmp"
             t.write_text(text)
@@ -485,8 +483,9 @@ def train(recipe: Recipe) -> Path:
         accelerator.print(f"resumed from {resume} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     state.world, state.batch_size = world, recipe.train.batch_size
 
-    hparams = {k: v for k, v in flatten(to_dict(recipe)).items() if isinstance(v, (int, float, str, bool))}
-    accelerator.init_trackers("tensorboard", config=hparams)
+    # No config here: accelerate would write it with add_hparams into a second, timestamped run with no
+    # metric columns.  write_hparams() puts hparams + final metrics into this run's own folder at the end.
+    accelerator.init_trackers("tensorboard")
     out_dir = Path(recipe.output_dir)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -504,6 +503,9 @@ def train(recipe: Recipe) -> Path:
                         disable=not (accelerator.is_main_process and recipe.train.progress))
     t_start, samples_at_log, t_log = time.time(), state.samples, time.time()
     samples_start = state.samples
+    t_paused = t_excluded = 0.0  # seconds in evaluation and checkpoints: not training time (samples_per_s, train_s)
+    ep_sums: dict[str, torch.Tensor] = {}  # loss terms summed over this epoch's steps (on device: no sync per step)
+    ep_steps = 0
     done = False
     with progress:
         task = progress.add_task("", total=total, completed=state.step, info="")
@@ -532,6 +534,9 @@ def train(recipe: Recipe) -> Path:
                             continue
                 out = wsra_objective(model, batch, loss_cfg, g)
                 accelerator.backward(out.loss * g.loss_scale)
+                for k, v in [*out.terms.items(), ("total", out.loss)]:
+                    ep_sums[k] = ep_sums.get(k, 0.0) + v.detach().float()
+                ep_steps += 1
                 if debug_dir and accelerator.is_main_process and out.negatives is not None:
                     _dump_negatives(Path(debug_dir), state.step + 1, out, batch)
                 log_now = (state.step + 1) % recipe.train.log_every == 0 or state.step == 0
@@ -556,13 +561,16 @@ def train(recipe: Recipe) -> Path:
                     logs["lr"] = optimizer.param_groups[0]["lr"]
                     if grad_norm is not None:
                         logs["grad_norm"] = float(grad_norm)
-                    logs["samples_per_s"] = (state.samples - samples_at_log) / max(now - t_log, 1e-9)
-                    samples_at_log, t_log = state.samples, now
+                    logs["samples_per_s"] = (state.samples - samples_at_log) / max(now - t_log - t_paused, 1e-9)
+                    samples_at_log, t_log, t_paused = state.samples, now, 0.0
                     accelerator.log(logs, step=state.step)
                     progress.update(task, info=f"epoch {state.epoch} loss {logs['loss/total']:.4f}")
                 progress.update(task, completed=state.step)
                 if recipe.train.checkpoint_every and state.step % recipe.train.checkpoint_every == 0:
+                    t0 = time.time()
                     checkpoint(accelerator, model, recipe, state, info)
+                    t_paused += time.time() - t0
+                    t_excluded += time.time() - t0
                 if kill_at and state.step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if recipe.train.max_steps and state.step >= recipe.train.max_steps:
@@ -574,17 +582,22 @@ def train(recipe: Recipe) -> Path:
                                 "weighted: nothing was trained (raise train.batch_size, lower loss.k_top/loss.k_last, "
                                 "or shuffle the data so batches mix videos)")
             if not done:
+                t0 = time.time()
                 state.epoch += 1
                 state.batch_in_epoch = 0
+                losses = epoch_losses(accelerator, ep_sums, ep_steps, world)
+                ep_sums, ep_steps = {}, 0
                 metrics = {}
                 if val_src is not None:
                     metrics = evaluate_split(accelerator, model, val_src, recipe)
                     accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.step)
                 history.append({"epoch": state.epoch, "step": state.step, "time_s": round(time.time() - t_start, 2),
-                                **{f"val/{k}": v for k, v in metrics.items()}})
+                                **{f"val/{k}": v for k, v in metrics.items()}, **losses})
                 if metrics:
                     accelerator.print(f"epoch {state.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
                 checkpoint(accelerator, model, recipe, state, info)
+                t_paused += time.time() - t0
+                t_excluded += time.time() - t0
     t_loop = time.time() - t_start
     final = {}
     if test_src is not None:
@@ -594,11 +607,50 @@ def train(recipe: Recipe) -> Path:
     if accelerator.is_main_process:
         (out_dir / "history.json").write_text(json.dumps({
             "epochs": history, "test": final, "steps": state.step, "time_s": round(time.time() - t_start, 2),
-            "train_samples": state.samples - samples_start, "train_loop_s": round(t_loop, 3), "processes": world,
+            "train_samples": state.samples - samples_start, "train_loop_s": round(t_loop, 3),
+            "train_s": round(t_loop - t_excluded, 3), "processes": world,
         }, indent=1))
+        write_hparams(accelerator, recipe, history, final, state.step)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir
+
+
+def epoch_losses(accelerator, sums: dict, steps: int, world: int) -> dict[str, float]:
+    """Mean over the epoch's steps of each loss term of the global batch (shares summed over processes)."""
+    if not steps:
+        return {}
+    names = sorted(sums)  # the same terms on every process (the loss config is decided alike everywhere)
+    vals = torch.stack([torch.as_tensor(sums[k]) for k in names]).to(accelerator.device)
+    vals = accelerator.reduce(vals, reduction="sum") if world > 1 else vals
+    return {f"loss/{k}": float(v) / steps for k, v in zip(names, vals)}
+
+
+def hparam_metrics(history: list[dict], final: dict) -> dict[str, float]:
+    """The HParams tab's metric columns: last and best validation value of each metric, and the test split."""
+    out: dict[str, float] = {}
+    val = [e for e in history if any(k.startswith("val/") for k in e)]
+    if val:
+        for k in (k for k in val[-1] if k.startswith("val/")):
+            out[f"hparams/final_{k}"] = float(val[-1][k])
+            out[f"hparams/best_{k}"] = max(float(e[k]) for e in val if k in e)  # every metric: higher is better
+    out.update({f"hparams/test/{k}": float(v) for k, v in final.items()})
+    return out
+
+
+def write_hparams(accelerator, recipe: Recipe, history: list[dict], final: dict, step: int) -> None:
+    """Hyper-parameters and metric columns into the run's own TensorBoard folder (one HParams row per run)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+          for k, v in flatten(to_dict(recipe)).items() if v is not None}
+    metrics = hparam_metrics(history, final)
+    for summary in hparams(hp, metrics):
+        writer.file_writer.add_summary(summary)
+    for k, v in metrics.items():
+        writer.add_scalar(k, v, step)
+    writer.flush()
 
 
 def _dump_negatives(d: Path, step: int, out, batch) -> None:

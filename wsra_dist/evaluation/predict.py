@@ -11,10 +11,9 @@ import torch
 
 from ..data.loader import ShardSource, iter_eval_batches
 from ..geometry import DIDEMO_CANDIDATES, proportional_windows, window_snippet_range
-from ..model import WSRA, DidemoLayout, ScorerConfig
-
-MODEL_FILE = "model.safetensors"
-INFO_FILE = "wsra_model.json"
+from ..model import RUN_CONFIG_FILE as INFO_FILE
+from ..model import WEIGHTS_FILE as MODEL_FILE
+from ..model import WSRA, DidemoLayout
 
 
 def layout_of(manifest: dict) -> dict | None:
@@ -27,28 +26,14 @@ def layout_of(manifest: dict) -> dict | None:
 
 def model_from_info(info: dict, manifest: dict | None = None) -> WSRA:
     """The model an info dict describes; `manifest` supplies the input layout for checkpoints that lack it."""
-    m = info["model"]
-    cfg = ScorerConfig(video_dim=info["dims"]["video"], text_dim=info["dims"]["text"], hidden=m["hidden"],
-                       depth=m["depth"], dropout=m["dropout"], input_norm=m["input_norm"],
-                       query_chunk=m.get("query_chunk", 0), recompute=False, fused_kernel=m.get("fused_kernel", True),
-                       compile=bool(m.get("compile", False)))
     layout = info.get("layout") or (layout_of(manifest) if manifest else None)
-    return WSRA(cfg, attention_scale=m.get("attention_scale", 1.0), didemo=DidemoLayout.from_dict(layout),
-                project_chunks=m.get("project_chunks", True))
+    return WSRA.from_info({**info, "layout": layout})
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[WSRA, dict]:
     """A trained run folder (model.safetensors + wsra_model.json) -> model in eval mode and its info."""
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    for f in (MODEL_FILE, INFO_FILE):
-        if not (run_dir / f).is_file():
-            raise FileNotFoundError(f"{run_dir}: no {f} (is this a finished training run folder?)")
-    info = json.loads((run_dir / INFO_FILE).read_text())
-    model = model_from_info(info)
-    model.load_state_dict(load_file(str(run_dir / MODEL_FILE), device="cpu"))
-    return model.to(device).eval(), info
+    model = WSRA.from_pretrained(run_dir, device)
+    return model, model.info
 
 
 def check_compatible(info: dict, manifest: dict, where: str) -> None:
