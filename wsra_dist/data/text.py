@@ -56,6 +56,7 @@ class TextEncoder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
+        silence_hf_progress()
         self.name = model
         self.path = resolve_model_path(model)
         self.pooling = pooling
@@ -104,6 +105,18 @@ class TextEncoder:
                 "max_length": self.max_length}
 
 
+def silence_hf_progress() -> None:
+    """No tqdm bars from transformers, datasets or the hub: they would interleave with this tool's rich
+    bars (and ignore --quiet); the work they track is shown by our own bars instead."""
+    import datasets
+    import huggingface_hub.utils
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def encode_cached(
     sentences: Sequence[str], encoder: TextEncoder, cache_dir: str | Path | None = None, batch_size: int = 128,
     progress: bool = True,
@@ -111,19 +124,28 @@ def encode_cached(
     """Encode with a batched `datasets.map` whose cache file is keyed by model, pooling and sentences,
     so re-sharding the same split does not re-encode.  Returns (len(sentences), dim) float32."""
     import datasets
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    if not progress:
-        datasets.disable_progress_bars()
+    silence_hf_progress()
     unique = sorted(set(sentences))
     key = hashlib.sha256(json.dumps([encoder.identity, encoder.pooling, encoder.max_length, unique]).encode()).hexdigest()[:24]
     cache_dir = Path(cache_dir or os.environ.get("WSRA_CACHE", Path.home() / ".cache" / "wsra-dist" / "text"))
     cache_dir.mkdir(parents=True, exist_ok=True)
     ds = datasets.Dataset.from_dict({"text": unique})
-    ds = ds.map(
-        lambda b: {"emb": encoder.encode(b["text"])},
-        batched=True, batch_size=batch_size, cache_file_name=str(cache_dir / f"{key}.arrow"),
-        load_from_cache_file=True, new_fingerprint=key, desc=f"encoding queries ({encoder.name}, {encoder.pooling})",
-    )
+    label = f"encoding queries ({encoder.name}, {encoder.pooling})".replace("{", "{{").replace("}", "}}")
+    bar = Progress(TextColumn(label, markup=False), BarColumn(),
+                   MofNCompleteColumn(), TimeElapsedColumn(), disable=not progress, transient=False)
+    with bar:
+        task = bar.add_task("", total=len(unique))
+
+        def encode(b: dict) -> dict:
+            emb = encoder.encode(b["text"])
+            bar.advance(task, len(b["text"]))
+            return {"emb": emb}
+
+        ds = ds.map(encode, batched=True, batch_size=batch_size, cache_file_name=str(cache_dir / f"{key}.arrow"),
+                    load_from_cache_file=True, new_fingerprint=key)
+        bar.update(task, completed=len(unique))  # a cache hit encodes nothing
     emb = np.asarray(ds.with_format("numpy")["emb"], dtype=np.float32)
     index = {t: i for i, t in enumerate(unique)}
     return emb[[index[s] for s in sentences]]
