@@ -74,3 +74,20 @@ def requires_shared(fn):
 
     return pytest.mark.skipif(not (SHARED / "didemo" / "val_data.json").is_file(),
                               reason=f"real annotation files not found at {SHARED} (set WSRA_SHARED_DATA)")(fn)
+
+
+def reseal_checkpoint(folder: Path) -> None:
+    """Rewrite a checkpoint's manifest to match its (tampered) files, as an attacker could: the loaders'
+    own safety must hold even when the manifest agrees."""
+    import hashlib
+    import json
+
+    mf = folder / "checkpoint_manifest.json"
+    m = json.loads(mf.read_text())
+    files = {}
+    for rel, d in m["files"].items():
+        p = folder / rel
+        if p.is_file():
+            files[rel] = {**d, "bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+    m["files"] = files
+    mf.write_text(json.dumps(m))

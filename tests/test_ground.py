@@ -55,7 +55,8 @@ def test_ground_cli_json_and_plot(trained_didemo, tmp_path):
     out = json.loads(p.stdout)
     assert [r["query"] for r in out["results"]] == [q1, q2]
     for r in out["results"]:
-        assert set(r) == {"query", "moments", "scores"} and len(r["moments"]) == 3
+        assert {"query", "moments", "scores", "pred_relevant_windows"} <= set(r) and len(r["moments"]) == 3
+        assert r["pred_relevant_windows"] == [[s, e, sc] for (s, e), sc in zip(r["moments"], r["scores"])]
         assert r["scores"] == sorted(r["scores"], reverse=True)
     png = (tmp_path / "a.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -82,6 +82,7 @@ def _history(run) -> dict:
 from .helpers import load_weights as _weights  # noqa: E402
 from .helpers import max_weight_diff as _max_diff  # noqa: E402
 from .helpers import run_checked as _run  # noqa: E402
+from .helpers import reseal_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -382,13 +383,17 @@ def _resume(planted_didemo, ck, out, steps=3):
 
 def test_resume_never_unpickles_planted_payloads(small_run, planted_didemo, tmp_path):
     ck = small_run / "checkpoints" / "step-00000002"
-    assert sorted(p.name for p in ck.iterdir()) == sorted(STATE_FILES + ["recipe.yaml"])  # no pickled TrainState
+    assert sorted(p.name for p in ck.iterdir()) == sorted(STATE_FILES + ["recipe.yaml", "checkpoint_manifest.json"])
+    # (no pickled TrainState)
     marker = tmp_path / "PWNED"
     for name in STATE_FILES:
         for kind in ("pickle", "pickle2", "torch"):
             bad = tmp_path / f"{name}-{kind}"
             shutil.copytree(ck, bad)
             (bad / name).write_bytes(_payload_bytes(kind, marker))
+            with pytest.raises(ConfigError, match=re.escape(name) + " sha256 differs|" + re.escape(name) + " has"):
+                _resume(planted_didemo, bad, tmp_path / f"out-{name}-{kind}-unsealed")  # the manifest sees it
+            reseal_checkpoint(bad)  # ... and with a manifest that agrees, the loaders themselves refuse it
             with pytest.raises(ConfigError, match=re.escape(name)):
                 _resume(planted_didemo, bad, tmp_path / f"out-{name}-{kind}")
             assert not marker.exists(), f"{name} ({kind}) ran code"
@@ -399,12 +404,14 @@ def test_resume_never_unpickles_planted_payloads(small_run, planted_didemo, tmp_
     for name in ("custom_checkpoint_0.pkl", "scheduler.bin", "sampler.bin"):
         (extra / name).write_bytes(_payload_bytes("torch", marker))
     (extra / "recipe.yaml").write_bytes(_payload_bytes("pickle", marker))
+    reseal_checkpoint(extra)
     _resume(planted_didemo, extra, tmp_path / "out-extra")
     assert not marker.exists() and _history(tmp_path / "out-extra")["steps"] == 3
     # a folder with only the old pickled state is refused, and says why
     old = tmp_path / "old"
     shutil.copytree(extra, old)
     (old / "train_state.json").unlink()
+    reseal_checkpoint(old)
     with pytest.raises(ConfigError, match="custom_checkpoint_0.pkl is a pickle and is not loaded"):
         _resume(planted_didemo, old, tmp_path / "out-old")
     # without wsra_model.json the recipe copy is read with yaml.safe_load: python tags are refused
@@ -412,6 +419,7 @@ def test_resume_never_unpickles_planted_payloads(small_run, planted_didemo, tmp_
     shutil.copytree(ck, tag)
     (tag / "wsra_model.json").unlink()
     (tag / "recipe.yaml").write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
+    reseal_checkpoint(tag)
     with pytest.raises(ConfigError, match="recipe.yaml is not readable YAML"):
         _resume(planted_didemo, tag, tmp_path / "out-tag")
     assert not marker.exists()
@@ -444,6 +452,7 @@ def test_deepspeed_resume_never_unpickles_planted_payloads(planted_didemo, tmp_p
     assert len(planted) >= 5
     for f in planted:
         f.write_bytes(_payload_bytes("torch", marker))
+    reseal_checkpoint(ck)
     p = _run([*cmd, *_overrides(planted_didemo / "shards" / "train", out, 8, 2, [*extra, f"resume={ck}"],
                                 optim="adamw", lr=1e-3)], check=False)
     assert p.returncode != 0 and "cannot be loaded safely" in p.stdout + p.stderr

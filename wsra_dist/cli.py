@@ -306,8 +306,13 @@ def ground(
     duration: Optional[float] = typer.Option(None, help="Video length in seconds (default: 5 s per DiDeMo chunk, "
                                                         "1 s per snippet otherwise)."),
     top_k: int = typer.Option(5, help="Moments to print per query."),
-    as_json: bool = typer.Option(False, "--json", help='Print {"results": [{"query", "moments", "scores"}, ...]}.'),
-    plot: Optional[Path] = typer.Option(None, help="Write a PNG of the attention weights over time per query."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"results": [{"query", "moments", "scores", "pred_relevant_windows"}, ...]}: moments '
+                                                    'in seconds best first; pred_relevant_windows as moment_detr writes them '
+                                                    '([start, end, score]).'),
+    plot: Optional[Path] = typer.Option(None, help="Write the grounding figure (the paper's Figure 7) per query: φ "
+                                              "per snippet/chunk, α as a strip, the top-k moments with their scores, "
+                                              "--truth hatched, and for DiDeMo the 21-candidate score map; PNG, PDF "
+                                              "or SVG by the file extension."),
     truth: List[str] = typer.Option([], help="Ground-truth span 'START,END' in seconds to draw on the plot; repeat "
                                              "once per query, in the order of the queries."),
     text_model: Optional[str] = typer.Option(None, help="Local folder of the text model the checkpoint was trained "

@@ -88,7 +88,9 @@ class Recipe:
     name: str = "wsra"
     seed: int = 0
     output_dir: str = "runs/wsra"
-    resume: str = ""  # "" | latest | path to a checkpoint folder
+    # "" | latest (the newest complete checkpoint; error if none) | auto (latest if there is one, else from
+    # scratch: for launchers that restart crashed workers) | path to a checkpoint folder
+    resume: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -197,6 +199,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; float() reads it as people mean it
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -49,8 +49,8 @@ def _first_to_fail() -> bool | None:
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(timedelta(seconds=3))
         return int(store.add("wsra_dist/errors", 1)) == 1
-    except Exception:  # the store died with its host (rank 0): fall back to the rank rule
-        return None
+    except Exception:  # the store died with its host: this process may be the only one left to say why
+        return True
 
 
 def should_print() -> bool:
@@ -63,6 +63,11 @@ def describe(exc: BaseException) -> str:
     from .config import ConfigError
     from .data.records import DataError
 
+    from .peers import explain
+
+    lost = explain(exc)
+    if lost:
+        return lost
     msg = str(exc).strip() or type(exc).__name__
     if isinstance(exc, (WsraError, DataError, ConfigError)):
         return msg

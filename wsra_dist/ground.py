@@ -20,6 +20,7 @@ import torch
 
 from .data.records import DataError
 from .geometry import DIDEMO_CANDIDATES, proportional_windows, window_features
+from .evaluation.formats import scored_windows
 from .evaluation.predict import load_run
 
 
@@ -156,7 +157,8 @@ class Grounder:
     @torch.inference_mode()
     def ground(self, features: np.ndarray, queries: Sequence[str], duration: float | None = None,
                top_k: int = 5) -> list[dict]:
-        """Top moments (seconds) with scores per query, best first; also α over the snippets/chunks."""
+        """Top moments (seconds) with scores per query, best first; also α and φ over the snippets/chunks and
+        every candidate's moment and score ("candidate_moments", "candidate_scores": what figures.py draws)."""
         queries = check_queries(queries)
         duration = check_duration(duration)
         if int(top_k) < 1:
@@ -173,17 +175,21 @@ class Grounder:
         scores_t = self.model.scorer.pair(c.unsqueeze(0), text.unsqueeze(1))  # (Q, C) in candidate space
         scores = scores_t.cpu().numpy()
         if self.info.get("benchmark") == "didemo":  # Eq. 2 over the 6 single-chunk candidates
+            phi = scores_t[:, :6].cpu().numpy()  # φ per chunk: the single-chunk candidates' scores
             alpha = torch.softmax(self.model.attention_scale * scores_t[:, :6], -1).cpu().numpy()
         else:
             sn = torch.from_numpy(np.ascontiguousarray(snippets)).to(self.device)
             mask = torch.ones(len(queries), sn.shape[0], dtype=torch.bool, device=self.device)
-            alpha = self.model(sn.expand(len(queries), -1, -1), mask, text).alpha.cpu().numpy()
+            o = self.model(sn.expand(len(queries), -1, -1), mask, text)
+            alpha, phi = o.alpha.cpu().numpy(), o.scores.cpu().numpy()
         out = []
         for q, s, a in zip(queries, scores, alpha):
             order = np.argsort(-s, kind="stable")[:top_k]
             out.append({"query": q, "moments": [[round(float(moments[i, 0]), 3), round(float(moments[i, 1]), 3)]
                                                 for i in order],
                         "scores": [float(s[i]) for i in order], "alpha": a.tolist(), "snippet_times": times.tolist()})
+        for r, p, s in zip(out, phi, scores):  # what figures.py draws (the CLI's --json leaves these out)
+            r.update(phi=p.tolist(), candidate_moments=np.round(moments, 3).tolist(), candidate_scores=s.tolist())
         return out
 
 
@@ -199,35 +205,13 @@ def load_model(run_dir: str | Path, device: str | None = None, text_model: str |
 
 
 def plot_attention(results: list[dict], path: str | Path,
-                   truths: Sequence[tuple[float, float] | None] | None = None) -> None:
-    """The paper's Figure 7: α over time per query, top moment shaded, ground truth outlined."""
-    import matplotlib
+                   truths: Sequence[tuple[float, float] | None] | None = None, benchmark: str | None = None) -> None:
+    """The paper's Figure 7 (`--plot`): φ, α, top-k moments and ground truth per query; PNG/PDF/SVG by extension.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn by `figures.save_grounding` (matplotlib is imported there, only when a plot is asked for)."""
+    from .figures import save_grounding
 
-    fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.2 * len(results)), squeeze=False)
-    truths = list(truths or [])
-    for i, (ax, r) in enumerate(zip(axes[:, 0], results)):
-        truth = truths[i] if i < len(truths) else None
-        t = np.asarray(r["snippet_times"])
-        centers = t.mean(1)
-        ax.bar(centers, r["alpha"], width=(t[:, 1] - t[:, 0]) * 0.9, color="#4a7ab5", label="attention α")
-        s, e = r["moments"][0]
-        ax.axvspan(s, e, color="#f4a259", alpha=0.35, label=f"rank-1 moment {s:.1f}-{e:.1f}s")
-        if truth is not None:
-            ax.axvspan(truth[0], truth[1], fill=False, hatch="//", edgecolor="#2a9d2a", lw=1.5,
-                       label=f"ground truth {truth[0]:.1f}-{truth[1]:.1f}s")
-        ax.set_xlim(t[0, 0], t[-1, 1])
-        ax.set_ylabel("α")
-        ax.set_title(r["query"], fontsize=10, loc="left")
-        ax.legend(fontsize=7, loc="upper right")
-    axes[-1, 0].set_xlabel("time (s)")
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).stem}.tmp{Path(path).suffix or '.png'}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_grounding(results, path, truths, benchmark)
 
 
 def ground_cli(checkpoint, features: str, queries: list[str], duration, top_k: int, plot, truths: list[str],
@@ -252,5 +236,7 @@ def ground_cli(checkpoint, features: str, queries: list[str], duration, top_k: i
     g = load_model(checkpoint, text_model=text_model)
     res = g.ground(read_features(features), queries, duration, top_k)
     if plot:
-        plot_attention(res, plot, spans)
-    return [{"query": r["query"], "moments": r["moments"], "scores": r["scores"]} for r in res]
+        plot_attention(res, plot, spans, g.info.get("benchmark"))
+    # pred_relevant_windows: the same ranking in the moment_detr / lighthouse format ([start, end, score], seconds)
+    return [{"query": r["query"], "moments": r["moments"], "scores": r["scores"],
+             "pred_relevant_windows": scored_windows(r["moments"], r["scores"])} for r in res]

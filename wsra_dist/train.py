@@ -44,6 +44,9 @@ from .config import ConfigError, Recipe, dump_recipe, flatten, load_recipe, to_d
 from .data.loader import EpochLoader, ShardSource
 from .data.records import DataError
 from .distributed import Gatherer
+from . import checkpoints as ckpts
+from . import peers
+from .lifetime import die_with_parent, launched_worker
 from .evaluation.predict import INFO_FILE, MODEL_FILE, model_from_info, predict
 from .objective import wsra_objective
 
@@ -155,7 +158,13 @@ def checkpoint(accelerator, model, recipe: Recipe, state: TrainState, info: dict
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state.to_json(), indent=1))
     accelerator.wait_for_everyone()
+    # Every rank reports the bytes it wrote; rank 0 checks it sees them and writes the manifest last.
+    from accelerate.utils import gather_object
+
+    mine = ckpts.describe_files(tmp, accelerator.process_index)
+    per_rank = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
     if accelerator.is_main_process:
+        ckpts.write_manifest(tmp, accelerator.num_processes, state.step, per_rank)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # a checkpoint folder without the .tmp name is always complete
@@ -165,16 +174,24 @@ def checkpoint(accelerator, model, recipe: Recipe, state: TrainState, info: dict
     accelerator.wait_for_everyone()
 
 
-def find_resume(recipe: Recipe) -> Path | None:
+def find_resume(recipe: Recipe, warn=None) -> Path | None:
+    """The checkpoint `resume=` names: latest / auto take the newest *complete* one (checkpoints.py)."""
     if not recipe.resume:
         return None
-    if recipe.resume != "latest":
+    if recipe.resume not in ("latest", "auto"):
         p = Path(recipe.resume)
         if not p.is_dir():
             raise ConfigError(f"resume={recipe.resume}: no such checkpoint folder")
+        bad = ckpts.problems(p)
+        if bad:
+            raise ConfigError(f"resume={recipe.resume}: not a complete checkpoint ({'; '.join(bad[:4])})")
         return p
-    done = sorted(p for p in (Path(recipe.output_dir) / CKPT_DIR).glob("step-*") if p.is_dir())
-    return done[-1] if done else None
+    root = Path(recipe.output_dir) / CKPT_DIR
+    found = ckpts.latest_complete(root, warn)
+    if found is None and recipe.resume == "latest" and any(root.glob("step-*")):
+        raise ConfigError(f"resume=latest: no complete checkpoint in {root} (see the warnings; resume=auto would "
+                          "start from scratch)")
+    return found
 
 
 # ----------------------------------------------------------------------------------- safe resume
@@ -367,7 +384,8 @@ def evaluate_split(accelerator, model, source: ShardSource, recipe: Recipe) -> d
     preds, truth = predict(net, source, protocol, recipe.eval.batch_size, accelerator.num_processes,
                            accelerator.process_index, accelerator.device, recipe.data.verify_checksums)
     if accelerator.num_processes > 1:
-        preds, truth = gather_object(preds), gather_object(truth)
+        with peers.waiting("the evaluation gather"):
+            preds, truth = gather_object(preds), gather_object(truth)
     if protocol == "didemo":
         return score_didemo(preds, truth)
     return score_charades(preds, truth, strict=recipe.eval.strict_iou, nms=recipe.eval.nms if recipe.eval.nms >= 0 else None)
@@ -415,11 +433,20 @@ def sampler_shortfall(video_ids: torch.Tensor, lc) -> str:
 
 
 def train(recipe: Recipe) -> Path:
+    """Train `recipe` in this process (one rank of `accelerate launch`); returns the run folder."""
+    recipe.validate()  # also for recipes built in Python, not only load_recipe()
+    accelerator = make_accelerator(recipe)
+    peers.start(recipe.train.process_group_timeout_s)  # names and ends a lost peer (wsra_dist/peers.py)
+    try:
+        return _train(recipe, accelerator)
+    finally:
+        peers.stop(forget=False)  # no thread left for the interpreter's shutdown; explain() still works
+
+
+def _train(recipe: Recipe, accelerator) -> Path:
     from accelerate.utils import set_seed
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    recipe.validate()  # also for recipes built in Python, not only load_recipe()
-    accelerator = make_accelerator(recipe)
     set_seed(recipe.seed)
     if recipe.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -458,7 +485,9 @@ def train(recipe: Recipe) -> Path:
             break
 
     model = model_from_info(info)
-    resume = find_resume(recipe)
+    resume = find_resume(recipe, warn=lambda t: accelerator.print(f"warning: {t}"))
+    if resume is None and recipe.resume == "auto":
+        accelerator.print("resume=auto: no complete checkpoint yet, starting from scratch")
     resumed = None
     if resume is not None:  # everything checked before any state is loaded
         where = f"resume={resume}"
@@ -492,6 +521,13 @@ def train(recipe: Recipe) -> Path:
         (out_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     kill_at = int(os.environ.get("WSRA_TEST_SIGKILL_AT_STEP", "0"))  # test hook: die like a killed node
     debug_dir = os.environ.get("WSRA_DEBUG_DIR")  # test hook: record the sampler's choices per step
+    kill_rank = os.environ.get("WSRA_TEST_SIGKILL_RANK")  # test hook: only this rank dies at kill_at
+    if kill_at and (kill_rank not in (None, str(rank)) or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))):
+        kill_at = 0  # (and never again after the launcher restarted the workers)
+    sample_log = None  # test hook: the query ids of every step, per rank (exactly-once across a resume)
+    if os.environ.get("WSRA_SAMPLE_LOG"):
+        Path(os.environ["WSRA_SAMPLE_LOG"]).mkdir(parents=True, exist_ok=True)
+        sample_log = open(Path(os.environ["WSRA_SAMPLE_LOG"]) / f"samples-rank{rank}.jsonl", "a", buffering=1)
     accelerator.print(f"training on {world} process(es), device {accelerator.device}, global batch "
                       f"{world} x {recipe.train.batch_size}, {train_src.num_samples} training queries")
 
@@ -518,6 +554,7 @@ def train(recipe: Recipe) -> Path:
             seen, skipped = plan.batches - state.batch_in_epoch, 0  # batches of this epoch run here / skipped
             for batch in loader.epoch(state.epoch, skip=state.batch_in_epoch):
                 batch = batch.to(accelerator.device)
+                peers.begin("the training step (feature all-gather, gradient all-reduce)", state.step + 1)
                 g = Gatherer(batch.video.shape[0], accelerator.device)
                 loss_cfg = recipe.loss
                 if need > 1:  # too few other-video queries for the sampler: decided alike on every process
@@ -531,6 +568,7 @@ def train(recipe: Recipe) -> Path:
                         if loss_cfg is None:
                             state.batch_in_epoch += 1
                             skipped += 1
+                            peers.end()
                             continue
                 out = wsra_objective(model, batch, loss_cfg, g)
                 accelerator.backward(out.loss * g.loss_scale)
@@ -547,6 +585,9 @@ def train(recipe: Recipe) -> Path:
                     grad_norm = _grad_norm(model)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if sample_log is not None:
+                    sample_log.write(json.dumps({"step": state.step + 1, "epoch": state.epoch,
+                                                 "ids": [m["query_id"] for m in batch.meta]}) + "\n")
                 state.step += 1
                 state.batch_in_epoch += 1
                 state.samples += g.n_global
@@ -565,10 +606,12 @@ def train(recipe: Recipe) -> Path:
                     samples_at_log, t_log, t_paused = state.samples, now, 0.0
                     accelerator.log(logs, step=state.step)
                     progress.update(task, info=f"epoch {state.epoch} loss {logs['loss/total']:.4f}")
+                peers.end()
                 progress.update(task, completed=state.step)
                 if recipe.train.checkpoint_every and state.step % recipe.train.checkpoint_every == 0:
                     t0 = time.time()
-                    checkpoint(accelerator, model, recipe, state, info)
+                    with peers.waiting("a checkpoint (barriers, state gather)", state.step):
+                        checkpoint(accelerator, model, recipe, state, info)
                     t_paused += time.time() - t0
                     t_excluded += time.time() - t0
                 if kill_at and state.step == kill_at:
@@ -585,17 +628,20 @@ def train(recipe: Recipe) -> Path:
                 t0 = time.time()
                 state.epoch += 1
                 state.batch_in_epoch = 0
-                losses = epoch_losses(accelerator, ep_sums, ep_steps, world)
+                with peers.waiting("the epoch's loss all-reduce", state.step):
+                    losses = epoch_losses(accelerator, ep_sums, ep_steps, world)
                 ep_sums, ep_steps = {}, 0
                 metrics = {}
                 if val_src is not None:
                     metrics = evaluate_split(accelerator, model, val_src, recipe)
                     accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.step)
+                    peers.at("after validation", state.step)
                 history.append({"epoch": state.epoch, "step": state.step, "time_s": round(time.time() - t_start, 2),
                                 **{f"val/{k}": v for k, v in metrics.items()}, **losses})
                 if metrics:
                     accelerator.print(f"epoch {state.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-                checkpoint(accelerator, model, recipe, state, info)
+                with peers.waiting("the end-of-epoch checkpoint (barriers, state gather)", state.step):
+                    checkpoint(accelerator, model, recipe, state, info)
                 t_paused += time.time() - t0
                 t_excluded += time.time() - t0
     t_loop = time.time() - t_start
@@ -603,7 +649,8 @@ def train(recipe: Recipe) -> Path:
     if test_src is not None:
         final = evaluate_split(accelerator, model, test_src, recipe)
         accelerator.log({f"test/{k}": v for k, v in final.items()}, step=state.step)
-    save_weights(accelerator, model, out_dir, info, recipe)
+    with peers.waiting("the final weights gather", state.step):
+        save_weights(accelerator, model, out_dir, info, recipe)
     if accelerator.is_main_process:
         (out_dir / "history.json").write_text(json.dumps({
             "epochs": history, "test": final, "steps": state.step, "time_s": round(time.time() - t_start, 2),
@@ -611,7 +658,9 @@ def train(recipe: Recipe) -> Path:
             "train_s": round(t_loop - t_excluded, 3), "processes": world,
         }, indent=1))
         write_hparams(accelerator, recipe, history, final, state.step)
-    accelerator.wait_for_everyone()
+    with peers.waiting("the final barrier", state.step):
+        accelerator.wait_for_everyone()
+    peers.stop()
     accelerator.end_training()
     return out_dir
 
@@ -681,6 +730,8 @@ def main(argv: list[str] | None = None) -> None:
     if "--debug" in argv:
         argv = [a for a in argv if a != "--debug"]
         os.environ["WSRA_DEBUG"] = "1"
+    if launched_worker():  # a worker of torchrun / accelerate launch ends with its launcher, never orphaned
+        die_with_parent()
     with errors_exit():  # one line, exit 2, printed once across processes (wsra_dist/errors.py)
         train(load_recipe(argv[0], argv[1:]))
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..geometry import DIDEMO_CANDIDATES
+from ..lifetime import loader_worker_init
 from .batch import Batch
 from .records import DataError
 from .shards import iter_shard, load_manifest, manifest_path_for, shard_entries, shard_urls
@@ -297,7 +298,9 @@ class EpochLoader:
             nw = self.num_workers
             self._dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw, generator=gen,
                                                    collate_fn=lambda x: x, prefetch_factor=64 if nw else None,
-                                                   persistent_workers=nw > 0)
+                                                   persistent_workers=nw > 0,
+                                                   # workers end with the trainer, even a SIGKILLed one
+                                                   worker_init_fn=loader_worker_init if nw else None)
         return self._dl
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ..data.records import DataError
 from . import scoring, tables
 from .metrics import check_iou_tolerance
 
 PROTOCOLS = ("didemo", "charades")
+MD_PREDICTIONS = "predictions_md.jsonl"  # moment_detr / lighthouse format, beside predictions.jsonl
 
 
 def _write_outputs(out: Path, protocol: str, metrics: dict, reference: dict, n_queries: int, settings: dict,
@@ -27,12 +29,63 @@ def _write_outputs(out: Path, protocol: str, metrics: dict, reference: dict, n_q
 
     if predictions is not None:
         put("predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+        put(MD_PREDICTIONS, _md_lines(protocol, predictions, settings.get("shards") or []))
     keys = scoring.DIDEMO_KEYS if protocol == "didemo" else scoring.CHARADES_KEYS
     put("metrics.json", json.dumps({k: round(metrics[k], 4) for k in keys} | {"num_queries": n_queries,
                                    "protocol": protocol, "settings": settings}, indent=1))
     put("table.md", md)
     put("table.csv", tables.csv_text(protocol, rows))
     return md
+
+
+def _md_lines(protocol: str, predictions: list[dict], shards: Sequence[str]) -> str:
+    """The predictions as moment_detr / lighthouse JSONL lines (formats.to_md), with each query's sentence
+    and video from the shards' meta.json (the prediction dicts carry no sentence)."""
+    from . import formats
+
+    queries = _shard_queries(shards[0]) if shards else {}
+    id_key = formats.protocol(protocol).id_key
+    lines = []
+    for p in predictions:
+        video, sentence = queries.get(p[id_key], (p.get("video", ""), ""))
+        lines.append(json.dumps(formats.to_md(p, protocol, query=sentence, vid=video)) + "\n")
+    return "".join(lines)
+
+
+def _shard_queries(shards: str) -> dict[int, tuple[str, str]]:
+    """query_id -> (video, sentence) from the meta.json members of a shard set.  Only the small meta.json
+    members are parsed (a local plain tar is seeked past the features); fused checkpoints share their
+    queries, so the first set is enough."""
+    from ..data.loader import ShardSource
+
+    out: dict[int, tuple[str, str]] = {}
+    for url in ShardSource.open(shards).urls:
+        try:
+            for meta in _shard_metas(url):
+                for q in meta.get("queries", []):
+                    out[q["query_id"]] = (meta.get("video", ""), q.get("sentence", ""))
+        except (tarfile.TarError, OSError, ValueError, KeyError) as e:
+            raise DataError(f"{url}: cannot read the queries' sentences for {MD_PREDICTIONS}: {e}") from e
+    return out
+
+
+def _shard_metas(url: str) -> Iterator[dict]:
+    remote = url.startswith("pipe:") or "://" in url
+    if remote:
+        import webdataset as wds
+
+        stream = wds.gopen(url, "rb")
+        tar = tarfile.open(fileobj=stream, mode="r|*")  # a stream: read in order, no seeking
+    else:
+        stream, tar = None, tarfile.open(url, "r:*")
+    try:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".meta.json"):
+                yield json.loads(tar.extractfile(member).read())
+    finally:
+        tar.close()
+        if stream is not None:
+            stream.close()
 
 
 def _dist():
@@ -106,12 +159,18 @@ def evaluate_checkpoints(
         predictions.append(p)
     predictions.sort(key=lambda p: p[id_key])
     truth_all.sort(key=lambda t: t["query_id"])
-    return _finish(protocol, predictions, truth_all, out, strict, nms, rank, clip_predictions, iou_tolerance,
-                   run_name=run_name or " + ".join(Path(c).name for c in checkpoints),
-                   feature=" & ".join(_feature_name(s) for s in shards), write_predictions=True,
-                   settings_extra={"checkpoints": list(checkpoints), "shards": list(shards), "fusion_weights": weights,
-                                   **({"charades_filter": reader.get("charades_filter", "clamp")}
-                                      if protocol == "charades" else {})})
+    metrics, md = _finish(protocol, predictions, truth_all, out, strict, nms, rank, clip_predictions, iou_tolerance,
+                          run_name=run_name or " + ".join(Path(c).name for c in checkpoints),
+                          feature=" & ".join(_feature_name(s) for s in shards), write_predictions=True,
+                          settings_extra={"checkpoints": list(checkpoints), "shards": list(shards),
+                                          "fusion_weights": weights,
+                                          **({"charades_filter": reader.get("charades_filter", "clamp")}
+                                             if protocol == "charades" else {})})
+    if md is not None:  # main process: OUT/report.html (imported here: report.py is the top floor, above evaluation/)
+        from ..report import write_report
+
+        write_report(out, protocol, md, predictions, truth_all, list(checkpoints), list(shards), dev)
+    return metrics, md
 
 
 def _feature_name(shards: str) -> str:
@@ -159,14 +218,14 @@ def evaluate_predictions(
     preds, where = scoring.read_predictions_located(predictions, protocol, clip_predictions)
     if protocol == "didemo":
         recs = didemo.read_annotations(annotations)
-        truth = [{"query_id": r.query_id, "times": r.times} for r in recs]
+        truth = [{"query_id": r.query_id, "video": r.video, "times": r.times} for r in recs]
         extra = {}
     else:
         if not durations:
             raise DataError("--durations Charades_v1_test.csv is needed for the charades protocol")
         recs, stats = charades.read_annotations(annotations, charades.read_durations(durations), charades_filter,
                                                 durations_file=str(durations))
-        truth = [{"query_id": r.query_id, "times": r.times, "duration": r.duration} for r in recs]
+        truth = [{"query_id": r.query_id, "video": r.video, "times": r.times, "duration": r.duration} for r in recs]
         extra = {"charades_filter": charades_filter, "filter_stats": stats}
     return _finish(protocol, preds, truth, out, strict, nms, 0, clip_predictions, iou_tolerance,
                    run_name=Path(predictions).stem, feature="-", write_predictions=False,

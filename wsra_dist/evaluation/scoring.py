@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from ..data.records import DataError
+from . import formats
 from . import metrics as M
 
 DIDEMO_KEYS = ("R@1", "R@5", "mIoU")
@@ -23,14 +24,49 @@ def read_predictions(path: str | Path, protocol: str, clip_predictions: bool = F
 
 def read_predictions_located(path: str | Path, protocol: str,
                              clip_predictions: bool = False) -> tuple[list[dict], dict]:
-    """(predictions, {id: "FILE: line N"}).  Refused with DataError naming the file and line(s):
-    lines that are not JSON objects with the id key and 'moments'; DiDeMo rankings that are not a
-    permutation of the 21 candidates; Charades-STA moments that are not [start, end] numbers, hold
-    NaN/inf, or (unless `clip_predictions`) have end < start or start < 0.  The duration check needs the
-    annotations and is made by score_charades, which names the line through the returned locations."""
+    """(predictions in the native form, {id: "FILE: line N"}).
+
+    Each file holds one format, detected by its keys (formats.detect): native lines (the id key and
+    'moments') or moment_detr / lighthouse lines ('qid' and 'pred_relevant_windows', converted by
+    formats.from_md), so both are scored alike.  Refused with DataError naming the file and line(s): lines
+    that are not JSON objects of one format with its keys, a file mixing formats; DiDeMo rankings that are
+    not a permutation of the 21 candidates (or moment_detr windows off the 5-second grid); Charades-STA
+    moments that are not [start, end] numbers, hold NaN/inf, or (unless `clip_predictions`) have end < start
+    or start < 0.  The duration check needs the annotations and is made by score_charades, which names the
+    line through the returned locations (an id on several lines maps to "FILE: lines N, M")."""
     path = Path(path)
-    id_key = "annotation_id" if protocol == "didemo" else "query_id"
-    out, where, bad = [], {}, []
+    id_key = formats.protocol(protocol).id_key
+    out, lines, bad = [], {}, []
+    first: tuple[str, int] | None = None  # (format, line) of the file's first prediction
+    for i, obj in _json_lines(path):
+        fmt = _located(path, i, formats.detect, obj, protocol)
+        if first is None:
+            first = (fmt, i)
+        elif fmt != first[0]:
+            raise DataError(f"{path}: line {i}: a {formats.format_name(fmt, protocol)} line in a file whose line "
+                            f"{first[1]} is {formats.format_name(first[0], protocol)}; a file holds one format")
+        if fmt == formats.MOMENT_DETR:
+            p, why = _located(path, i, formats.from_md, obj, protocol)
+            label = f"{formats.MD_ID} {p[id_key]!r}"
+        else:
+            _located(path, i, _check_native_shape, obj, id_key, protocol)
+            p, why, label = obj, None, f"{id_key} {obj[id_key]!r}"
+        why = why or _moments_problem(p["moments"], protocol, clip_predictions)
+        if why is not None:
+            bad.append(f"line {i} ({label}): {why}")
+        lines.setdefault(p[id_key], []).append(i)
+        out.append(p)
+    if bad:
+        what = ("DiDeMo rankings are not a full ranking of the 21 candidates (the official eval.py needs every "
+                "candidate, each once)" if protocol == "didemo" else "Charades-STA predictions hold invalid moments")
+        raise DataError(f"{path}: {len(bad)} {what}: " + "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else ""))
+    where = {k: f"{path}: line {v[0]}" if len(v) == 1 else
+             f"{path}: lines {', '.join(map(str, v[:3]))}" + (", ..." if len(v) > 3 else "") for k, v in lines.items()}
+    return out, where
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) of every non-blank line."""
     try:
         f = path.open()
     except OSError as e:
@@ -40,34 +76,43 @@ def read_predictions_located(path: str | Path, protocol: str,
             if not line.strip():
                 continue
             try:
-                p = json.loads(line)
+                yield i, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {i}: not JSON: {e}") from e
-            if not isinstance(p, dict) or id_key not in p or "moments" not in p:
-                raise DataError(f"{path}: line {i}: needs keys {id_key!r} and 'moments'")
-            if not isinstance(p[id_key], int) or isinstance(p[id_key], bool):
-                raise DataError(f"{path}: line {i}: {id_key} must be an integer, got {p[id_key]!r}")
-            mom = p["moments"]
-            if not isinstance(mom, list) or not mom or not all(isinstance(m, (list, tuple)) and len(m) == 2 for m in mom):
-                raise DataError(f"{path}: line {i}: 'moments' must be a non-empty list of [start, end] pairs")
-            if protocol == "didemo":
-                if not all(isinstance(x, int) and not isinstance(x, bool) for m in mom for x in m):
-                    raise DataError(f"{path}: line {i}: DiDeMo moments are integer chunk pairs [s, e]")
-                why = M.didemo_ranking_problem(mom)
-            else:
-                why, _ = M.charades_moment_problem(mom, None, clip_predictions)
-            if why is not None:
-                bad.append(f"line {i} ({id_key} {p.get(id_key)!r}): {why}")
-            where.setdefault(p[id_key], f"{path}: line {i}")
-            out.append(p)
-    if bad:
-        what = ("DiDeMo rankings are not a full ranking of the 21 candidates (the official eval.py needs every "
-                "candidate, each once)" if protocol == "didemo" else "Charades-STA predictions hold invalid moments")
-        raise DataError(f"{path}: {len(bad)} {what}: " + "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else ""))
-    return out, where
 
 
-def _match(preds: Sequence[dict], ids: Sequence[int], id_key: str) -> dict:
+def _located(path: Path, line: int, fn: Callable, *args):
+    """fn(*args), its DataError prefixed with the file and line (formats.py knows no files)."""
+    try:
+        return fn(*args)
+    except DataError as e:
+        raise DataError(f"{path}: line {line}: {e}") from None
+
+
+def _check_native_shape(p: dict, id_key: str, protocol: str) -> None:
+    if id_key not in p or "moments" not in p:
+        raise DataError(f"needs keys {id_key!r} and 'moments'")
+    if not isinstance(p[id_key], int) or isinstance(p[id_key], bool):
+        raise DataError(f"{id_key} must be an integer, got {p[id_key]!r}")
+    mom = p["moments"]
+    if not isinstance(mom, list) or not mom or not all(isinstance(m, (list, tuple)) and len(m) == 2 for m in mom):
+        raise DataError("'moments' must be a non-empty list of [start, end] pairs")
+    if protocol == "didemo" and not all(isinstance(x, int) and not isinstance(x, bool) for m in mom for x in m):
+        raise DataError("DiDeMo moments are integer chunk pairs [s, e]")
+
+
+def _moments_problem(moments: list, protocol: str, clip_predictions: bool) -> str | None:
+    if protocol == "didemo":
+        return M.didemo_ranking_problem(moments)
+    return M.charades_moment_problem(moments, None, clip_predictions)[0]
+
+
+def _examples(ids: Sequence, id_key: str, where: dict | None) -> str:
+    shown = [f"{id_key} {k}" + (f" ({where[k]})" if where and k in where else "") for k in ids[:5]]
+    return "e.g. " + ", ".join(shown)
+
+
+def _match(preds: Sequence[dict], ids: Sequence[int], id_key: str, where: dict | None = None) -> dict:
     counts = Counter(p[id_key] for p in preds)
     dup = [k for k, c in counts.items() if c > 1]
     want = set(ids)
@@ -75,20 +120,33 @@ def _match(preds: Sequence[dict], ids: Sequence[int], id_key: str) -> dict:
     extra = [k for k in counts if k not in want]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} annotated queries have no prediction (e.g. {id_key} {missing[:5]})")
+        problems.append(f"{len(missing)} annotated queries have no prediction ({_examples(missing, id_key, None)})")
     if extra:
-        problems.append(f"{len(extra)} predictions name no annotated query (e.g. {id_key} {extra[:5]})")
+        problems.append(f"{len(extra)} predictions name no annotated query ({_examples(extra, id_key, where)})")
     if dup:
-        problems.append(f"{len(dup)} queries are predicted more than once (e.g. {id_key} {dup[:5]})")
+        problems.append(f"{len(dup)} queries are predicted more than once ({_examples(dup, id_key, where)})")
     if problems:
         raise DataError("; ".join(problems))
     return {p[id_key]: p for p in preds}
 
 
+def _check_videos(by_id: dict, truth: Sequence[dict], id_key: str, where: dict | None) -> None:
+    """A prediction naming a video (native 'video', moment_detr 'vid') must name its query's annotated video:
+    a mismatch means the ids are misaligned (another split's or another tool's numbering)."""
+    bad = [(t["query_id"], by_id[t["query_id"]]["video"], t["video"]) for t in truth
+           if "video" in t and by_id[t["query_id"]].get("video") not in (None, t["video"])]
+    if bad:
+        shown = "; ".join((f"{where[k]}: " if where and k in where else "") + f"{id_key} {k}: video {v!r} but the "
+                          f"annotations give {a!r}" for k, v, a in bad[:3])
+        raise DataError(f"{len(bad)} predictions name another video than their annotated query: {shown}"
+                        + ("; ..." if len(bad) > 3 else ""))
+
+
 def score_didemo(preds: Sequence[dict], truth: Sequence[dict], where: dict | None = None) -> dict[str, float]:
     """truth: dicts with query_id and times (annotator chunk pairs).  Every ranking must be a permutation
     of the 21 candidates (DataError naming a few ids, and their lines through `where`, otherwise)."""
-    by_id = _match(preds, [t["query_id"] for t in truth], "annotation_id")
+    by_id = _match(preds, [t["query_id"] for t in truth], "annotation_id", where)
+    _check_videos(by_id, truth, "annotation_id", where)
     raw = [by_id[t["query_id"]]["moments"] for t in truth]
     M.check_didemo_rankings(raw, [t["query_id"] for t in truth], where)
     rankings = [[M.as_chunk_pair(m) for m in r] for r in raw]
@@ -99,7 +157,8 @@ def charades_moments(preds: Sequence[dict], truth: Sequence[dict], clip_predicti
                      where: dict | None = None) -> list[np.ndarray]:
     """Each truth query's predicted moments as a (K, 2) array, checked against its duration (see
     metrics.charades_moment_problem; truth without 'duration' skips the upper bound)."""
-    by_id = _match(preds, [t["query_id"] for t in truth], "query_id")
+    by_id = _match(preds, [t["query_id"] for t in truth], "query_id", where)
+    _check_videos(by_id, truth, "query_id", where)
     out, bad = [], []
     for t in truth:
         why, a = M.charades_moment_problem(by_id[t["query_id"]]["moments"], t.get("duration"), clip_predictions)
