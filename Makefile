@@ -15,7 +15,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) bench/bench_phi.py && $(PY) bench/bench_shards.py && $(PY) bench/bench_train.py
+	$(PY) bench/bench_phi.py && $(PY) bench/bench_shards.py && $(PY) bench/bench_train.py && $(PY) bench/bench_features.py
 
 clean:
 	rm -rf .venv runs results

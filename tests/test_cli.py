@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["synth", "shard", "shard didemo", "shard charades", "verify", "train", "evaluate", "demo", "ablate", "ground"]
+COMMANDS = ["synth", "shard", "shard didemo", "shard charades", "shard activitynet", "verify", "train", "evaluate", "demo", "ablate", "ground", "features"]
 
 
 def cli(*args, check=True):
@@ -24,7 +24,7 @@ def test_top_level_help_lists_every_command():
     t = time.time()
     out = cli("--help").stdout
     assert time.time() - t < 10
-    for c in ("synth", "shard", "verify", "train", "evaluate", "demo", "ablate", "ground"):
+    for c in ("synth", "shard", "verify", "train", "evaluate", "demo", "ablate", "ground", "features"):
         assert f" {c} " in out
 
 
@@ -68,8 +68,8 @@ def test_version_choices_and_unwrapped_help():
     # the CLI's choices are the library's (listed in --help, checked by click)
     assert tuple(m.value for m in C.Protocol) == PROTOCOLS and tuple(m.value for m in C.Pooling) == POOLINGS
     ev = cli("evaluate", "--help").stdout
-    assert "<didemo|charades>" in ev and "<clamp|strict>" in ev
-    assert "<losses|k>" in cli("ablate", "--help").stdout
+    assert "<didemo|charades|activitynet>" in ev and "<clamp|strict>" in ev
+    assert "<losses|k|model>" in cli("ablate", "--help").stdout
     sd = cli("shard", "didemo", "--help").stdout
     assert "<layers_mean|last_mean|embed_layers_mean|cls>" in sd
     assert "[s/6, e/6]" in sd  # not eaten as markup
@@ -110,9 +110,24 @@ def test_train_wrapper_with_contract_overrides(planted_didemo, tmp_path):
 def test_ablate_k_grid_writes_table_and_plot(planted_didemo, tmp_path):
     out = tmp_path / "abl"
     p = cli("ablate", ROOT / "recipes" / "planted_didemo.yaml", "--study", "k", "--out", out, "--k-top", "1,2",
-            "--k-last", "0", f"data.train_shards={planted_didemo / 'shards' / 'train'}",
+            "--k-last", "0", "--seeds", "2", f"data.train_shards={planted_didemo / 'shards' / 'train'}",
             f"data.val_shards={planted_didemo / 'shards' / 'val'}", "train.max_steps=2", "train.batch_size=16")
     assert "| 1 | 0 |" in p.stdout and "| 2 | 0 |" in p.stdout
     assert (out / "k_study.png").read_bytes()[:4] == b"\x89PNG" and (out / "table.md").is_file()
     results = __import__("json").loads((out / "results.json").read_text())
     assert [(r["k_top"], r["k_last"]) for r in results] == [(1, 0), (2, 0)] and all("R@1" in r for r in results)
+    # two seeds per setting: mean ± sd, the runs themselves, and a verdict on the spread
+    assert all(r["seeds"] == [0, 1] and len(r["runs"]) == 2 and r["R@1"] == sum(x["R@1"] for x in r["runs"]) / 2
+               for r in results)
+    assert " ± " in p.stdout and ("within the spread" in p.stdout or "beyond the spread" in p.stdout)
+
+
+def test_spread_rule_and_y_range():
+    from wsra_dist.ablate import _y_range, exceeds_spread
+
+    a = {"R@1": 60.0, "R@1 sd": 1.0, "seeds": [0, 1, 2]}
+    assert not exceeds_spread(a, {"R@1": 61.0, "R@1 sd": 1.0, "seeds": [0, 1, 2]}, "R@1")  # 1.0 < 2 * 0.82
+    assert exceeds_spread(a, {"R@1": 62.0, "R@1 sd": 1.0, "seeds": [0, 1, 2]}, "R@1")  # 2.0 > 1.63
+    assert not exceeds_spread({**a, "seeds": [0]}, {"R@1": 90.0, "R@1 sd": 0.0, "seeds": [0]}, "R@1")  # 1 seed: unknown
+    lo, hi = _y_range(60.0, 60.5)
+    assert hi - lo >= 10  # a 0.5-point difference is not drawn as a cliff

@@ -22,11 +22,13 @@ from . import __version__
 class Protocol(str, Enum):
     didemo = "didemo"
     charades = "charades"
+    activitynet = "activitynet"
 
 
 class Profile(str, Enum):
     didemo = "didemo"
     charades = "charades"
+    activitynet = "activitynet"
 
 
 class Pooling(str, Enum):
@@ -41,9 +43,21 @@ class DefectRule(str, Enum):
     strict = "strict"
 
 
+class ActivityNetFilter(str, Enum):  # wsra_dist.data.activitynet.FILTERS
+    clamp = "clamp"
+    strict = "strict"
+
+
 class Study(str, Enum):
     losses = "losses"
     k = "k"
+    model = "model"
+
+
+class Layout(str, Enum):  # wsra_dist.video.pipeline.LAYOUTS
+    charades = "charades"
+    didemo = "didemo"
+    activitynet = "activitynet"
 
 
 def _context_settings() -> dict:
@@ -86,10 +100,12 @@ out_console = Console(soft_wrap=True, highlight=False, markup=False)
 
 @app.command()
 def synth(
-    profile: Profile = typer.Option(..., help="didemo (JSON + average_global_flow.h5) or charades (txt + csv + npy)."),
+    profile: Profile = typer.Option(..., help="didemo (JSON + average_global_flow.h5), charades (txt + csv + npy) or "
+                                              "activitynet ({train,val_1,val_2}.json + sub_activitynet_v1-3.c3d.hdf5)."),
     out: Path = typer.Option(..., help="Folder to write the planted benchmark into."),
-    videos: Optional[int] = typer.Option(None, help="Training videos (val/test are a fifth/quarter of it). "
-                                                    "Default: 1200 (didemo), 800 (charades)."),
+    videos: Optional[int] = typer.Option(None, help="Training videos (val/test are a fifth/quarter of it; activitynet: "
+                                                    "val_1 and val_2 a quarter, the same videos). "
+                                                    "Default: 1200 (didemo), 800 (charades, activitynet)."),
     seed: int = typer.Option(0, help="Random seed: the same seed writes the same files."),
 ):
     """Write a planted weakly-supervised grounding benchmark in the official file formats and print its
@@ -181,6 +197,36 @@ def shard_charades(
     _print_shard_summary(out, m, f"; filter {m['reader']}")
 
 
+@shard_app.command("activitynet")
+def shard_activitynet(
+    annotations: Path = typer.Option(..., help="ActivityNet Captions {train,val_1,val_2}.json."),
+    features: Path = typer.Option(..., help="sub_activitynet_v1-3.c3d.hdf5: a group per video (v_...) holding "
+                                            "dataset c3d_features (T, 500)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default shards/<annotation file stem>)."),
+    activitynet_filter: ActivityNetFilter = typer.Option(
+        ActivityNetFilter.clamp, help="clamp: times clipped into [0, duration], start >= end dropped; strict: only "
+                                      "0 <= start < end <= duration (query_id is the same under both)."),
+    resample: int = typer.Option(0, help="Resample every video to this many snippets (mean within bins; CPL uses "
+                                         "200); 0 keeps T."),
+    shard_size: int = typer.Option(250, help="Videos per shard (a sample is one video with all of its queries)."),
+    text_model: str = TEXT_MODEL,
+    pooling: Pooling = POOLING,
+    skip_missing: bool = SKIP_MISSING,
+    cache_dir: Optional[Path] = CACHE_DIR,
+    device: str = DEVICE,
+    compress: bool = COMPRESS,
+    quiet: bool = QUIET,
+):
+    """ActivityNet Captions: one sample per video: its (T, 500) C3D snippets once and all of its sentences
+    (query_id = running index over the file's videos and their sentences, assigned before the filter)."""
+    from .data.pack import shard_activitynet as run
+
+    out = out or Path("shards") / annotations.stem
+    m = run(annotations, features, out, shard_size, activitynet_filter.value, resample, text_model, pooling.value,
+            skip_missing, not quiet, str(cache_dir) if cache_dir else None, device, compress)
+    _print_shard_summary(out, m, f"; filter {m['reader']}")
+
+
 @app.command()
 def verify(path: Path = typer.Argument(..., help="A shard folder with manifest.json.")):
     """Re-hash and re-count every shard against the manifest; exit 1 on any mismatch.
@@ -224,23 +270,29 @@ def evaluate(
                                                         '"pred_relevant_windows": [[start, end, score], ...]} '
                                                         "(seconds, best first), detected per file by its keys."),
     annotations: Optional[Path] = typer.Option(None, help="Annotation file for --predictions."),
-    protocol: Protocol = typer.Option(..., help="Official protocol: didemo (R@1, R@5, mIoU over the 21 candidates) or "
-                                                 "charades (R@n at IoU 0.3/0.5/0.7, mIoU)."),
+    protocol: Protocol = typer.Option(..., help="Official protocol: didemo (R@1, R@5, mIoU over the 21 candidates), "
+                                                 "charades (R@n at IoU 0.3/0.5/0.7, mIoU) or activitynet (R@n at IoU "
+                                                 "0.1/0.3/0.5, mIoU; --annotations val_2.json)."),
     durations: Optional[Path] = typer.Option(None, help="Charades_v1_test.csv (charades --predictions)."),
     charades_filter: DefectRule = typer.Option(DefectRule.clamp, help="Charades-STA defect rule for --predictions: "
                                                                       "clamp (3,720 test queries) or strict (3,158)."),
+    activitynet_filter: ActivityNetFilter = typer.Option(ActivityNetFilter.clamp, help="ActivityNet Captions defect "
+                                                         "rule for --predictions: clamp (17,031 val_2 queries) or "
+                                                         "strict (16,920)."),
     fusion_weights: Optional[str] = typer.Option(None, help="Comma-separated late-fusion weights, one per checkpoint."),
-    nms: Optional[float] = typer.Option(None, help="Charades: NMS IoU threshold before top-n (default off)."),
-    strict_iou: bool = typer.Option(False, help="Charades: count a hit when IoU > m instead of >= m."),
-    iou_tolerance: float = typer.Option(0.0, help="Charades: count IoU >= m - TOL as a hit (> m + TOL with "
+    nms: Optional[float] = typer.Option(None, help="Charades, ActivityNet: NMS IoU threshold before top-n (default off)."),
+    strict_iou: bool = typer.Option(False, help="Charades, ActivityNet: count a hit when IoU > m instead of >= m."),
+    iou_tolerance: float = typer.Option(0.0, help="Charades, ActivityNet: count IoU >= m - TOL as a hit (> m + TOL with "
                                                   "--strict-iou); default 0, the official plain comparison."),
-    clip_predictions: bool = typer.Option(False, help="Charades: clip moments into [0, duration] and order "
+    clip_predictions: bool = typer.Option(False, help="Charades, ActivityNet: clip moments into [0, duration] and order "
                                                       "start<=end instead of refusing them; NaN still refused."),
     batch_size: int = typer.Option(64, help="Queries per scoring batch."),
-    out: Path = typer.Option(..., help="Folder for predictions.jsonl, metrics.json, table.md, table.csv."),
+    out: Path = typer.Option(..., help="Folder for metrics.json, table.md, table.csv; with --checkpoint also "
+                                         "predictions.jsonl, predictions_md.jsonl (moment_detr format) and "
+                                         "report.html (table, learning curves, example groundings)."),
 ):
     """Score checkpoints on shards, or a prediction file, with the official protocol; write and print the table."""
-    protocol, charades_filter = protocol.value, charades_filter.value
+    protocol, charades_filter, activitynet_filter = protocol.value, charades_filter.value, activitynet_filter.value
     from .evaluation.runner import evaluate_checkpoints, evaluate_predictions
 
     if predictions is not None:
@@ -250,7 +302,7 @@ def evaluate(
             raise ValueError("--predictions needs --annotations")
         _, md = evaluate_predictions(predictions, annotations, protocol, out, str(durations) if durations else None,
                                      charades_filter, strict_iou, nms, clip_predictions=clip_predictions,
-                                     iou_tolerance=iou_tolerance)
+                                     iou_tolerance=iou_tolerance, activitynet_filter=activitynet_filter)
     else:
         if not checkpoint:
             raise ValueError("give --checkpoint RUN_DIR --shards DIR, or --predictions P.jsonl --annotations FILE")
@@ -260,7 +312,8 @@ def evaluate(
                                      iou_tolerance=iou_tolerance)
     if md:
         print(md)  # plain print: markdown rows must not be wrapped
-        out_console.print(f"wrote {out}/metrics.json, table.md, table.csv")
+        extra = ", predictions.jsonl, predictions_md.jsonl, report.html" if predictions is None else ""
+        out_console.print(f"wrote {out}/metrics.json, table.md, table.csv{extra}")
 
 
 @app.command()
@@ -283,24 +336,84 @@ def ablate(
     ctx: typer.Context,
     recipe: Path = typer.Argument(Path("recipes/planted_didemo.yaml"), help="Base recipe (default: planted DiDeMo)."),
     study: Study = typer.Option(Study.losses, help="losses: the four loss combinations of Table 1; k: the top/last-K grid "
-                                             "of Figure 6."),
+                                             "of Figure 6; model: phi's width, depth and input norm and the "
+                                             "variant's weight and temperature, one at a time."),
+    seeds: int = typer.Option(3, help="Seeds per setting (recipe seed, +1, ...): the table gives mean ± sd and says "
+                                      "which differences exceed the run-to-run spread."),
     out: Path = typer.Option(Path("runs/ablate"), help="Folder for the runs, table and plot."),
     k_top: str = typer.Option("1,2,3,4", help="--study k: comma-separated K_top values."),
     k_last: str = typer.Option("0,2,4", help="--study k: comma-separated K_last values."),
 ):
-    """Train the paper's ablations and write a table (and for --study k a PNG of R@1 against K).
-    Extra arguments are recipe overrides applied to every run."""
+    """Train an ablation over several seeds: OUT/table.md (mean ± sd), OUT/results.json and a plot with error
+    bars (k_study.png, losses_study.png, model_study.png).  Extra arguments are recipe overrides applied to
+    every run."""
     from .ablate import run_ablation
 
     md = run_ablation(recipe, study.value, out, list(ctx.args), tuple(int(x) for x in k_top.split(",")),
-                      tuple(int(x) for x in k_last.split(",")))
+                      tuple(int(x) for x in k_last.split(",")), seeds)
     print(md)
+
+
+@app.command()
+def features(
+    videos: Path = typer.Option(..., help="A folder of videos (.mp4, .mkv, .webm, .mov, .avi, ...; read in name order, "
+                                          "not recursive) or a text file with one video path per line (relative "
+                                          "paths are relative to the list file's folder; '#' starts a comment)."),
+    model: str = typer.Option(..., help="pixels: model-free, each frame area-resized to 4 x 4, RGB in [0, 1], "
+                                        "(y, x, channel) order, 48 values; or a local Hugging Face image model folder "
+                                        "(CLIP, ViT, DINOv2, SigLIP, ...) used with its image processor, one pooled "
+                                        "vector per frame (pooler_output, else image_embeds, else the token mean). "
+                                        "Nothing is downloaded."),
+    fps: float = typer.Option(..., help="Snippets per second F: snippet k covers [k/F, (k+1)/F) s of presentation "
+                                        "time and T = ceil(duration x F). didemo has 5-s chunks: there F only sets "
+                                        "the sampling grid of --frames-per-snippet."),
+    layout: Layout = typer.Option(..., help="charades: OUT/{stem}.npy (T, D) float32 per video (OUT a folder); didemo: "
+                                            "one HDF5 at OUT, a (6, D) dataset per video keyed by its file name (5-s "
+                                            "chunks, zero rows past the end); activitynet: one HDF5 at OUT, a group "
+                                            "per stem with dataset c3d_features (T, D)."),
+    out: Path = typer.Option(..., help="Output folder (charades) or HDF5 file (didemo, activitynet). The manifest "
+                                       "goes to OUT/manifest.json (folder) or OUT.manifest.json (file). A re-run "
+                                       "extracts only the videos not written yet."),
+    batch_size: int = typer.Option(32, help="Frames per extraction batch (the model's batch size)."),
+    device: str = typer.Option("auto", help="Device of a Hugging Face model: auto (this process's GPU under "
+                                            "accelerate launch, else the CPU), cpu, cuda, cuda:1, ..."),
+    frames_per_snippet: int = typer.Option(0, help="K > 0: a snippet is the mean of the K frames nearest to K evenly "
+                                                   "spaced times in it (only those go through the model); 0: the "
+                                                   "mean of every frame in it."),
+    quiet: bool = typer.Option(False, help="No progress bar (failed videos are still named)."),
+):
+    """Extract snippet features from raw videos into an official layout, with a manifest of the extractor.
+
+    Decoded with PyAV at presentation timestamps; a snippet or chunk without a frame takes the frame nearest
+    its centre. Several processes: `accelerate launch -m wsra_dist.features [the same options]` (process r
+    takes videos r::world). A video that cannot be decoded is named with the reason, skipped and listed
+    under 'failures' in the manifest; the others are finished and the exit status is 1."""
+    import os
+
+    from .errors import print_error
+    from .video.run import run_features
+
+    s = run_features(videos, model, fps, layout.value, out, batch_size, device, frames_per_snippet, not quiet)
+    if os.environ.get("RANK", "0") in ("", "0"):
+        out_console.print(f"{out}: {s.written} videos written, {s.skipped} already there, {s.failed} failed "
+                          f"({s.frames} frames decoded); manifest {s.manifest}")
+        if s.failures:
+            print_error(f"{len(s.failures)} video(s) could not be used; they are listed under 'failures' in {s.manifest}")
+    if s.failures:
+        raise typer.Exit(1)
 
 
 @app.command()
 def ground(
     checkpoint: Path = typer.Option(..., help="Trained run folder."),
-    features: str = typer.Option(..., help="VIDEO.npy (T, D) snippet features, or FILE.h5:KEY."),
+    features: Optional[str] = typer.Option(None, help="VIDEO.npy (T, D) snippet features, or FILE.h5:KEY."),
+    video: Optional[Path] = typer.Option(None, help="A raw video file instead of --features: its features are "
+                                                    "extracted with the extractor the checkpoint records (from "
+                                                    "`wsra-dist features`; same model, fps and layout); the "
+                                                    "duration defaults to the video's."),
+    video_model: Optional[str] = typer.Option(None, help="With --video: local folder of the image model when it is "
+                                                         "no longer at the path the checkpoint records (its weights "
+                                                         "must have the recorded sha256)."),
     query: List[str] = typer.Option([], help="A query sentence; repeat for several."),
     queries: Optional[Path] = typer.Option(None, help="A text file with one query per line."),
     duration: Optional[float] = typer.Option(None, help="Video length in seconds (default: 5 s per DiDeMo chunk, "
@@ -318,13 +431,15 @@ def ground(
     text_model: Optional[str] = typer.Option(None, help="Local folder of the text model the checkpoint was trained "
                                                         "with (default: the one it records, by name)."),
 ):
-    """Ground free-text queries in one video's features: the top moments in seconds with their scores."""
+    """Ground free-text queries in one video's features (--features) or a raw video (--video): the top moments in
+    seconds with their scores."""
     from .ground import ground_cli
 
     qs = list(query) + ([l.strip() for l in queries.read_text().splitlines() if l.strip()] if queries else [])
     if not qs:
         raise ValueError("give at least one --query or a --queries file")
-    res = ground_cli(checkpoint, features, qs, duration, top_k, plot, list(truth), text_model)
+    res = ground_cli(checkpoint, features, qs, duration, top_k, plot, list(truth), text_model,
+                     video=str(video) if video else None, video_model=video_model)
     if as_json:
         print(json.dumps({"results": res}))
         return

@@ -362,7 +362,7 @@ def k_sweep_figure(rows: Sequence[dict], highlight: tuple[int, int] | None = Non
     """`wsra-dist ablate --study k` results: R@1 against K_top, one line per K_last; this run's K ringed."""
     import matplotlib
 
-    key = "R@1" if "R@1" in rows[0] else "R@1,IoU=0.7"
+    key = "R@1" if "R@1" in rows[0] else next(k for k in ("R@1,IoU=0.7", "R@1,IoU=0.5") if k in rows[0])
     with matplotlib.rc_context(_RC):
         fig = _new_figure(width, 3.0)
         ax = fig.add_subplot()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .data.records import DataError
-from .geometry import DIDEMO_CANDIDATES, proportional_windows, window_features
+from .geometry import DIDEMO_CANDIDATES, benchmark_windows, window_features
 from .evaluation.formats import scored_windows
 from .evaluation.predict import load_run
 
@@ -150,7 +150,7 @@ class Grounder:
             feats = resample(feats, int(reader["resample"]))
         T = feats.shape[0]
         length = duration or float(T)
-        wins = proportional_windows(length)
+        wins = benchmark_windows(bench, length)  # the windows evaluate ranks (Charades-STA's or ActivityNet's)
         times = np.stack([np.arange(T) * length / T, (np.arange(T) + 1) * length / T], 1)
         return window_features(feats, wins, length), wins, feats, times
 
@@ -214,8 +214,10 @@ def plot_attention(results: list[dict], path: str | Path,
     save_grounding(results, path, truths, benchmark)
 
 
-def ground_cli(checkpoint, features: str, queries: list[str], duration, top_k: int, plot, truths: list[str],
-               text_model: str | None = None):
+def ground_cli(checkpoint, features: str | None, queries: list[str], duration, top_k: int, plot, truths: list[str],
+               text_model: str | None = None, video: str | None = None, video_model: str | None = None):
+    if (features is None) == (video is None):
+        raise DataError("give exactly one of --features (precomputed features) and --video (a raw video file)")
     queries = check_queries(queries)
     duration = check_duration(duration)
     if top_k < 1:
@@ -234,7 +236,14 @@ def ground_cli(checkpoint, features: str, queries: list[str], duration, top_k: i
             raise DataError(f"--truth {t!r}: expected 0 <= START <= END, finite seconds")
         spans.append((s, e))
     g = load_model(checkpoint, text_model=text_model)
-    res = g.ground(read_features(features), queries, duration, top_k)
+    if video is not None:  # the checkpoint's own extractor (wsra-dist features) on the raw video
+        from .video.pipeline import checkpoint_features
+
+        feats, seconds = checkpoint_features(g.info, video, video_model)
+        duration = duration or seconds
+    else:
+        feats = read_features(features)
+    res = g.ground(feats, queries, duration, top_k)
     if plot:
         plot_attention(res, plot, spans, g.info.get("benchmark"))
     # pred_relevant_windows: the same ranking in the moment_detr / lighthouse format ([start, end, score], seconds)

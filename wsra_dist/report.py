@@ -252,8 +252,8 @@ def _note(text: str, notes: list[str]) -> str:
 # ------------------------------------------------------------------------------------------ K sweep
 def find_k_sweep(run: Path) -> tuple[Path, list[dict]] | None:
     """An `ablate --study k` results.json that covers this run: in the run folder, or two levels up (ablate
-    writes OUT/results.json and its runs as OUT/runs/k{K_top}_{K_last})."""
-    for f in (run / "results.json", run.parent.parent / "results.json"):
+    writes OUT/results.json and its runs as OUT/runs/k{K_top}_{K_last}/seed{S})."""
+    for f in (run / "results.json", run.parent.parent / "results.json", run.parent.parent.parent / "results.json"):
         try:
             rows = json.loads(f.read_text()) if f.is_file() else None
         except (OSError, ValueError):

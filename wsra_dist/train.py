@@ -117,7 +117,8 @@ def model_info(recipe: Recipe, manifest: dict) -> dict:
     return {"dims": {"video": manifest["dims"]["video"], "text": manifest["dims"]["text"]},
             "layout": layout_of(manifest),
             "benchmark": manifest.get("benchmark"), "text": manifest.get("text", {}), "reader": manifest.get("reader", {}),
-            "model": to_dict(recipe)["model"], "recipe_name": recipe.name}
+            "model": to_dict(recipe)["model"], "recipe_name": recipe.name,
+            "extractor": manifest.get("extractor")}  # `wsra-dist features` provenance: ground --video re-extracts with it
 
 
 def _atomic_dir(final: Path, write) -> None:
@@ -388,7 +389,8 @@ def evaluate_split(accelerator, model, source: ShardSource, recipe: Recipe) -> d
             preds, truth = gather_object(preds), gather_object(truth)
     if protocol == "didemo":
         return score_didemo(preds, truth)
-    return score_charades(preds, truth, strict=recipe.eval.strict_iou, nms=recipe.eval.nms if recipe.eval.nms >= 0 else None)
+    return score_charades(preds, truth, strict=recipe.eval.strict_iou, nms=recipe.eval.nms if recipe.eval.nms >= 0 else None,
+                          protocol=protocol)  # charades or activitynet: their IoU thresholds
 
 
 def uses_sampler(lc) -> bool:

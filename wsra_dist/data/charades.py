@@ -119,9 +119,13 @@ class SnippetFeatures:
     def where(self, vid: str) -> str:
         return f"{self.source}:{vid}" if self.h5 is not None else str(self.source / f"{vid}.npy")
 
+    def _raw(self, vid: str) -> np.ndarray:
+        """The stored array of one video (subclasses read other layouts; get() checks it)."""
+        return np.asarray(self.h5[vid][()]) if self.h5 is not None else np.load(self.source / f"{vid}.npy", allow_pickle=False)
+
     def get(self, vid: str) -> np.ndarray:
         try:
-            x = np.asarray(self.h5[vid][()]) if self.h5 is not None else np.load(self.source / f"{vid}.npy", allow_pickle=False)
+            x = self._raw(vid)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{self.where(vid)}: cannot read features: {e}") from e
         if x.ndim == 4 and x.shape[1:3] == (1, 1):  # (T, 1, 1, D) as some I3D releases store it

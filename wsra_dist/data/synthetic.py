@@ -222,12 +222,99 @@ def write_charades(out: Path, videos: int, seed: int, dim: int = 1024, noise: fl
     return {"splits": sizes, "features": str(out / "features")}
 
 
+ACTIVITYNET_FEATURES = "sub_activitynet_v1-3.c3d.hdf5"
+_YOUTUBE_ID = string.ascii_letters + string.digits + "-_"
+
+
+def _activitynet_spans(rng, T: int, n: int) -> list[tuple[int, int]]:
+    """n [s, e] snippet spans (inclusive) of lengths like ActivityNet's: a Beta(1.1, 2) fraction of the video
+    (mean 35 %, a tenth above 75 %), at least 2 snippets; they may overlap, as the real sentences do."""
+    spans = []
+    for _ in range(n):
+        length = int(np.clip(round(float(rng.beta(1.1, 2.0)) * T), 2, T))
+        s = int(rng.integers(0, T - length + 1))
+        spans.append((s, s + length - 1))
+    return spans
+
+
+def write_activitynet(out: Path, videos: int, seed: int, dim: int = 500, noise: float = 0.8,
+                      snippets_per_second: float = 0.5) -> dict:
+    """{train,val_1,val_2}.json (the release format) + sub_activitynet_v1-3.c3d.hdf5 (group per video with
+    `c3d_features` (T, 500)) (+ planted_truth.json).  Videos last 20 s to 6 min (mean about 2 min) at
+    `snippets_per_second`; val_1 and val_2 describe the same videos' events with other sentences and slightly
+    different boundaries (other annotators), as in the release."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    sig = _signatures(dim, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    n_val = max(videos // 4, 10)
+    truth: dict[str, list] = {}
+    used: set[str] = set()
+    splits: dict[str, dict] = {"train": {}, "val_1": {}, "val_2": {}}
+
+    def moment(s: int, e: int, slot: float, duration: float, split: str, jitter: float) -> list[float]:
+        a, b = s * slot, (e + 1) * slot
+        if jitter:  # another annotator: boundaries a few percent of the video away
+            a = float(np.clip(a + rng.uniform(-jitter, jitter) * duration, 0.0, b - slot))
+            b = float(np.clip(b + rng.uniform(-jitter, jitter) * duration, a + slot, duration))
+        a, b = round(a, 2), round(b, 2)
+        r = rng.random()
+        if r < 0.01:  # real defect: the end past the duration (261 / 134 / 111 in the release)
+            b = round(duration + float(rng.uniform(0.1, 5.0)), 2)
+        elif r < 0.012 and split == "train":  # real defect: start >= end (4 in train)
+            a, b = b, a
+        return [a, b]
+
+    def text(ev: tuple[str, str], k: int) -> str:
+        t = sentence(rng, ev)
+        t = t[0].upper() + t[1:]
+        if rng.random() < 0.003:  # real quirks: a newline or a '#' inside the sentence
+            t = t.replace(" ", " \n" if rng.random() < 0.5 else " #", 1)
+        return t if k == 0 else " " + t  # the release starts all but the first sentence with a space
+
+    tmp = out / f".{ACTIVITYNET_FEATURES}.tmp"
+    with h5py.File(tmp, "w") as h5:
+        for split, n in (("train", videos), ("val", n_val)):
+            for _ in range(n):
+                while (vid := "v_" + "".join(rng.choice(list(_YOUTUBE_ID), 11))) in used:
+                    pass
+                used.add(vid)
+                duration = float(np.round(np.clip(np.exp(rng.normal(np.log(100.0), 0.55)), 20.0, 360.0), 2))
+                T = max(8, int(round(duration * snippets_per_second)))
+                slot = duration / T
+                n_ev = int(rng.integers(2, 5))
+                spans = _activitynet_spans(rng, T, n_ev)
+                d_len = int(np.clip(round(rng.uniform(0.1, 0.3) * T), 2, T))
+                d_start = int(rng.integers(0, T - d_len + 1))
+                idx = rng.choice(len(EVENTS), size=n_ev + 1, replace=False)
+                events = [EVENTS[i] for i in idx]
+                distractor = ((d_start, d_start + d_len - 1), events[-1])
+                feats = _features(rng, T, dim, sig, spans, events[:-1], distractor, noise)
+                h5.create_group(vid).create_dataset("c3d_features", data=feats.astype(np.float32))
+                truth[vid] = [{"event": list(ev), "span": [s * slot, (e + 1) * slot]}
+                              for (s, e), ev in zip(spans, events[:-1])]
+                truth[vid].append({"event": list(events[-1]), "span": [d_start * slot, (d_start + d_len) * slot],
+                                   "distractor": True})
+                for name, jitter in ((("train", 0.0),) if split == "train" else (("val_1", 0.0), ("val_2", 0.03))):
+                    splits[name][vid] = {"duration": duration,
+                                         "timestamps": [moment(s, e, slot, duration, name, jitter) for s, e in spans],
+                                         "sentences": [text(ev, k) for k, ev in enumerate(events[:-1])]}
+    for name, data in splits.items():
+        (out / f"{name}.json").write_text(json.dumps(data))
+    tmp.replace(out / ACTIVITYNET_FEATURES)
+    (out / "planted_truth.json").write_text(json.dumps({"profile": "activitynet", "seed": seed, "videos": truth}))
+    return {"splits": {"train": videos, "val_1": n_val, "val_2": n_val}, "features": str(out / ACTIVITYNET_FEATURES)}
+
+
 def synth(profile: str, out: str | Path, videos: int | None = None, seed: int = 0) -> dict:
     out = Path(out)
     if profile == "didemo":
         info = write_didemo(out, videos or 1200, seed)
     elif profile == "charades":
         info = write_charades(out, videos or 800, seed)
+    elif profile == "activitynet":
+        info = write_activitynet(out, videos or 800, seed)
     else:
-        raise ValueError(f"--profile must be didemo or charades, got {profile!r}")
+        raise ValueError(f"--profile must be didemo, charades or activitynet, got {profile!r}")
     return info

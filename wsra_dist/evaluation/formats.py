@@ -4,14 +4,15 @@ Native lines rank moments in the protocol's own units under its own id key::
 
     DiDeMo        {"annotation_id": 7, "moments": [[s, e], ...]}       inclusive chunk indices 0..5
     Charades-STA  {"query_id": 12, "moments": [[start, end], ...]}     seconds
+    ActivityNet   {"query_id": 12, "video": "v_...", "moments": [[start, end], ...]}   seconds
 
 moment_detr / lighthouse lines rank windows in seconds, best first (the score is carried along, the
 list order is what counts)::
 
     {"qid": 7, "query": "...", "vid": "...", "pred_relevant_windows": [[start, end, score], ...]}
 
-A protocol is one `Protocol` entry (its native id key and moment <-> window mapping), so another
-benchmark in seconds (ActivityNet Captions: `query_id` = running index) is one more entry of PROTOCOLS.
+A protocol is one `Protocol` entry (its native id key and moment <-> window mapping): ActivityNet Captions
+(`query_id` = the running index over the split's videos and sentences) is Charades-STA's mapping again.
 Everything here is pure: no files are read; callers add the file and line to the DataErrors.
 """
 
@@ -70,6 +71,8 @@ _CANDIDATES = set(DIDEMO_CANDIDATES)
 PROTOCOLS: dict[str, Protocol] = {
     "didemo": Protocol("didemo", "annotation_id", _didemo_to_window, _didemo_from_window),
     "charades": Protocol("charades", "query_id", _seconds_to_window, _seconds_from_window),
+    # seconds like Charades-STA; qid = query_id, the running index over the split's videos and sentences
+    "activitynet": Protocol("activitynet", "query_id", _seconds_to_window, _seconds_from_window),
 }
 
 

@@ -163,6 +163,7 @@ def didemo_oracle_ranking(times: Sequence[Sequence[int]]) -> list[Pair]:
 
 # ------------------------------------------------------------------------------ Charades-STA
 CHARADES_IOUS = (0.3, 0.5, 0.7)
+ACTIVITYNET_IOUS = (0.1, 0.3, 0.5)  # the thresholds weakly-supervised papers report on ActivityNet Captions
 # Seconds a moment may pass 0 or the duration and still count as inside: checkpoints write moments rounded
 # to 4 decimals, so a window ending exactly at the duration may read up to 5e-5 s past it.
 MOMENT_TOLERANCE = 1e-4

@@ -9,8 +9,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..data.features_manifest import describe_extractor, same_extractor
 from ..data.loader import ShardSource, iter_eval_batches
-from ..geometry import DIDEMO_CANDIDATES, proportional_windows, window_snippet_range
+from ..geometry import DIDEMO_CANDIDATES, benchmark_windows, window_snippet_range
 from ..model import RUN_CONFIG_FILE as INFO_FILE
 from ..model import WEIGHTS_FILE as MODEL_FILE
 from ..model import WSRA, DidemoLayout
@@ -45,6 +46,10 @@ def check_compatible(info: dict, manifest: dict, where: str) -> None:
     if ct and (ct.get("model") != t.get("model") or ct.get("pooling") != t.get("pooling")):
         raise ValueError(f"{where}: shards' text features come from {t.get('model')}/{t.get('pooling')} but the "
                          f"checkpoint was trained on {ct.get('model')}/{ct.get('pooling')}")
+    ce, se = info.get("extractor"), manifest.get("extractor")
+    if ce and se and not same_extractor(ce, se):  # same dims, other video model: the scores would be noise
+        raise ValueError(f"{where}: shards' video features come from {describe_extractor(se)} but the checkpoint was "
+                         f"trained on {describe_extractor(ce)}")
 
 
 @torch.inference_mode()
@@ -61,7 +66,7 @@ def rank_batch(model: WSRA, batch, protocol: str, device: torch.device) -> list[
     for i, m in enumerate(batch.meta):
         T = int(mask[i].sum())
         dur = float(m["duration"])
-        wins = proportional_windows(dur)
+        wins = benchmark_windows(protocol, dur)  # the protocol's windows (Charades-STA's, ActivityNet's)
         ranges = torch.tensor([window_snippet_range(a, b, dur, T) for a, b in wins], device=device)
         pv = model.scorer.project_windows(video[i, :T], ranges)  # windows pooled from projected snippets
         s = torch.sigmoid(model.scorer.logits_from_hidden(pv + model.scorer.project_text(text[i]))).cpu().numpy()

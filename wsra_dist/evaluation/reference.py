@@ -10,7 +10,7 @@ import numpy as np
 def benchmark_reference_rows(out: Path, profile: str) -> dict[str, dict[str, float]]:
     """Chance (exact expectation) and oracle rows of the written test split, through the official readers."""
     from .. import geometry as C
-    from ..data import charades, didemo
+    from ..data import activitynet, charades, didemo
     from . import metrics as M
 
     if profile == "didemo":
@@ -18,6 +18,11 @@ def benchmark_reference_rows(out: Path, profile: str) -> dict[str, dict[str, flo
         times = [r.times for r in recs]
         oracle = M.didemo_metrics([M.didemo_oracle_ranking(t) for t in times], times)
         return {"Chance": M.didemo_chance(times), "Upper bound": oracle}
+    if profile == "activitynet":  # the test split is val_2
+        recs, _ = activitynet.read_annotations(out / "val_2.json", "clamp")
+        ch, orc = M.charades_chance_oracle([C.benchmark_windows("activitynet", r.duration) for r in recs],
+                                           np.array([r.times[0] for r in recs]), ious=M.ACTIVITYNET_IOUS)
+        return {"Chance": ch, "Upper bound": orc}
     dur = charades.read_durations(out / "Charades_v1_test.csv")
     recs, _ = charades.read_annotations(out / "charades_sta_test.txt", dur, "clamp")
     ch, orc = M.charades_chance_oracle([C.proportional_windows(r.duration) for r in recs],

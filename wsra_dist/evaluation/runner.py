@@ -12,7 +12,7 @@ from ..data.records import DataError
 from . import scoring, tables
 from .metrics import check_iou_tolerance
 
-PROTOCOLS = ("didemo", "charades")
+PROTOCOLS = ("didemo", "charades", "activitynet")
 MD_PREDICTIONS = "predictions_md.jsonl"  # moment_detr / lighthouse format, beside predictions.jsonl
 
 
@@ -30,7 +30,7 @@ def _write_outputs(out: Path, protocol: str, metrics: dict, reference: dict, n_q
     if predictions is not None:
         put("predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
         put(MD_PREDICTIONS, _md_lines(protocol, predictions, settings.get("shards") or []))
-    keys = scoring.DIDEMO_KEYS if protocol == "didemo" else scoring.CHARADES_KEYS
+    keys = scoring.KEYS[protocol]
     put("metrics.json", json.dumps({k: round(metrics[k], 4) for k in keys} | {"num_queries": n_queries,
                                    "protocol": protocol, "settings": settings}, indent=1))
     put("table.md", md)
@@ -165,7 +165,9 @@ def evaluate_checkpoints(
                           settings_extra={"checkpoints": list(checkpoints), "shards": list(shards),
                                           "fusion_weights": weights,
                                           **({"charades_filter": reader.get("charades_filter", "clamp")}
-                                             if protocol == "charades" else {})})
+                                             if protocol == "charades" else {}),
+                                          **({"activitynet_filter": reader.get("activitynet_filter", "clamp")}
+                                             if protocol == "activitynet" else {})})
     if md is not None:  # main process: OUT/report.html (imported here: report.py is the top floor, above evaluation/)
         from ..report import write_report
 
@@ -191,7 +193,7 @@ def _finish(protocol, predictions, truth, out, strict, nms, rank, clip_predictio
         settings = {"strict": strict, "nms": nms, **settings_extra}
     else:
         metrics = scoring.score_charades(predictions, truth, strict=strict, nms=nms, clip_predictions=clip_predictions,
-                                         iou_tolerance=iou_tolerance, where=where)
+                                         iou_tolerance=iou_tolerance, where=where, protocol=protocol)
         settings = {"strict": strict, "nms": nms, "iou_tolerance": iou_tolerance, "clip_predictions": clip_predictions,
                     **settings_extra}
     if rank != 0:
@@ -205,12 +207,13 @@ def _finish(protocol, predictions, truth, out, strict, nms, rank, clip_predictio
 def evaluate_predictions(
     predictions: str | Path, annotations: str | Path, protocol: str, out: str | Path, durations: str | None = None,
     charades_filter: str = "clamp", strict: bool = False, nms: float | None = None, clip_predictions: bool = False,
-    iou_tolerance: float = 0.0,
+    iou_tolerance: float = 0.0, activitynet_filter: str = "clamp",
 ) -> tuple[dict, str | None]:
     """Score any method's JSONL predictions against the official annotation file.  Malformed predictions are
-    refused with the file and line (scoring.read_predictions_located); Charades-STA `clip_predictions` orders
-    and clips moments into [0, duration] instead of refusing them."""
-    from ..data import charades, didemo
+    refused with the file and line (scoring.read_predictions_located); Charades-STA / ActivityNet
+    `clip_predictions` orders and clips moments into [0, duration] instead of refusing them.  ActivityNet
+    Captions: `annotations` is the split's JSON (val_2.json for the test), ids are its running query index."""
+    from ..data import activitynet, charades, didemo
 
     if protocol not in PROTOCOLS:
         raise DataError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -220,6 +223,10 @@ def evaluate_predictions(
         recs = didemo.read_annotations(annotations)
         truth = [{"query_id": r.query_id, "video": r.video, "times": r.times} for r in recs]
         extra = {}
+    elif protocol == "activitynet":
+        recs, stats = activitynet.read_annotations(annotations, activitynet_filter)
+        truth = [{"query_id": r.query_id, "video": r.video, "times": r.times, "duration": r.duration} for r in recs]
+        extra = {"activitynet_filter": activitynet_filter, "filter_stats": stats}
     else:
         if not durations:
             raise DataError("--durations Charades_v1_test.csv is needed for the charades protocol")

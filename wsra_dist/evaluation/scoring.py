@@ -15,6 +15,11 @@ from . import metrics as M
 
 DIDEMO_KEYS = ("R@1", "R@5", "mIoU")
 CHARADES_KEYS = ("R@1,IoU=0.3", "R@1,IoU=0.5", "R@1,IoU=0.7", "R@5,IoU=0.3", "R@5,IoU=0.5", "R@5,IoU=0.7", "mIoU")
+ACTIVITYNET_KEYS = ("R@1,IoU=0.1", "R@1,IoU=0.3", "R@1,IoU=0.5", "R@5,IoU=0.1", "R@5,IoU=0.3", "R@5,IoU=0.5", "mIoU")
+KEYS = {"didemo": DIDEMO_KEYS, "charades": CHARADES_KEYS, "activitynet": ACTIVITYNET_KEYS}  # metrics.json, tables
+# The protocols in seconds (one ground-truth span per query, R@n at IoU m): their thresholds and names.
+IOUS = {"charades": M.CHARADES_IOUS, "activitynet": M.ACTIVITYNET_IOUS}
+NAMES = {"didemo": "DiDeMo", "charades": "Charades-STA", "activitynet": "ActivityNet Captions"}
 
 
 def read_predictions(path: str | Path, protocol: str, clip_predictions: bool = False) -> list[dict]:
@@ -58,7 +63,8 @@ def read_predictions_located(path: str | Path, protocol: str,
         out.append(p)
     if bad:
         what = ("DiDeMo rankings are not a full ranking of the 21 candidates (the official eval.py needs every "
-                "candidate, each once)" if protocol == "didemo" else "Charades-STA predictions hold invalid moments")
+                "candidate, each once)" if protocol == "didemo" else
+                f"{NAMES.get(protocol, protocol)} predictions hold invalid moments")
         raise DataError(f"{path}: {len(bad)} {what}: " + "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else ""))
     where = {k: f"{path}: line {v[0]}" if len(v) == 1 else
              f"{path}: lines {', '.join(map(str, v[:3]))}" + (", ..." if len(v) > 3 else "") for k, v in lines.items()}
@@ -154,7 +160,7 @@ def score_didemo(preds: Sequence[dict], truth: Sequence[dict], where: dict | Non
 
 
 def charades_moments(preds: Sequence[dict], truth: Sequence[dict], clip_predictions: bool = False,
-                     where: dict | None = None) -> list[np.ndarray]:
+                     where: dict | None = None, name: str = "Charades-STA") -> list[np.ndarray]:
     """Each truth query's predicted moments as a (K, 2) array, checked against its duration (see
     metrics.charades_moment_problem; truth without 'duration' skips the upper bound)."""
     by_id = _match(preds, [t["query_id"] for t in truth], "query_id", where)
@@ -167,7 +173,7 @@ def charades_moments(preds: Sequence[dict], truth: Sequence[dict], clip_predicti
             bad.append(f"{loc + ': ' if loc else ''}query_id {t['query_id']}: {why}")
         out.append(a)
     if bad:
-        raise DataError(f"{len(bad)} of {len(truth)} Charades-STA predictions hold invalid moments (finite "
+        raise DataError(f"{len(bad)} of {len(truth)} {name} predictions hold invalid moments (finite "
                         f"[start, end] with 0 <= start <= end <= duration, {M.MOMENT_TOLERANCE:g} s tolerance): "
                         + "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else ""))
     return out
@@ -175,25 +181,27 @@ def charades_moments(preds: Sequence[dict], truth: Sequence[dict], clip_predicti
 
 def score_charades(preds: Sequence[dict], truth: Sequence[dict], strict: bool = False,
                    nms: float | None = None, clip_predictions: bool = False, iou_tolerance: float = 0.0,
-                   where: dict | None = None) -> dict[str, float]:
+                   where: dict | None = None, protocol: str = "charades") -> dict[str, float]:
     """Official R@n,IoU=m (plain >= m; `strict` >; `iou_tolerance` loosens it, off by default) and mIoU.
     Invalid moments are refused (DataError) unless `clip_predictions` orders and clips them into
-    [0, duration]; NaN/inf is always refused."""
-    moments = charades_moments(preds, truth, clip_predictions, where)
+    [0, duration]; NaN/inf is always refused.  `protocol` picks the thresholds: charades 0.3/0.5/0.7,
+    activitynet 0.1/0.3/0.5 (the same rules otherwise)."""
+    moments = charades_moments(preds, truth, clip_predictions, where, NAMES[protocol])
     gts = np.asarray([t["times"][0] for t in truth], dtype=np.float64)
-    return M.charades_metrics(moments, gts, strict=strict, nms_thresh=nms, iou_tolerance=iou_tolerance)
+    return M.charades_metrics(moments, gts, ious=IOUS[protocol], strict=strict, nms_thresh=nms,
+                              iou_tolerance=iou_tolerance)
 
 
 def reference_rows(protocol: str, truth: Sequence[dict], strict: bool = False,
                    iou_tolerance: float = 0.0) -> dict[str, dict[str, float]]:
     """Chance (exact expectation) and upper bound for exactly these queries."""
-    from ..geometry import proportional_windows
+    from ..geometry import benchmark_windows
 
     if protocol == "didemo":
         times = [t["times"] for t in truth]
         return {"Chance": M.didemo_chance(times),
                 "Upper bound": M.didemo_metrics([M.didemo_oracle_ranking(t) for t in times], times)}
-    ch, orc = M.charades_chance_oracle([proportional_windows(t["duration"]) for t in truth],
-                                       np.asarray([t["times"][0] for t in truth]), strict=strict,
-                                       iou_tolerance=iou_tolerance)
+    ch, orc = M.charades_chance_oracle([benchmark_windows(protocol, t["duration"]) for t in truth],
+                                       np.asarray([t["times"][0] for t in truth]), ious=IOUS[protocol],
+                                       strict=strict, iou_tolerance=iou_tolerance)
     return {"Chance": ch, "Upper bound": orc}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 
-from .scoring import CHARADES_KEYS, DIDEMO_KEYS
+from .scoring import KEYS
 
 # WSRA paper, Table 2 (DiDeMo test) and Table 3 (Charades-STA test), as printed.
 PAPER_DIDEMO = [
@@ -21,12 +21,17 @@ PAPER_CHARADES = [
     ("TGA [30] (weak)", "I3D", (32.14, 19.94, 8.84, 89.56, 65.52, 33.51, None)),
     ("WSRA (paper)", "I3D", (50.13, 31.20, 11.01, 86.75, 70.50, 39.02, 31.00)),
 ]
+# ActivityNet Captions (val_2): WSRA never reported it.  Order of ACTIVITYNET_KEYS: R@1 .1 .3 .5, R@5 .1 .3 .5, mIoU.
+PAPER_ACTIVITYNET = [
+    ("CPL (CVPR 2022, its README) (weak)", "C3D", (79.86, 53.67, 31.24, 87.24, 63.05, 43.13, None)),
+]
+PAPER_ROWS = {"didemo": PAPER_DIDEMO, "charades": PAPER_CHARADES, "activitynet": PAPER_ACTIVITYNET}
 
 
 def rows_for(protocol: str, metrics: dict, reference: dict, run_name: str, feature: str) -> list[tuple]:
-    keys = DIDEMO_KEYS if protocol == "didemo" else CHARADES_KEYS
+    keys = KEYS[protocol]
     rows = [(f"{k} (exact, these queries)", "-", tuple(reference[k].get(x) for x in keys)) for k in ("Chance", "Upper bound")]
-    rows += PAPER_DIDEMO if protocol == "didemo" else PAPER_CHARADES
+    rows += PAPER_ROWS[protocol]
     rows.append((f"**{run_name}** (this run)", feature, tuple(metrics.get(x) for x in keys)))
     return rows
 
@@ -36,6 +41,11 @@ def caption(protocol: str, n_queries: int, settings: dict) -> str:
         return (f"DiDeMo protocol (LocalizingMoments eval.py): {n_queries} queries; 21 candidates; rank = mean of the "
                 f"3 best annotator ranks, IoU = mean of the 3 best annotator IoUs of the top-1 (inclusive chunks); "
                 f"R@1, R@5, mIoU in %.")
+    if protocol == "activitynet":
+        return (f"ActivityNet Captions: {n_queries} queries ({settings.get('activitynet_filter', 'clamp')} rule); "
+                f"proportional windows 20/40/80/100% of the length, stride a quarter of the window, window "
+                f"feature = mean of its snippets; IoU {'>' if settings.get('strict') else '>='} m; NMS "
+                f"{settings.get('nms') if settings.get('nms') is not None else 'off'}; values in %.")
     return (f"Charades-STA, WSRA protocol: {n_queries} queries ({settings.get('charades_filter', 'clamp')} rule); "
             f"proportional windows 20/30/40/50% of the length, 80% overlap, window feature = mean of its snippets; "
             f"IoU {'>' if settings.get('strict') else '>='} m; NMS {settings.get('nms') if settings.get('nms') is not None else 'off'}; "
@@ -43,7 +53,7 @@ def caption(protocol: str, n_queries: int, settings: dict) -> str:
 
 
 def markdown(protocol: str, rows: list[tuple], cap: str) -> str:
-    keys = DIDEMO_KEYS if protocol == "didemo" else CHARADES_KEYS
+    keys = KEYS[protocol]
     head = "| method | feature | " + " | ".join(keys) + " |"
     sep = "|---|---|" + "---:|" * len(keys)
     lines = [f"Table: {cap}", "", head, sep]
@@ -53,7 +63,7 @@ def markdown(protocol: str, rows: list[tuple], cap: str) -> str:
 
 
 def csv_text(protocol: str, rows: list[tuple]) -> str:
-    keys = DIDEMO_KEYS if protocol == "didemo" else CHARADES_KEYS
+    keys = KEYS[protocol]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["method", "feature", *keys])
