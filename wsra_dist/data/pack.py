@@ -195,14 +195,7 @@ def shard_charades(
         raise DataError(f"{annotations}: line {r.query_id + 1}: no features for video {r.video!r} at "
                         f"{feats.where(r.video)} ({len(missing)} queries in all; --skip-missing skips them)")
     records = [r for r in records if r.video in feats]
-    cache: dict[str, np.ndarray] = {}
-
-    def video_of(r: QueryRecord) -> np.ndarray:
-        if r.video not in cache:
-            cache.clear() if len(cache) > 1024 else None
-            x = feats.get(r.video)
-            cache[r.video] = CH.resample(x, resample) if resample else x
-        return cache[r.video]
+    video_of = _snippets_of(feats, resample)
 
     def meta_of(r: QueryRecord) -> dict:
         return {"start": r.times[0][0], "end": r.times[0][1]}
@@ -219,6 +212,22 @@ def shard_charades(
                    "skipped_missing": len(missing), **stats},
     }, progress, cache_dir, device, where_of=lambda r: feats.where(r.video),
         describe=lambda r: f"{annotations}: line {r.query_id + 1}", compress=compress)
+
+
+def _snippets_of(feats, resample: int) -> Callable[[QueryRecord], np.ndarray]:
+    """A record's (T, D) snippets, resampled to `resample` rows when > 0; the last ~1k videos are kept, since
+    a video's queries are read one after another."""
+    cache: dict[str, np.ndarray] = {}
+
+    def video_of(r: QueryRecord) -> np.ndarray:
+        if r.video not in cache:
+            if len(cache) > 1024:
+                cache.clear()
+            x = feats.get(r.video)
+            cache[r.video] = CH.resample(x, resample) if resample else x
+        return cache[r.video]
+
+    return video_of
 
 
 def shard_activitynet(
@@ -239,14 +248,7 @@ def shard_activitynet(
         raise DataError(f"{annotations}: video {r.video!r} sentence {r.extra['sentence']}: no features at "
                         f"{feats.where(r.video)} ({len(missing)} queries in all; --skip-missing skips them)")
     records = [r for r in records if r.video in feats]
-    cache: dict[str, np.ndarray] = {}
-
-    def video_of(r: QueryRecord) -> np.ndarray:
-        if r.video not in cache:
-            cache.clear() if len(cache) > 1024 else None
-            x = feats.get(r.video)
-            cache[r.video] = CH.resample(x, resample) if resample else x
-        return cache[r.video]
+    video_of = _snippets_of(feats, resample)
 
     def meta_of(r: QueryRecord) -> dict:
         return {"start": r.times[0][0], "end": r.times[0][1], "sentence_index": r.extra["sentence"]}
