@@ -356,7 +356,8 @@ def test_tiny_hf_vision_model(tiny_clip, video_dir, tmp_path):
     e = m["extractor"]
     assert (e["kind"], e["class"], e["pooling"], e["dim"], e["frames_per_snippet"]) == (
         "hf-image", "CLIPVisionModel", "pooler_output", 32, 1)
-    assert e["weights_sha256"] == weights_sha256(tiny_clip) and e["path"] == str(tiny_clip.resolve())
+    assert e["weights_sha256"] == weights_sha256(tiny_clip) and e["model"] == tiny_clip.name
+    assert str(tmp_path) not in json.dumps(m)  # no machine paths: names and sha256 only
     # by hand: snippet k (K=1) is the pooled output of the frame nearest to k + 0.5 s (5 fps: frame 5k + 2)
     proc = AutoImageProcessor.from_pretrained(str(tiny_clip), local_files_only=True)
     model = AutoModel.from_pretrained(str(tiny_clip), local_files_only=True).eval()
@@ -541,6 +542,9 @@ def test_ground_video_refuses_other_features(planted, tiny_clip, tmp_path):
           "pooling": "pooler_output", "dim": 32}
     with pytest.raises(DataError, match="weights sha256"):
         checkpoint_features({**g.info, "extractor": hf}, video)
+    with pytest.raises(DataError, match="recorded by name and weights sha256 only; give its local folder with "
+                                        "--video-model"):
+        checkpoint_features({**g.info, "extractor": {**hf, "path": None}}, video)
     with pytest.raises(DataError, match="is not at"):
         checkpoint_features({**g.info, "extractor": {**hf, "path": str(tmp_path / "gone")}}, video)
     # on the command line: one line, exit 2; --features and --video are exclusive

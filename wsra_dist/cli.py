@@ -411,9 +411,10 @@ def ground(
                                                     "extracted with the extractor the checkpoint records (from "
                                                     "`wsra-dist features`; same model, fps and layout); the "
                                                     "duration defaults to the video's."),
-    video_model: Optional[str] = typer.Option(None, help="With --video: local folder of the image model when it is "
-                                                         "no longer at the path the checkpoint records (its weights "
-                                                         "must have the recorded sha256)."),
+    video_model: Optional[str] = typer.Option(None, help="With --video and a checkpoint trained on features of a "
+                                                         "Hugging Face image model: its local folder (checkpoints "
+                                                         "record the model's name and weights sha256, not a path; "
+                                                         "the weights must have that sha256)."),
     query: List[str] = typer.Option([], help="A query sentence; repeat for several."),
     queries: Optional[Path] = typer.Option(None, help="A text file with one query per line."),
     duration: Optional[float] = typer.Option(None, help="Video length in seconds (default: 5 s per DiDeMo chunk, "

@@ -285,7 +285,8 @@ class HFImageExtractor:
         return x.cpu().numpy().astype(np.float32)
 
     def record(self) -> dict:
-        return {"kind": "hf-image", "model": self.path.name, "path": str(self.path), "weights_sha256": self.sha256,
+        # name + weights sha256, never a machine path (manifests and checkpoints travel between machines)
+        return {"kind": "hf-image", "model": self.path.name, "path": None, "weights_sha256": self.sha256,
                 "class": self.class_name, "processor": type(self.processor).__name__, "pooling": self.pooling,
                 "dim": self.dim}
 

@@ -138,10 +138,13 @@ def checkpoint_features(info: dict, video: str | Path, video_model: str | None =
         if e.get("kind") == PIXELS:
             model = PIXELS
         elif e.get("kind") == "hf-image":
-            model = video_model or e.get("path")
+            # the record names the model and its weights' sha256, not a path: the user says where it is here
+            model = video_model or e.get("path")  # (`path`: records written before paths were dropped)
             if not model or not Path(model).is_dir():
+                where = f"is not at {model}" if model else "is recorded by name and weights sha256 only"
                 raise DataError(f"--video: the image model the checkpoint's features were extracted with "
-                                f"({e.get('model')}) is not at {e.get('path')}; give its local folder with --video-model")
+                                f"({e.get('model')}, weights sha256 {str(e.get('weights_sha256'))[:12]}...) {where}; "
+                                "give its local folder with --video-model")
         else:
             raise DataError(f"--video: the checkpoint records an extractor of unknown kind {e.get('kind')!r}")
         extractor = load_extractor(model, device, expect_sha256=e.get("weights_sha256"))

@@ -127,7 +127,7 @@ class _Group:
 
 def _source(path: Path) -> dict:
     st = path.stat()
-    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+    return {"path": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
 
 
 def _unchanged(rec: dict, path: Path) -> bool:
@@ -214,7 +214,7 @@ def run_features(videos: str | Path, model: str, fps: float, layout: str, out: s
                 except VideoError as e:
                     summary.failed += 1
                     _say(say, "failed", f"{p}: {e}", "bold red")
-                    output.journal(group.rank, {"key": k, "ok": False, "path": str(p), "reason": str(e)})
+                    output.journal(group.rank, {"key": k, "ok": False, "path": p.name, "reason": str(e)})
                     bar.advance(task)
                     continue
                 output.write(k, x)
