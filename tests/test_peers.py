@@ -279,18 +279,24 @@ def test_launcher_restart_continues_from_the_latest_checkpoint(shards, tmp_path)
     full = subprocess.run([*base, "-m", "wsra_dist.train", *_args(shards, tmp_path / "full", extra)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=400)
     assert full.returncode == 0, full.stderr[-3000:]
-    base[base.index("--main_process_port") + 1] = str(_free_port())
     # c10d rendezvous: with accelerate's default (static) the restarted workers read the old workers' gloo
-    # addresses and cannot connect (measured); --main_process_ip gives the c10d store its host.  Even with
-    # c10d, gloo's first connect after a restart sometimes fails on a busy 2-core machine (1 run in 3 here):
-    # that attempt fails at start-up, before any step, and the next restart proceeds, hence 3 restarts.
-    p = subprocess.run([*base, "--max_restarts", "3", "--rdzv_backend", "c10d", "--main_process_ip", "127.0.0.1", "-m", "wsra_dist.train", *_args(shards, tmp_path / "cut", extra)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=400,
-                       env={**env, "WSRA_TEST_SIGKILL_AT_STEP": "8", "WSRA_TEST_SIGKILL_RANK": "1"})
-    log = p.stdout + p.stderr
+    # addresses and cannot connect (measured); --main_process_ip gives the c10d store its host.
+    # KNOWN FLAKE (open, see docs/reliability.md): on this busy 2-core VM gloo's connect after a restart
+    # sometimes fails ("connectFullMesh failed ... Connection refused", ~1 run in 3) and the later restarts
+    # fail the same way.  Only that start-up failure is retried, once, from scratch; any other failure fails.
+    for attempt in range(2):
+        cut = tmp_path / f"cut{attempt}"
+        base[base.index("--main_process_port") + 1] = str(_free_port())
+        p = subprocess.run([*base, "--max_restarts", "3", "--rdzv_backend", "c10d", "--main_process_ip", "127.0.0.1",
+                            "-m", "wsra_dist.train", *_args(shards, cut, extra)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=400,
+                           env={**env, "WSRA_TEST_SIGKILL_AT_STEP": "8", "WSRA_TEST_SIGKILL_RANK": "1"})
+        log = p.stdout + p.stderr
+        if p.returncode == 0 or "connectFullMesh failed" not in log:
+            break
     assert p.returncode == 0, log[-3000:]
     assert "resume=auto: no complete checkpoint yet" in log and "resumed from" in log and "step-00000005" in log
-    assert max_weight_diff(load_weights(tmp_path / "full"), load_weights(tmp_path / "cut")) <= 1e-5
+    assert max_weight_diff(load_weights(tmp_path / "full"), load_weights(cut)) <= 1e-5
 
 
 # ----------------------------------------------------------------------------- 5. no orphans
