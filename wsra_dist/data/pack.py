@@ -148,14 +148,9 @@ def shard_didemo(
     records = DD.read_annotations(annotations)
     files = DD.FeatureFiles(features)
     try:
-        missing = [r for r in records if r.video not in files]
-        if missing and not skip_missing:
-            r = missing[0]
-            raise DataError(
-                f"{annotations}: annotation_id {r.query_id}: video {r.video!r} is missing from "
-                f"{', '.join(files.missing_from(r.video))} ({len(missing)} queries in all; --skip-missing skips them)"
-            )
-        records = [r for r in records if r.video in files]
+        records, missing = _with_features(records, files, skip_missing, lambda r: (
+            f"{annotations}: annotation_id {r.query_id}: video {r.video!r} is missing from "
+            f"{', '.join(files.missing_from(r.video))}"))
         def video_of(r: QueryRecord) -> np.ndarray:  # the official chunks, modalities side by side
             return np.concatenate(files.chunks(r.video), axis=1).astype(np.float32)
 
@@ -189,12 +184,8 @@ def shard_charades(
     dur = CH.read_durations(durations)
     records, stats = CH.read_annotations(annotations, dur, charades_filter, durations_file=str(durations))
     feats = CH.SnippetFeatures(features)
-    missing = [r for r in records if r.video not in feats]
-    if missing and not skip_missing:
-        r = missing[0]
-        raise DataError(f"{annotations}: line {r.query_id + 1}: no features for video {r.video!r} at "
-                        f"{feats.where(r.video)} ({len(missing)} queries in all; --skip-missing skips them)")
-    records = [r for r in records if r.video in feats]
+    records, missing = _with_features(records, feats, skip_missing, lambda r: (
+        f"{annotations}: line {r.query_id + 1}: no features for video {r.video!r} at {feats.where(r.video)}"))
     video_of = _snippets_of(feats, resample)
 
     def meta_of(r: QueryRecord) -> dict:
@@ -212,6 +203,16 @@ def shard_charades(
                    "skipped_missing": len(missing), **stats},
     }, progress, cache_dir, device, where_of=lambda r: feats.where(r.video),
         describe=lambda r: f"{annotations}: line {r.query_id + 1}", compress=compress)
+
+
+def _with_features(records: list[QueryRecord], feats, skip_missing: bool,
+                   where: Callable[[QueryRecord], str]) -> tuple[list[QueryRecord], list[QueryRecord]]:
+    """(records whose video has features, the others); without --skip-missing a missing video is an error
+    naming the first such record (`where`) and the count."""
+    missing = [r for r in records if r.video not in feats]
+    if missing and not skip_missing:
+        raise DataError(f"{where(missing[0])} ({len(missing)} queries in all; --skip-missing skips them)")
+    return [r for r in records if r.video in feats], missing
 
 
 def _snippets_of(feats, resample: int) -> Callable[[QueryRecord], np.ndarray]:
@@ -242,12 +243,8 @@ def shard_activitynet(
         raise DataError(f"--resample must be >= 0 snippets (0 keeps T), got {resample}")
     records, stats = AN.read_annotations(annotations, activitynet_filter)
     feats = AN.C3DFeatures(features)
-    missing = [r for r in records if r.video not in feats]
-    if missing and not skip_missing:
-        r = missing[0]
-        raise DataError(f"{annotations}: video {r.video!r} sentence {r.extra['sentence']}: no features at "
-                        f"{feats.where(r.video)} ({len(missing)} queries in all; --skip-missing skips them)")
-    records = [r for r in records if r.video in feats]
+    records, missing = _with_features(records, feats, skip_missing, lambda r: (
+        f"{annotations}: video {r.video!r} sentence {r.extra['sentence']}: no features at {feats.where(r.video)}"))
     video_of = _snippets_of(feats, resample)
 
     def meta_of(r: QueryRecord) -> dict:
