@@ -88,7 +88,7 @@ def predict(model: WSRA, source: ShardSource, protocol: str, batch_size: int = 6
         model.didemo = DidemoLayout.from_dict(layout_of(source.manifest))
     for batch in iter_eval_batches(source, batch_size, world, rank, verify):
         preds += rank_batch(model, batch, protocol, device)
-        truth += [{"query_id": m["query_id"], "video": m["video"], "times": m["times"], "duration": m["duration"]}
-                  for m in batch.meta]
+        truth += [{"query_id": m["query_id"], "video": m["video"], "times": m["times"], "duration": m["duration"],
+                   "query": m.get("query", "")} for m in batch.meta]
     model.train(was_training)
     return preds, truth

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from ..data.records import DataError
 from . import scoring, tables
@@ -17,7 +16,8 @@ MD_PREDICTIONS = "predictions_md.jsonl"  # moment_detr / lighthouse format, besi
 
 
 def _write_outputs(out: Path, protocol: str, metrics: dict, reference: dict, n_queries: int, settings: dict,
-                   run_name: str, feature: str, predictions: list[dict] | None = None) -> str:
+                   run_name: str, feature: str, predictions: list[dict] | None = None,
+                   truth: Sequence[dict] = ()) -> str:
     out.mkdir(parents=True, exist_ok=True)
     rows = tables.rows_for(protocol, metrics, reference, run_name, feature)
     md = tables.markdown(protocol, rows, tables.caption(protocol, n_queries, settings))
@@ -29,7 +29,7 @@ def _write_outputs(out: Path, protocol: str, metrics: dict, reference: dict, n_q
 
     if predictions is not None:
         put("predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
-        put(MD_PREDICTIONS, _md_lines(protocol, predictions, settings.get("shards") or []))
+        put(MD_PREDICTIONS, _md_lines(protocol, predictions, truth))
     keys = scoring.KEYS[protocol]
     put("metrics.json", json.dumps({k: round(metrics[k], 4) for k in keys} | {"num_queries": n_queries,
                                    "protocol": protocol, "settings": settings}, indent=1))
@@ -38,54 +38,18 @@ def _write_outputs(out: Path, protocol: str, metrics: dict, reference: dict, n_q
     return md
 
 
-def _md_lines(protocol: str, predictions: list[dict], shards: Sequence[str]) -> str:
-    """The predictions as moment_detr / lighthouse JSONL lines (formats.to_md), with each query's sentence
-    and video from the shards' meta.json (the prediction dicts carry no sentence)."""
+def _md_lines(protocol: str, predictions: list[dict], truth: Sequence[dict]) -> str:
+    """The predictions as moment_detr / lighthouse JSONL lines (formats.to_md), with each query's sentence and
+    video from the ground-truth records `predict` read from the shards' meta.json (no second pass over them)."""
     from . import formats
 
-    queries = _shard_queries(shards[0]) if shards else {}
+    queries = {t["query_id"]: (t.get("video", ""), t.get("query", "")) for t in truth}
     id_key = formats.protocol(protocol).id_key
     lines = []
     for p in predictions:
         video, sentence = queries.get(p[id_key], (p.get("video", ""), ""))
         lines.append(json.dumps(formats.to_md(p, protocol, query=sentence, vid=video)) + "\n")
     return "".join(lines)
-
-
-def _shard_queries(shards: str) -> dict[int, tuple[str, str]]:
-    """query_id -> (video, sentence) from the meta.json members of a shard set.  Only the small meta.json
-    members are parsed (a local plain tar is seeked past the features); fused checkpoints share their
-    queries, so the first set is enough."""
-    from ..data.loader import ShardSource
-
-    out: dict[int, tuple[str, str]] = {}
-    for url in ShardSource.open(shards).urls:
-        try:
-            for meta in _shard_metas(url):
-                for q in meta.get("queries", []):
-                    out[q["query_id"]] = (meta.get("video", ""), q.get("sentence", ""))
-        except (tarfile.TarError, OSError, ValueError, KeyError) as e:
-            raise DataError(f"{url}: cannot read the queries' sentences for {MD_PREDICTIONS}: {e}") from e
-    return out
-
-
-def _shard_metas(url: str) -> Iterator[dict]:
-    remote = url.startswith("pipe:") or "://" in url
-    if remote:
-        import webdataset as wds
-
-        stream = wds.gopen(url, "rb")
-        tar = tarfile.open(fileobj=stream, mode="r|*")  # a stream: read in order, no seeking
-    else:
-        stream, tar = None, tarfile.open(url, "r:*")
-    try:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".meta.json"):
-                yield json.loads(tar.extractfile(member).read())
-    finally:
-        tar.close()
-        if stream is not None:
-            stream.close()
 
 
 def _dist():
@@ -200,7 +164,7 @@ def _finish(protocol, predictions, truth, out, strict, nms, rank, clip_predictio
         return metrics, None
     reference = scoring.reference_rows(protocol, truth, strict=strict, iou_tolerance=iou_tolerance)
     md = _write_outputs(Path(out), protocol, metrics, reference, len(truth), settings, run_name, feature,
-                        predictions if write_predictions else None)
+                        predictions if write_predictions else None, truth)
     return metrics, md
 
 
