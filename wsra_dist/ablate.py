@@ -54,6 +54,7 @@ MODEL_STUDY = [
     ("hidden=512", {"model.hidden": 512}),
     ("hidden=1024", {"model.hidden": 1024}),
     ("depth=2", {"model.depth": 2}),
+    ("input_norm=l2", {"model.input_norm": "l2"}),
     ("input_norm=layernorm", {"model.input_norm": "layernorm"}),
     ("input_norm=none", {"model.input_norm": "none"}),
     ("w_cross=0.5", {"loss.w_cross": 0.5}),
@@ -100,8 +101,13 @@ def _settings(study: str, recipe_path: Path, overrides: list[str], k_top, k_last
         return rows
     if study == "k":
         return [({"k_top": kt, "k_last": kl}, [f"loss.k_top={kt}", f"loss.k_last={kl}"]) for kt in k_top for kl in k_last]
+    base = load_recipe(recipe_path, overrides)
+
+    def same_as_base(ov: dict) -> bool:  # e.g. input_norm=none on a recipe that has it: a duplicate row
+        return all(getattr(getattr(base, k.split(".")[0]), k.split(".")[1]) == v for k, v in ov.items())
+
     return [({"setting": "recipe as given"}, [])] + [
-        ({"setting": name}, [f"{k}={v}" for k, v in ov.items()]) for name, ov in MODEL_STUDY]
+        ({"setting": name}, [f"{k}={v}" for k, v in ov.items()]) for name, ov in MODEL_STUDY if not same_as_base(ov)]
 
 
 def _label(row: dict) -> str:

@@ -29,6 +29,9 @@ class Profile(str, Enum):
     didemo = "didemo"
     charades = "charades"
     activitynet = "activitynet"
+    didemo_real = "didemo-real"
+    charades_real = "charades-real"
+    activitynet_real = "activitynet-real"
 
 
 class Pooling(str, Enum):
@@ -101,23 +104,48 @@ out_console = Console(soft_wrap=True, highlight=False, markup=False)
 @app.command()
 def synth(
     profile: Profile = typer.Option(..., help="didemo (JSON + average_global_flow.h5), charades (txt + csv + npy) or "
-                                              "activitynet ({train,val_1,val_2}.json + sub_activitynet_v1-3.c3d.hdf5)."),
+                                              "activitynet ({train,val_1,val_2}.json + sub_activitynet_v1-3.c3d.hdf5): "
+                                              "invented sentences and times.  didemo-real, charades-real, "
+                                              "activitynet-real: the REAL annotation files given by --annotations "
+                                              "(their sentences, times, disagreement, lengths) with planted features "
+                                              "calibrated so the literal paper recipe lands near the paper's numbers."),
     out: Path = typer.Option(..., help="Folder to write the planted benchmark into."),
+    annotations: Optional[List[Path]] = typer.Option(
+        None, help="*-real profiles: the official annotation files or a folder holding them (repeatable). "
+                   "didemo-real: {train,val,test}_data.json (without a train file, a seeded 80 % of val's videos "
+                   "trains and the rest validates); charades-real: charades_sta_{train,test}.txt + "
+                   "Charades_v1_{train,test}.csv; activitynet-real: train.json + val_1.json and/or val_2.json."),
     videos: Optional[int] = typer.Option(None, help="Training videos (val/test are a fifth/quarter of it; activitynet: "
                                                     "val_1 and val_2 a quarter, the same videos). "
-                                                    "Default: 1200 (didemo), 800 (charades, activitynet)."),
+                                                    "Default: 1200 (didemo), 800 (charades, activitynet); "
+                                                    "*-real: at most this many training videos (a seeded subset; "
+                                                    "default all)."),
+    eval_videos: Optional[int] = typer.Option(None, help="*-real: at most this many videos per evaluation split "
+                                                         "(a seeded subset; default all)."),
+    noise: Optional[float] = typer.Option(None, help="*-real: noise level instead of the profile's calibrated one "
+                                                     "(docs/method.md, Realistic profiles)."),
     seed: int = typer.Option(0, help="Random seed: the same seed writes the same files."),
 ):
     """Write a planted weakly-supervised grounding benchmark in the official file formats and print its
-    chance and oracle rows (test split)."""
-    from .data.synthetic import synth as run
+    chance, prior (from the training annotations) and oracle rows (test split)."""
     from .evaluation.reference import benchmark_reference_rows
 
     profile = profile.value
-    info = run(profile, out, videos, seed)
+    if profile.endswith("-real"):
+        from .data.realistic import synth_real
+
+        info = synth_real(profile, annotations or [], out, seed, videos, eval_videos, noise)
+    else:
+        from .data.synthetic import synth as run
+
+        if annotations or eval_videos is not None or noise is not None:
+            from .data.records import DataError
+
+            raise DataError(f"--annotations, --eval-videos and --noise are for the *-real profiles, not {profile}")
+        info = run(profile, out, videos, seed)
     out_console.print(f"wrote {profile} benchmark to {out}: splits {info['splits']}")
     for row, vals in benchmark_reference_rows(Path(out), profile).items():
-        out_console.print(f"  {row:12s} " + "  ".join(f"{k} {v:.2f}" for k, v in vals.items()))
+        out_console.print(f"  {row:12s} " + "  ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in vals.items()))
 
 
 # Options shared by both shard commands.
@@ -287,6 +315,13 @@ def evaluate(
     clip_predictions: bool = typer.Option(False, help="Charades, ActivityNet: clip moments into [0, duration] and order "
                                                       "start<=end instead of refusing them; NaN still refused."),
     batch_size: int = typer.Option(64, help="Queries per scoring batch."),
+    train_annotations: Optional[Path] = typer.Option(None, help="The protocol's official TRAINING annotation file "
+                                                             "(train_data.json, charades_sta_train.txt, train.json): "
+                                                             "adds the prior baseline rows (moment frequency; best "
+                                                             "fixed window, length/position).  With --checkpoint the "
+                                                             "default is the truth in the run's data.train_shards."),
+    train_durations: Optional[Path] = typer.Option(None, help="Charades_v1_train.csv for --train-annotations "
+                                                           "(default: the file of that name beside it)."),
     out: Path = typer.Option(..., help="Folder for metrics.json, table.md, table.csv; with --checkpoint also "
                                          "predictions.jsonl, predictions_md.jsonl (moment_detr format) and "
                                          "report.html (table, learning curves, example groundings)."),
@@ -302,14 +337,16 @@ def evaluate(
             raise ValueError("--predictions needs --annotations")
         _, md = evaluate_predictions(predictions, annotations, protocol, out, str(durations) if durations else None,
                                      charades_filter, strict_iou, nms, clip_predictions=clip_predictions,
-                                     iou_tolerance=iou_tolerance, activitynet_filter=activitynet_filter)
+                                     iou_tolerance=iou_tolerance, activitynet_filter=activitynet_filter,
+                                     train_annotations=train_annotations, train_durations=train_durations)
     else:
         if not checkpoint:
             raise ValueError("give --checkpoint RUN_DIR --shards DIR, or --predictions P.jsonl --annotations FILE")
         w = [float(x) for x in fusion_weights.split(",")] if fusion_weights else None
         _, md = evaluate_checkpoints([str(c) for c in checkpoint], shards, protocol, out, w, batch_size,
                                      strict_iou, nms, clip_predictions=clip_predictions,
-                                     iou_tolerance=iou_tolerance)
+                                     iou_tolerance=iou_tolerance, train_annotations=train_annotations,
+                                     train_durations=train_durations)
     if md:
         print(md)  # plain print: markdown rows must not be wrapped
         extra = ", predictions.jsonl, predictions_md.jsonl, report.html" if predictions is None else ""

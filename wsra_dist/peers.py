@@ -10,6 +10,9 @@ Three mechanisms, each for a failure the others miss:
 * a watchdog (the same thread): the trainer marks the regions that wait on peers (`watch.region`);
   if one lasts longer than the timeout + `GRACE_S` (a collective blocked outside the group's
   timeout, e.g. NCCL's abort path or a barrier of a library) it prints the line and exits.
+
+And at start-up under torchrun / `accelerate launch`, `init_process_group` gives each launcher round its own
+namespace in the launcher's store (a restarted round otherwise reads the killed round's gloo addresses).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Iterator
@@ -130,6 +134,92 @@ class PeerWatch:
             who = "a peer failed (every heartbeat is still running: see that process's own error)"
         return (f"lost peer: {who}; {me} stopped in {self.where} at step {self.step}: {cause}. Relaunch the same "
                 "commands with resume=latest (or launch with --max_restarts N and resume=auto)")
+
+
+# ---------------------------------------------------------------------------------- process-group start-up
+ROUND_PREFIX = "wsra/round"  # keys of the start-up handshake in the launcher's store (never under a round's prefix)
+_POLL_S = 0.05
+
+
+class StartupError(RuntimeError):
+    """The processes of a (re)started round could not agree on their process group's namespace."""
+
+
+def init_process_group(backend: str, timeout_s: float) -> bool:
+    """Under torch elastic with the agent's shared store (torchrun / `accelerate launch` with the c10d
+    rendezvous), create the default process group in a namespace of its own for this round of workers.
+    Returns False (and does nothing) elsewhere: accelerate then creates the group as usual.
+
+    Why: the agent of node 0 hosts one TCPStore for the whole job and hands it to every round of
+    workers (`TORCHELASTIC_USE_AGENT_STORE=True`, torch/distributed/elastic/rendezvous/dynamic_rendezvous.py
+    creates it in the first round only), but a worker's env:// store has no per-round prefix (torch 2.13,
+    torch/distributed/rendezvous.py `_create_c10d_store`: "We create a new TCPStore for every retry so no
+    need to add prefix for each attempt", which the agent does not do).  Gloo's full-mesh exchange (`default_pg/0//cpu//0/<rank>`)
+    and NCCL's unique id are then read from the previous round's keys whenever a peer of the new round has
+    not written its own yet: the connect goes to a dead worker's port ("Gloo connectFullMesh failed ...
+    Connection refused"), in about 1 restart of 3 on a busy machine, again at each further restart
+    (pytorch/pytorch#135712).  `TORCHELASTIC_RESTART_COUNT` cannot name the round: it is counted by each
+    node's agent and differs between nodes (pytorch/pytorch#108158).  So rank 0 draws a fresh token and
+    the others learn it through keys that cannot be stale (`_agree_on_round`)."""
+    import torch.distributed as dist
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not dist.is_available() or dist.is_initialized():
+        return False
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world < 2:
+        return False
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    token = _agree_on_round(store, rank, world, timeout_s)
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"{ROUND_PREFIX}/{token}", store), rank=rank,
+                            world_size=world, timeout=timeout)
+    return True
+
+
+def _agree_on_round(store, rank: int, world: int, timeout_s: float) -> str:
+    """One token for every process of this round, from a store that still holds earlier rounds' keys.
+
+    Rank 0 draws the token; every other rank writes a fresh nonce to `hello/<rank>` and waits for
+    `welcome/<its nonce>` (a key no earlier round can have written), then confirms under the token
+    (`<token>/ready/<rank>`, also new).  Rank 0 answers whatever nonce it finds in `hello/<rank>` (an old
+    one gets an answer nobody reads) until every rank has confirmed.  The launcher has stopped every
+    worker of the previous round before it starts this one, so nothing else writes these keys meanwhile.
+    A rank that never arrives ends the others after `timeout_s` with StartupError (the launcher then
+    restarts the round)."""
+    deadline = time.monotonic() + timeout_s
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if rank == 0:
+        token = f"{restart}-{uuid.uuid4().hex}"
+        answered: set[bytes] = set()
+        pending = set(range(1, world))
+        while True:
+            for r in sorted(pending):
+                if store.check([f"{ROUND_PREFIX}/{token}/ready/{r}"]):
+                    pending.discard(r)
+                elif store.check([f"{ROUND_PREFIX}/hello/{r}"]):
+                    nonce = store.get(f"{ROUND_PREFIX}/hello/{r}")
+                    if nonce not in answered:
+                        store.set(f"{ROUND_PREFIX}/welcome/{nonce.decode()}", token)
+                        answered.add(nonce)
+            if not pending:
+                return token
+            if time.monotonic() > deadline:
+                raise StartupError(f"process-group start-up (launcher restart {restart}): rank(s) "
+                                   f"{', '.join(map(str, sorted(pending)))} of {world} did not arrive within "
+                                   f"{timeout_s:g} s (train.process_group_timeout_s)")
+            time.sleep(_POLL_S)
+    nonce = uuid.uuid4().hex
+    store.set(f"{ROUND_PREFIX}/hello/{rank}", nonce)
+    key = f"{ROUND_PREFIX}/welcome/{nonce}"
+    while not store.check([key]):
+        if time.monotonic() > deadline:
+            raise StartupError(f"process-group start-up (launcher restart {restart}): rank 0 did not answer rank "
+                               f"{rank} within {timeout_s:g} s (train.process_group_timeout_s)")
+        time.sleep(_POLL_S)
+    token = store.get(key).decode()
+    store.set(f"{ROUND_PREFIX}/{token}/ready/{rank}", "1")
+    return token
 
 
 _WATCH: PeerWatch | None = None

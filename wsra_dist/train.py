@@ -98,6 +98,10 @@ def make_accelerator(recipe: Recipe):
     kwargs = dict(log_with="tensorboard",
                   project_config=ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=recipe.output_dir),
                   kwargs_handlers=[pg])
+    # Under torchrun / accelerate launch with the c10d rendezvous, the group is created here, in a store
+    # namespace of this launcher round: the agent's store keeps the previous round's gloo/NCCL addresses and a
+    # restarted worker would connect to a dead one (peers.init_process_group). Elsewhere accelerate creates it.
+    peers.init_process_group("gloo" if use_cpu else "nccl", recipe.train.process_group_timeout_s)
     # DeepSpeed on CPU needs the gloo group (not cpu=True), otherwise every rank thinks it is alone.
     return Accelerator(cpu=use_cpu and not deepspeed, **kwargs)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..data.records import DataError
 from . import scoring, tables
 from .metrics import check_iou_tolerance
+from .priors import Baselines, TrainingSet, baselines_for, training_from_annotations, training_from_run
 
 PROTOCOLS = ("didemo", "charades", "activitynet")
 MD_PREDICTIONS = "predictions_md.jsonl"  # moment_detr / lighthouse format, beside predictions.jsonl
@@ -17,10 +18,11 @@ MD_PREDICTIONS = "predictions_md.jsonl"  # moment_detr / lighthouse format, besi
 
 def _write_outputs(out: Path, protocol: str, metrics: dict, reference: dict, n_queries: int, settings: dict,
                    run_name: str, feature: str, predictions: list[dict] | None = None,
-                   truth: Sequence[dict] = ()) -> str:
+                   truth: Sequence[dict] = (), baselines: Baselines | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    rows = tables.rows_for(protocol, metrics, reference, run_name, feature)
-    md = tables.markdown(protocol, rows, tables.caption(protocol, n_queries, settings))
+    baselines = baselines or Baselines()
+    rows = tables.rows_for(protocol, metrics, reference, run_name, feature, baselines.rows)
+    md = tables.markdown(protocol, rows, tables.caption(protocol, n_queries, settings, baselines.note))
 
     def put(name: str, text: str) -> None:
         tmp = out / f".{name}.tmp"
@@ -31,8 +33,9 @@ def _write_outputs(out: Path, protocol: str, metrics: dict, reference: dict, n_q
         put("predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
         put(MD_PREDICTIONS, _md_lines(protocol, predictions, truth))
     keys = scoring.KEYS[protocol]
+    # Keys before "baselines" are a contract; the prior rows come after, in their own block.
     put("metrics.json", json.dumps({k: round(metrics[k], 4) for k in keys} | {"num_queries": n_queries,
-                                   "protocol": protocol, "settings": settings}, indent=1))
+                                   "protocol": protocol, "settings": settings} | baselines.json(), indent=1))
     put("table.md", md)
     put("table.csv", tables.csv_text(protocol, rows))
     return md
@@ -70,9 +73,12 @@ def evaluate_checkpoints(
     fusion_weights: Sequence[float] | None = None, batch_size: int = 64, strict: bool = False,
     nms: float | None = None, device: str | None = None, run_name: str | None = None,
     clip_predictions: bool = False, iou_tolerance: float = 0.0,
+    train_annotations: str | Path | None = None, train_durations: str | Path | None = None,
 ) -> tuple[dict, str | None]:
     """Score one checkpoint (or several, late-fused with weights) on their shards.  The predictions pass the
-    same checks as a prediction file (scoring.score_didemo / score_charades)."""
+    same checks as a prediction file (scoring.score_didemo / score_charades).  The prior rows are learnt on
+    `train_annotations` (the official training file) when given, else on the truth in the first run's
+    data.train_shards (its recipe.yaml) that can be read; without either the table says how to add them."""
     import torch
 
     from ..data.loader import ShardSource
@@ -81,6 +87,7 @@ def evaluate_checkpoints(
     if protocol not in PROTOCOLS:
         raise DataError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
     check_iou_tolerance(iou_tolerance)
+    _check_train_file(train_annotations, train_durations)
     if len(checkpoints) != len(shards):
         raise DataError(f"give one --shards per --checkpoint (late fusion pairs them): {len(checkpoints)} vs {len(shards)}")
     weights = list(fusion_weights or [1.0 / len(checkpoints)] * len(checkpoints))
@@ -123,6 +130,19 @@ def evaluate_checkpoints(
         predictions.append(p)
     predictions.sort(key=lambda p: p[id_key])
     truth_all.sort(key=lambda t: t["query_id"])
+    rule = reader.get("charades_filter" if protocol == "charades" else "activitynet_filter", "clamp")
+
+    def training() -> tuple[TrainingSet | None, str]:
+        if train_annotations:
+            return training_from_annotations(protocol, train_annotations, train_durations, rule), ""
+        whys = []
+        for ck in checkpoints:
+            train, why = training_from_run(ck, protocol)
+            if train is not None:
+                return train, ""
+            whys.append(why)
+        return None, whys[0] if whys else ""
+
     metrics, md = _finish(protocol, predictions, truth_all, out, strict, nms, rank, clip_predictions, iou_tolerance,
                           run_name=run_name or " + ".join(Path(c).name for c in checkpoints),
                           feature=" & ".join(_feature_name(s) for s in shards), write_predictions=True,
@@ -131,7 +151,8 @@ def evaluate_checkpoints(
                                           **({"charades_filter": reader.get("charades_filter", "clamp")}
                                              if protocol == "charades" else {}),
                                           **({"activitynet_filter": reader.get("activitynet_filter", "clamp")}
-                                             if protocol == "activitynet" else {})})
+                                             if protocol == "activitynet" else {})},
+                          training=training)
     if md is not None:  # main process: OUT/report.html (imported here: report.py is the top floor, above evaluation/)
         from ..report import write_report
 
@@ -150,8 +171,20 @@ def _feature_name(shards: str) -> str:
         return "-"
 
 
+def _check_train_file(train_annotations, train_durations) -> None:
+    """Refuse a missing training file before any scoring (checkpoints may take long to predict)."""
+    for flag, p in (("--train-annotations", train_annotations), ("--train-durations", train_durations)):
+        if p and not Path(p).is_file():
+            raise DataError(f"{p}: {flag} file not found")
+    if train_durations and not train_annotations:
+        raise DataError("--train-durations needs --train-annotations (the training file the durations belong to)")
+
+
 def _finish(protocol, predictions, truth, out, strict, nms, rank, clip_predictions, iou_tolerance, run_name, feature,
-            write_predictions, settings_extra, where=None) -> tuple[dict, str | None]:
+            write_predictions, settings_extra, where=None,
+            training: Callable[[], tuple[TrainingSet | None, str]] | None = None) -> tuple[dict, str | None]:
+    """Score, then (main process) write the outputs.  `training` returns the training annotations for the prior
+    rows, or (None, why): called here so only the main process reads them."""
     if protocol == "didemo":
         metrics = scoring.score_didemo(predictions, truth, where=where)
         settings = {"strict": strict, "nms": nms, **settings_extra}
@@ -163,8 +196,10 @@ def _finish(protocol, predictions, truth, out, strict, nms, rank, clip_predictio
     if rank != 0:
         return metrics, None
     reference = scoring.reference_rows(protocol, truth, strict=strict, iou_tolerance=iou_tolerance)
+    train, why = training() if training is not None else (None, "")
+    baselines = baselines_for(protocol, train, why, truth, strict=strict, nms=nms, iou_tolerance=iou_tolerance)
     md = _write_outputs(Path(out), protocol, metrics, reference, len(truth), settings, run_name, feature,
-                        predictions if write_predictions else None, truth)
+                        predictions if write_predictions else None, truth, baselines)
     return metrics, md
 
 
@@ -172,16 +207,20 @@ def evaluate_predictions(
     predictions: str | Path, annotations: str | Path, protocol: str, out: str | Path, durations: str | None = None,
     charades_filter: str = "clamp", strict: bool = False, nms: float | None = None, clip_predictions: bool = False,
     iou_tolerance: float = 0.0, activitynet_filter: str = "clamp",
+    train_annotations: str | Path | None = None, train_durations: str | Path | None = None,
 ) -> tuple[dict, str | None]:
     """Score any method's JSONL predictions against the official annotation file.  Malformed predictions are
     refused with the file and line (scoring.read_predictions_located); Charades-STA / ActivityNet
     `clip_predictions` orders and clips moments into [0, duration] instead of refusing them.  ActivityNet
-    Captions: `annotations` is the split's JSON (val_2.json for the test), ids are its running query index."""
+    Captions: `annotations` is the split's JSON (val_2.json for the test), ids are its running query index.
+    `train_annotations` (the protocol's official training file; Charades-STA also `train_durations`, by default
+    Charades_v1_train.csv beside it) adds the prior baseline rows, read with the same defect rule."""
     from ..data import activitynet, charades, didemo
 
     if protocol not in PROTOCOLS:
         raise DataError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
     check_iou_tolerance(iou_tolerance)
+    _check_train_file(train_annotations, train_durations)
     preds, where = scoring.read_predictions_located(predictions, protocol, clip_predictions)
     if protocol == "didemo":
         recs = didemo.read_annotations(annotations)
@@ -198,7 +237,14 @@ def evaluate_predictions(
                                                 durations_file=str(durations))
         truth = [{"query_id": r.query_id, "video": r.video, "times": r.times, "duration": r.duration} for r in recs]
         extra = {"charades_filter": charades_filter, "filter_stats": stats}
+    rule = charades_filter if protocol == "charades" else activitynet_filter
+
+    def training() -> tuple[TrainingSet | None, str]:
+        if not train_annotations:
+            return None, "no --train-annotations"
+        return training_from_annotations(protocol, train_annotations, train_durations, rule), ""
+
     return _finish(protocol, preds, truth, out, strict, nms, 0, clip_predictions, iou_tolerance,
                    run_name=Path(predictions).stem, feature="-", write_predictions=False,
                    settings_extra={"predictions": str(predictions), "annotations": str(annotations), **extra},
-                   where=where)
+                   where=where, training=training)

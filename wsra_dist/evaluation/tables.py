@@ -28,15 +28,30 @@ PAPER_ACTIVITYNET = [
 PAPER_ROWS = {"didemo": PAPER_DIDEMO, "charades": PAPER_CHARADES, "activitynet": PAPER_ACTIVITYNET}
 
 
-def rows_for(protocol: str, metrics: dict, reference: dict, run_name: str, feature: str) -> list[tuple]:
+def rows_for(protocol: str, metrics: dict, reference: dict, run_name: str, feature: str,
+             priors: dict | None = None) -> list[tuple]:
+    """Chance of these queries, the prior baselines learnt on the training annotations (priors.py; a metric a row
+    lacks shows as '-'), the upper bound of these queries, the paper's rows, then this run."""
     keys = KEYS[protocol]
-    rows = [(f"{k} (exact, these queries)", "-", tuple(reference[k].get(x) for x in keys)) for k in ("Chance", "Upper bound")]
+
+    def exact(k: str) -> tuple:
+        return (f"{k} (exact, these queries)", "-", tuple(reference[k].get(x) for x in keys))
+
+    rows = [exact("Chance")]
+    rows += [(name, "-", tuple(vals.get(x) for x in keys)) for name, vals in (priors or {}).items()]
+    rows += [exact("Upper bound")]
     rows += PAPER_ROWS[protocol]
     rows.append((f"**{run_name}** (this run)", feature, tuple(metrics.get(x) for x in keys)))
     return rows
 
 
-def caption(protocol: str, n_queries: int, settings: dict) -> str:
+def caption(protocol: str, n_queries: int, settings: dict, note: str = "") -> str:
+    """The table's one-line caption; `note` (e.g. why the prior rows are missing) is appended."""
+    text = _caption(protocol, n_queries, settings)
+    return f"{text} {note}" if note else text
+
+
+def _caption(protocol: str, n_queries: int, settings: dict) -> str:
     if protocol == "didemo":
         return (f"DiDeMo protocol (LocalizingMoments eval.py): {n_queries} queries; 21 candidates; rank = mean of the "
                 f"3 best annotator ranks, IoU = mean of the 3 best annotator IoUs of the top-1 (inclusive chunks); "
