@@ -74,6 +74,11 @@ def _density_loop(windows, train, h):
     return out
 
 
+def _iou(a, b):
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    return inter / (max(a[1], b[1]) - min(a[0], b[0]))
+
+
 @pytest.mark.parametrize("protocol", ["charades", "activitynet"])
 def test_length_position_prior_matches_a_slow_loop(protocol):
     rng = random.Random(1)
@@ -86,7 +91,10 @@ def test_length_position_prior_matches_a_slow_loop(protocol):
             dens = _density_loop((wins / dur).tolist(), train, h)
             np.testing.assert_allclose(P.window_density(wins / dur, np.asarray(train), h), dens, rtol=1e-12)
             order = sorted(range(len(wins)), key=lambda i: (-dens[i], i))  # densest first, ties in window order
-            np.testing.assert_array_equal(got, wins[order])
+            picked, later = [], []  # then near-copies (IoU >= 0.5 with an earlier pick) to the back
+            for i in order:
+                (later if any(_iou(wins[i] / dur, wins[j] / dur) >= 0.5 - 1e-9 for j in picked) else picked).append(i)
+            np.testing.assert_array_equal(got, wins[picked + later])
 
 
 def test_length_position_prior_by_hand():
@@ -137,12 +145,14 @@ def test_charades_priors_on_real_files():
     rows = P.prior_rows("charades", train, truth)
     fixed, lp = rows[P.PRIOR_FIXED], rows[P.PRIOR_LENGTH]
     # Measured: fixed window [0, .3] of the video: R@1 40.3 / 30.6 / 15.2, mIoU 28.1 (the paper's WSRA: 50.1 / 31.2 /
-    # 11.0, mIoU 31.0); length/position R@1 .5 23.5, R@5 .5 39.9.
+    # 11.0, mIoU 31.0); length/position R@1 .5 23.5, R@5 .3 / .5 80.8 / 58.0 (39.9 at .5 before the ranking was
+    # diversified: its top 5 were near-copies, below chance 57.3).
     assert 27 <= fixed["R@1,IoU=0.5"] <= 34 and 24 <= fixed["mIoU"] <= 32
-    assert 18 <= lp["R@1,IoU=0.5"] <= 29 and 35 <= lp["R@5,IoU=0.5"] <= 45
+    assert 18 <= lp["R@1,IoU=0.5"] <= 29 and 53 <= lp["R@5,IoU=0.5"] <= 63
     chance, _ = M.charades_chance_oracle([benchmark_windows("charades", t["duration"]) for t in truth],
                                          np.array([t["times"][0] for t in truth]))
     assert fixed["R@1,IoU=0.5"] > chance["R@1,IoU=0.5"] and lp["R@1,IoU=0.5"] > chance["R@1,IoU=0.5"]
+    assert lp["R@5,IoU=0.5"] > chance["R@5,IoU=0.5"]  # the diversified ranking's top 5 are not near-copies
 
 
 @requires_shared
@@ -154,9 +164,9 @@ def test_activitynet_priors_on_real_files():
     rows = P.prior_rows("activitynet", train, truth)
     fixed, lp = rows[P.PRIOR_FIXED], rows[P.PRIOR_LENGTH]
     # Measured: fixed window [.12, 1] (chosen at IoU .3): R@1 72.8 / 49.2 / 26.9, mIoU 33.8; length/position R@5
-    # 94.3 / 82.0 / 57.4.
+    # 95.0 / 84.0 / 60.0.
     assert 44 <= fixed["R@1,IoU=0.3"] <= 54 and 22 <= fixed["R@1,IoU=0.5"] <= 32
-    assert 75 <= lp["R@5,IoU=0.3"] <= 88
+    assert 78 <= lp["R@5,IoU=0.3"] <= 90
 
 
 # ------------------------------------------------------------------------------ in every table

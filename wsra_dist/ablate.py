@@ -163,7 +163,7 @@ def run_ablation(recipe_path: Path, study: str, out: Path, overrides: list[str],
     for fields, extra in _settings(study, Path(recipe_path), overrides, k_top, k_last):
         name = _label(fields).replace(" + ", "+").replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
         results.append({**fields, **_seeded(recipe_path, overrides + extra, out / "runs" / name, seeds)})
-    lines = _table(study, results, seeds)
+    lines = _table(study, results, seeds) + _prior_lines(recipe_path, overrides, results, study)
     if study == "k":
         _plot_k(results, out / "k_study.png")
     else:
@@ -176,6 +176,27 @@ def run_ablation(recipe_path: Path, study: str, out: Path, overrides: list[str],
     tmp.write_text(md)
     os.replace(tmp, out / "table.md")
     return md
+
+
+def _prior_lines(recipe_path: Path, overrides: list[str], results: list[dict], study: str) -> list[str]:
+    """Table rows of the prior baselines (learnt on the training shards' annotations, scored on the validation
+    queries the runs are scored on): what a method must beat without looking at the video."""
+    from .data.shards import load_manifest, manifest_path_for
+    from .evaluation.priors import prior_rows, training_from_shards
+
+    r = load_recipe(recipe_path, overrides)
+    try:
+        protocol = load_manifest(r.data.train_manifest or manifest_path_for(r.data.train_shards)).get("benchmark")
+        train = training_from_shards(r.data.train_shards, protocol, r.data.train_manifest)
+        val = training_from_shards(r.data.val_shards, protocol, r.data.val_manifest)
+        rows = prior_rows(protocol, train, val.queries)
+    except Exception as e:  # the study's table stands without them; say why
+        return ["", f"(prior baselines left out: {type(e).__name__}: {e})"]
+    keys = list(results[0]["runs"][0])
+    pad = ["", ""] if study == "k" else [""]
+    return [f"| {name} |" + " |" * (len(pad) - 1) + " " + " | ".join(
+        "-" if vals.get(k) is None else f"{vals[k]:.2f}" for k in keys) + " | baseline (no video) |"
+        for name, vals in rows.items()]
 
 
 def _y_range(lo: float, hi: float, min_span: float = 10.0) -> tuple[float, float]:

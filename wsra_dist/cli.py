@@ -128,7 +128,7 @@ def synth(
 ):
     """Write a planted weakly-supervised grounding benchmark in the official file formats and print its
     chance, prior (from the training annotations) and oracle rows (test split)."""
-    from .evaluation.reference import benchmark_reference_rows
+    from .evaluation.reference import benchmark_reference_rows, test_split_file
 
     profile = profile.value
     if profile.endswith("-real"):
@@ -144,6 +144,8 @@ def synth(
             raise DataError(f"--annotations, --eval-videos and --noise are for the *-real profiles, not {profile}")
         info = run(profile, out, videos, seed)
     out_console.print(f"wrote {profile} benchmark to {out}: splits {info['splits']}")
+    out_console.print(f"reference rows of the test split ({test_split_file(Path(out), profile)}; priors learnt on the "
+                      f"training file, a fixed window has no R@5):")
     for row, vals in benchmark_reference_rows(Path(out), profile).items():
         out_console.print(f"  {row:12s} " + "  ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in vals.items()))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -137,6 +138,11 @@ def _interval_cover(times: Sequence[Sequence[float]], T: int, slot: float) -> np
     return out
 
 
+def _split_rng(seed: int, split: str) -> np.random.Generator:
+    """One generator per split and purpose: the test subset must not change with --videos."""
+    return np.random.default_rng([seed, int.from_bytes(hashlib.blake2b(split.encode(), digest_size=4).digest(), "little")])
+
+
 def _subset(rng, items: list, n: int | None) -> list:
     if n is None or n >= len(items):
         return items
@@ -165,12 +171,27 @@ def _find(annotations: Sequence[str | Path], names: Sequence[str]) -> dict[str, 
 class _Staging:
     """Write into OUT/.synth-staging, then move every file into OUT at the end (nothing half-written)."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, profile: str):
         self.out = out
         self.dir = out / ".synth-staging"
+        prev = out / "realistic.json"
+        if out.is_dir():
+            mine = json.loads(prev.read_text()).get("profile") if prev.is_file() else None
+            others = [p.name for p in out.iterdir() if p.name != ".synth-staging"]
+            if others and mine != profile:  # never mix two benchmarks in one folder, never delete the user's files
+                raise DataError(f"{out}: --out is not empty ({', '.join(sorted(others)[:3])}"
+                                f"{', ...' if len(others) > 3 else ''}) and is not an earlier {profile} output: "
+                                f"choose an empty or new folder")
         if self.dir.exists():
             shutil.rmtree(self.dir)
         (self.dir / "features").mkdir(parents=True)
+
+    def __enter__(self) -> "_Staging":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is not None:  # failed or interrupted: nothing half-written is left behind
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __truediv__(self, name: str) -> Path:
         return self.dir / name
@@ -205,7 +226,7 @@ def write_didemo_real(annotations: Sequence[str | Path], out: Path, seed: int = 
     for p in files.values():
         didemo.read_annotations(p)  # validates every record, naming file and index
     raw = {n: json.loads(p.read_text()) for n, p in files.items()}
-    rng = np.random.default_rng(seed)
+    rng = _split_rng(seed, "val-split")
     sources: dict[str, str] = {}
 
     def by_video(recs: list[dict]) -> dict[str, list[dict]]:
@@ -235,17 +256,17 @@ def write_didemo_real(annotations: Sequence[str | Path], out: Path, seed: int = 
     sources["test"] = str(files["test_data.json"])
     for split in groups:
         cap = videos if split == "train" else eval_videos
-        keep = _subset(rng, list(groups[split]), cap)
+        keep = _subset(_split_rng(seed, split), list(groups[split]), cap)
         groups[split] = {v: groups[split][v] for v in keep}
 
     mapping = HiddenMapping(dim, seed, d.invisible)
     pool = [mapping.signature(r["description"]) for r in (q for g in groups["train"].values() for q in g)]
     pool = [p for p in pool if p.any()]
+    rng = _split_rng(seed, "features")
     out.mkdir(parents=True, exist_ok=True)
-    stage = _Staging(out)
     written: set[str] = set()
     sizes = {}
-    with h5py.File(stage / "average_global_flow.h5", "w") as h5:
+    with _Staging(out, "didemo-real") as stage, h5py.File(stage / "average_global_flow.h5", "w") as h5:
         for split, g in groups.items():
             records = []
             for video, recs in g.items():
@@ -266,8 +287,9 @@ def write_didemo_real(annotations: Sequence[str | Path], out: Path, seed: int = 
                 h5.create_dataset(video, data=x.astype(np.float32))
             (stage / f"{split}_data.json").write_text(json.dumps(records))
             sizes[split] = {"videos": len(g), "queries": len(records)}
-    stage.commit()
-    _provenance(out, "didemo-real", seed, d, sizes, sources)
+        h5.close()
+        _provenance(stage.dir, "didemo-real", seed, d, sizes, sources)
+        stage.commit()
     return {"splits": sizes, "features": str(out / "average_global_flow.h5")}
 
 
@@ -285,7 +307,6 @@ def write_charades_real(annotations: Sequence[str | Path], out: Path, seed: int 
     missing = [n for n in names if n not in files]
     if missing:
         raise DataError(f"charades-real needs {', '.join(missing)} (given: {', '.join(map(str, annotations))})")
-    rng = np.random.default_rng(seed)
     mapping = HiddenMapping(dim, seed, d.invisible)
     plan = {}
     for split in ("train", "test"):
@@ -296,32 +317,33 @@ def write_charades_real(annotations: Sequence[str | Path], out: Path, seed: int 
         by_vid: dict[str, list] = {}
         for r in recs:
             by_vid.setdefault(r.video, []).append(r)
-        keep = _subset(rng, list(by_vid), videos if split == "train" else eval_videos)
+        keep = _subset(_split_rng(seed, split), list(by_vid), videos if split == "train" else eval_videos)
         plan[split] = (durations, by_vid, keep, lines)
     pool = [mapping.signature(r.sentence) for v in plan["train"][2] for r in plan["train"][1][v]]
     pool = [p for p in pool if p.any()]
+    rng = _split_rng(seed, "features")
     out.mkdir(parents=True, exist_ok=True)
-    stage = _Staging(out)
     sizes = {}
-    for split, (durations, by_vid, keep, lines) in plan.items():
-        kept = set(keep)
-        for vid in keep:
-            dur = durations[vid]
-            T = max(8, int(round(dur * snippets_per_second)))
-            slot = dur / T
-            cover = _interval_cover([r.times[0] for r in by_vid[vid]], T, slot)
-            sigs = np.stack([mapping.signature(r.sentence) for r in by_vid[vid]])
-            x = _plant(rng, cover, sigs, dim, d, pool, lambda rg, T: int(rg.integers(max(2, T // 8), max(3, T // 3) + 1)))
-            np.save(stage / "features" / f"{vid}.npy", x.astype(np.float32), allow_pickle=False)
-        # Lines of kept videos (defective ones too: the shard reader applies its rule); CSV rows of kept videos.
-        (stage / f"charades_sta_{split}.txt").write_text("".join(
-            ln for ln in lines if ln.strip() and ln.split(" ", 1)[0] in kept))
-        src = files[f"Charades_v1_{split}.csv"].read_text().splitlines(keepends=True)
-        (stage / f"Charades_v1_{split}.csv").write_text(src[0] + "".join(
-            ln for ln in src[1:] if ln.split(",", 1)[0] in kept))
-        sizes[split] = {"videos": len(keep), "queries": sum(len(by_vid[v]) for v in keep)}
-    stage.commit()
-    _provenance(out, "charades-real", seed, d, sizes, {n: str(p) for n, p in files.items()})
+    with _Staging(out, "charades-real") as stage:
+        for split, (durations, by_vid, keep, lines) in plan.items():
+            kept = set(keep)
+            for vid in keep:
+                dur = durations[vid]
+                T = max(8, int(round(dur * snippets_per_second)))
+                slot = dur / T
+                cover = _interval_cover([r.times[0] for r in by_vid[vid]], T, slot)
+                sigs = np.stack([mapping.signature(r.sentence) for r in by_vid[vid]])
+                x = _plant(rng, cover, sigs, dim, d, pool, lambda rg, T: int(rg.integers(max(2, T // 8), max(3, T // 3) + 1)))
+                np.save(stage / "features" / f"{vid}.npy", x.astype(np.float32), allow_pickle=False)
+            # Lines of kept videos (defective ones too: the shard reader applies its rule); CSV rows of kept videos.
+            (stage / f"charades_sta_{split}.txt").write_text("".join(
+                ln for ln in lines if ln.strip() and ln.split(" ", 1)[0] in kept))
+            src = files[f"Charades_v1_{split}.csv"].read_text().splitlines(keepends=True)
+            (stage / f"Charades_v1_{split}.csv").write_text(src[0] + "".join(
+                ln for ln in src[1:] if ln.split(",", 1)[0] in kept))
+            sizes[split] = {"videos": len(keep), "queries": sum(len(by_vid[v]) for v in keep)}
+        _provenance(stage.dir, "charades-real", seed, d, sizes, {n: str(p) for n, p in files.items()})
+        stage.commit()
     return {"splits": sizes, "features": str(out / "features")}
 
 
@@ -340,12 +362,12 @@ def write_activitynet_real(annotations: Sequence[str | Path], out: Path, seed: i
     if "train.json" not in files or not ({"val_1.json", "val_2.json"} & set(files)):
         raise DataError("activitynet-real needs train.json and val_1.json and/or val_2.json "
                         f"(given: {', '.join(map(str, annotations))})")
-    rng = np.random.default_rng(seed)
     recs = {n: activitynet.read_annotations(p, "clamp")[0] for n, p in files.items()}
     raw = {n: json.loads(p.read_text()) for n, p in files.items()}
-    train_keep = _subset(rng, list(raw["train.json"]), videos)
+    train_keep = _subset(_split_rng(seed, "train"), list(raw["train.json"]), videos)
     eval_ids = list(dict.fromkeys(v for n in raw if n != "train.json" for v in raw[n]))
-    eval_keep = _subset(rng, eval_ids, eval_videos)
+    eval_keep = _subset(_split_rng(seed, "eval"), eval_ids, eval_videos)
+    rng = _split_rng(seed, "features")
     mapping = HiddenMapping(dim, seed, d.invisible)
     kept_train = set(train_keep)
     pool = [mapping.signature(r.sentence) for r in recs["train.json"] if r.video in kept_train]
@@ -359,27 +381,27 @@ def write_activitynet_real(annotations: Sequence[str | Path], out: Path, seed: i
                 moments.setdefault(r.video, []).append(r)
                 durations[r.video] = r.duration
     out.mkdir(parents=True, exist_ok=True)
-    stage = _Staging(out)
     from .synthetic import ACTIVITYNET_FEATURES
 
-    with h5py.File(stage / ACTIVITYNET_FEATURES, "w") as h5:
-        for vid in list(train_keep) + [v for v in eval_keep if v not in kept_train]:
-            if vid not in moments:  # every moment of the video was a defect
-                continue
-            dur = durations[vid]
-            T = int(np.clip(round(dur * snippets_per_second), 8, max_snippets))
-            cover = _interval_cover([r.times[0] for r in moments[vid]], T, dur / T)
-            sigs = np.stack([mapping.signature(r.sentence) for r in moments[vid]])
-            x = _plant(rng, cover, sigs, dim, d, pool, lambda rg, T: int(np.clip(round(rg.uniform(0.1, 0.3) * T), 2, T)))
-            h5.create_group(vid).create_dataset("c3d_features", data=x.astype(np.float32))
-    sizes = {}
-    for n in raw:
-        keep = train_keep if n == "train.json" else [v for v in eval_keep if v in raw[n]]
-        (stage / n).write_text(json.dumps({v: raw[n][v] for v in keep if v in moments}))
-        sizes[n[:-5]] = {"videos": sum(v in moments for v in keep),
-                         "queries": sum(len(raw[n][v]["sentences"]) for v in keep if v in moments)}
-    stage.commit()
-    _provenance(out, "activitynet-real", seed, d, sizes, {n: str(p) for n, p in files.items()})
+    with _Staging(out, "activitynet-real") as stage:
+        with h5py.File(stage / ACTIVITYNET_FEATURES, "w") as h5:
+            for vid in list(train_keep) + [v for v in eval_keep if v not in kept_train]:
+                if vid not in moments:  # every moment of the video was a defect
+                    continue
+                dur = durations[vid]
+                T = int(np.clip(round(dur * snippets_per_second), 8, max_snippets))
+                cover = _interval_cover([r.times[0] for r in moments[vid]], T, dur / T)
+                sigs = np.stack([mapping.signature(r.sentence) for r in moments[vid]])
+                x = _plant(rng, cover, sigs, dim, d, pool, lambda rg, T: int(np.clip(round(rg.uniform(0.1, 0.3) * T), 2, T)))
+                h5.create_group(vid).create_dataset("c3d_features", data=x.astype(np.float32))
+        sizes = {}
+        for n in raw:
+            keep = train_keep if n == "train.json" else [v for v in eval_keep if v in raw[n]]
+            (stage / n).write_text(json.dumps({v: raw[n][v] for v in keep if v in moments}))
+            sizes[n[:-5]] = {"videos": sum(v in moments for v in keep),
+                             "queries": sum(len(raw[n][v]["sentences"]) for v in keep if v in moments)}
+        _provenance(stage.dir, "activitynet-real", seed, d, sizes, {n: str(p) for n, p in files.items()})
+        stage.commit()
     return {"splits": sizes, "features": str(out / ACTIVITYNET_FEATURES)}
 
 
@@ -390,6 +412,11 @@ def synth_real(profile: str, annotations: Sequence[str | Path], out: str | Path,
         raise DataError(f"realistic profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     if not annotations:
         raise DataError(f"--profile {profile} needs --annotations (the real annotation files or their folder)")
+    for name, n in (("--videos", videos), ("--eval-videos", eval_videos)):
+        if n is not None and n < 1:
+            raise DataError(f"{name} must be at least 1 video, got {n}")
+    if noise is not None and not (math.isfinite(noise) and noise >= 0):
+        raise DataError(f"--noise must be a finite number >= 0, got {noise}")
     d = DEFAULTS[profile]
     if noise is not None:
         d = Difficulty(**{**asdict(d), "noise": noise})

@@ -309,6 +309,8 @@ def write_activitynet(out: Path, videos: int, seed: int, dim: int = 500, noise: 
 
 def synth(profile: str, out: str | Path, videos: int | None = None, seed: int = 0) -> dict:
     out = Path(out)
+    if videos is not None and videos < 1:
+        raise ValueError(f"--videos must be at least 1, got {videos}")
     if profile == "didemo":
         info = write_didemo(out, videos or 1200, seed)
     elif profile == "charades":

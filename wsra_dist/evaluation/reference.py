@@ -11,6 +11,16 @@ TRAIN_FILES = {"didemo": ("train_data.json", None), "charades": ("charades_sta_t
                "activitynet": ("train.json", None)}
 
 
+def test_split_file(out: Path, profile: str) -> str:
+    """The file of the split the reference rows are computed on: DiDeMo test, Charades-STA test, ActivityNet
+    val_2 (val_1 when a realistic folder was written without val_2)."""
+    if profile.startswith("didemo"):
+        return "test_data.json"
+    if profile.startswith("activitynet"):
+        return "val_2.json" if (Path(out) / "val_2.json").is_file() or not (Path(out) / "val_1.json").is_file() else "val_1.json"
+    return "charades_sta_test.txt"
+
+
 def benchmark_reference_rows(out: Path, profile: str) -> dict[str, dict[str, float]]:
     """Chance (exact expectation), the prior baselines learnt on the folder's training file (when it is there;
     priors.py) and oracle rows of the written test split, through the official readers."""
@@ -35,9 +45,8 @@ def benchmark_reference_rows(out: Path, profile: str) -> dict[str, dict[str, flo
         times = [r.times for r in recs]
         oracle = M.didemo_metrics([M.didemo_oracle_ranking(t) for t in times], times)
         return {"Chance": M.didemo_chance(times), **priors([{"times": t} for t in times]), "Upper bound": oracle}
-    if bench == "activitynet":  # the test split is val_2 (val_1 when a realistic folder was written without it)
-        test = out / "val_2.json" if (out / "val_2.json").is_file() or not (out / "val_1.json").is_file() else out / "val_1.json"
-        recs, _ = activitynet.read_annotations(test, "clamp")
+    if bench == "activitynet":
+        recs, _ = activitynet.read_annotations(out / test_split_file(out, profile), "clamp")
         ch, orc = M.charades_chance_oracle([C.benchmark_windows("activitynet", r.duration) for r in recs],
                                            np.array([r.times[0] for r in recs]), ious=M.ACTIVITYNET_IOUS)
         return {"Chance": ch, **priors([{"times": r.times, "duration": r.duration} for r in recs]), "Upper bound": orc}
