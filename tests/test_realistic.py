@@ -166,3 +166,33 @@ def test_real_files_all_three_profiles_and_the_cli(tmp_path):
         assert set(v1) | set(v2) | set(json.loads((tmp_path / "a" / "train.json").read_text())) <= set(h5)
         x = h5[next(iter(v1))]["c3d_features"][()]
         assert x.shape[1] == 500 and 8 <= x.shape[0] <= 200
+
+
+def test_evaluation_subset_does_not_depend_on_the_training_cap(tmp_path):
+    src = _didemo_files(tmp_path / "ann", n_val=30, n_test=20)
+    synth_real("didemo-real", [src], tmp_path / "a", videos=3, eval_videos=7)
+    synth_real("didemo-real", [src], tmp_path / "b", videos=20, eval_videos=7)
+    read = lambda n: json.loads((tmp_path / n / "test_data.json").read_text())  # noqa: E731
+    assert read("a") == read("b") and len({r["video"] for r in read("a")}) == 7
+
+
+def test_out_folder_rules(tmp_path):
+    src = _didemo_files(tmp_path / "ann")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not empty"):  # never mixed into, never deleted
+        synth_real("didemo-real", [src], mine)
+    assert (mine / "notes.txt").read_text() == "keep me" and not (mine / ".synth-staging").exists()
+    synth_real("didemo-real", [src], tmp_path / "o")
+    synth_real("didemo-real", [src], tmp_path / "o", seed=1)  # an earlier output of the same profile: replaced
+    assert json.loads((tmp_path / "o" / "realistic.json").read_text())["seed"] == 1
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "realistic.json").write_text(json.dumps({"profile": "charades-real"}))
+    with pytest.raises(DataError, match="not an earlier didemo-real output"):  # two benchmarks never mix
+        synth_real("didemo-real", [src], other)
+    for bad in ({"videos": 0}, {"eval_videos": -1}, {"noise": float("nan")}, {"noise": -1.0}):
+        with pytest.raises(DataError, match="--videos|--eval-videos|--noise"):
+            synth_real("didemo-real", [src], tmp_path / "n", **bad)
+    assert not (tmp_path / "n").exists()

@@ -226,7 +226,7 @@ def write_didemo_real(annotations: Sequence[str | Path], out: Path, seed: int = 
     for p in files.values():
         didemo.read_annotations(p)  # validates every record, naming file and index
     raw = {n: json.loads(p.read_text()) for n, p in files.items()}
-    rng = _split_rng(seed, "val-split")
+    rng = np.random.default_rng(seed)  # the 80/20 split, then the features (subsets have generators of their own)
     sources: dict[str, str] = {}
 
     def by_video(recs: list[dict]) -> dict[str, list[dict]]:
@@ -262,7 +262,6 @@ def write_didemo_real(annotations: Sequence[str | Path], out: Path, seed: int = 
     mapping = HiddenMapping(dim, seed, d.invisible)
     pool = [mapping.signature(r["description"]) for r in (q for g in groups["train"].values() for q in g)]
     pool = [p for p in pool if p.any()]
-    rng = _split_rng(seed, "features")
     out.mkdir(parents=True, exist_ok=True)
     written: set[str] = set()
     sizes = {}
@@ -307,6 +306,7 @@ def write_charades_real(annotations: Sequence[str | Path], out: Path, seed: int 
     missing = [n for n in names if n not in files]
     if missing:
         raise DataError(f"charades-real needs {', '.join(missing)} (given: {', '.join(map(str, annotations))})")
+    rng = np.random.default_rng(seed)  # the training subset, then the features
     mapping = HiddenMapping(dim, seed, d.invisible)
     plan = {}
     for split in ("train", "test"):
@@ -317,11 +317,11 @@ def write_charades_real(annotations: Sequence[str | Path], out: Path, seed: int 
         by_vid: dict[str, list] = {}
         for r in recs:
             by_vid.setdefault(r.video, []).append(r)
-        keep = _subset(_split_rng(seed, split), list(by_vid), videos if split == "train" else eval_videos)
+        keep = (_subset(rng, list(by_vid), videos) if split == "train"
+                else _subset(_split_rng(seed, split), list(by_vid), eval_videos))
         plan[split] = (durations, by_vid, keep, lines)
     pool = [mapping.signature(r.sentence) for v in plan["train"][2] for r in plan["train"][1][v]]
     pool = [p for p in pool if p.any()]
-    rng = _split_rng(seed, "features")
     out.mkdir(parents=True, exist_ok=True)
     sizes = {}
     with _Staging(out, "charades-real") as stage:
