@@ -196,3 +196,17 @@ def test_out_folder_rules(tmp_path):
         with pytest.raises(DataError, match="--videos|--eval-videos|--noise"):
             synth_real("didemo-real", [src], tmp_path / "n", **bad)
     assert not (tmp_path / "n").exists()
+
+
+def test_measured_best_recipes_and_paper_recipes_say_what_they_are():
+    from wsra_dist.config import load_recipe
+
+    for name, epochs in (("didemo_best", 10), ("charades_best", 5), ("activitynet_best", 5)):
+        r = load_recipe(ROOT / "recipes" / f"{name}.yaml", [])
+        assert r.name == name and r.train.epochs == epochs and r.loss.w_cross > 0
+        assert (ROOT / "recipes" / f"{name}.yaml").read_text().startswith("# Measured-best")
+    for name in ("didemo_flow", "didemo_rgb", "didemo_rgb_flow", "charades_i3d"):
+        first = (ROOT / "recipes" / f"{name}.yaml").read_text().splitlines()[0]
+        assert first.startswith("# The paper's settings, kept as printed"), name
+        r = load_recipe(ROOT / "recipes" / f"{name}.yaml", [])
+        assert (r.loss.w_cross, r.optim.lr, r.loss.w_video, r.loss.w_snippet, r.loss.w_batch) == (0, 1e-4, 0.1, 1, 0.1)
