@@ -34,6 +34,13 @@ def run_checked(cmd, env=None, check=True):
     return p
 
 
+def run_cli(*args, check: bool = True, env: dict | None = None):
+    """`python -m wsra_dist.cli ARGS` from the repo root (one thread); with `check`, fail with the output tails."""
+    import sys
+
+    return run_checked([sys.executable, "-m", "wsra_dist.cli", *map(str, args)], env, check)
+
+
 def load_weights(run):
     from safetensors.torch import load_file
 

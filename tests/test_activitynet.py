@@ -5,9 +5,6 @@ ones, the planted profile, and shard -> train -> evaluate --checkpoint on it."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +25,7 @@ requires_activitynet = pytest.mark.skipif(
     not (REAL / "val_2.json").is_file(), reason=f"real ActivityNet Captions files not found at {REAL} (set WSRA_SHARED_DATA)")
 
 
-def _cli(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "wsra_dist.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if check:
-        assert p.returncode == 0, p.stdout + p.stderr
-    return p
+from tests.helpers import run_cli as _cli  # noqa: E402
 
 
 def _jsonl(path: Path, rows) -> Path:

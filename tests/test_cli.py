@@ -1,6 +1,5 @@
 """The command line: complete --help for every command, the shard/verify contract, fast start."""
 
-import os
 import subprocess
 import sys
 import time
@@ -8,16 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["synth", "shard", "shard didemo", "shard charades", "shard activitynet", "verify", "train", "evaluate", "demo", "ablate", "ground", "features"]
 
 
 def cli(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "wsra_dist.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
-    if check:
-        assert p.returncode == 0, p.stdout + p.stderr
-    return p
+    return run_cli(*args, check=check, env={"COLUMNS": "200"})
 
 
 def test_top_level_help_lists_every_command():

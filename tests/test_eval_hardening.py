@@ -3,10 +3,7 @@ Charades-STA moments that are reversed, non-finite or outside the video; the IoU
 official plain >= unless a tolerance is asked for."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +16,14 @@ from wsra_dist.geometry import DIDEMO_CANDIDATES, proportional_windows
 from wsra_dist.evaluation.runner import evaluate_predictions
 from wsra_dist.evaluation.scoring import read_predictions, read_predictions_located, score_charades, score_didemo
 
-from .helpers import SHARED, requires_shared
+from .helpers import SHARED, requires_shared, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = [list(c) for c in DIDEMO_CANDIDATES]
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "wsra_dist.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_cli(*args, check=False)
 
 
 def _jsonl(path: Path, rows) -> Path:

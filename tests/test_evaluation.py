@@ -122,12 +122,7 @@ def test_charades_chance_and_oracle_on_real_test():
 
 
 # ------------------------------------------------------------------------------ prediction files
-def _cli(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "wsra_dist.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if check:
-        assert p.returncode == 0, p.stdout + p.stderr
-    return p
+from tests.helpers import run_cli as _cli  # noqa: E402
 
 
 @requires_shared

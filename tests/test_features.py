@@ -9,7 +9,6 @@ ground --video well above chance).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -57,12 +56,7 @@ def solid(level, h: int = 32, w: int = 48) -> np.ndarray:
     return np.full((h, w, 3), level, dtype=np.uint8)
 
 
-def cli(*args, check: bool = True, env: dict | None = None):
-    p = subprocess.run([sys.executable, "-m", "wsra_dist.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
+from tests.helpers import run_cli as cli  # noqa: E402
 
 
 def test_features_help_lists_the_contract():

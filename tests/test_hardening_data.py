@@ -21,12 +21,13 @@ from wsra_dist.data.records import DataError
 from wsra_dist.data.shards import MANIFEST, ShardWriter, load_manifest, verify
 from wsra_dist.ground import check_duration, check_queries, read_features
 
+from . import helpers
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "wsra_dist.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return helpers.run_cli(*args, check=False, env=env)
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import SHARED, requires_shared
 from wsra_dist.data.realistic import (HiddenMapping, DEFAULTS, Difficulty, content_words, synth_real,
-                                      write_charades_real, write_didemo_real)
+                                      write_charades_real)
 from wsra_dist.data.records import DataError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,11 +2,9 @@
 
 import base64
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -40,11 +38,7 @@ class _Page(HTMLParser):
             self._in_card -= 1
 
 
-def _cli(*args):
-    p = subprocess.run([sys.executable, "-m", "wsra_dist.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return p
+from tests.helpers import run_cli as _cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -181,6 +181,7 @@ def run_ablation(recipe_path: Path, study: str, out: Path, overrides: list[str],
 def _prior_lines(recipe_path: Path, overrides: list[str], results: list[dict], study: str) -> list[str]:
     """Table rows of the prior baselines (learnt on the training shards' annotations, scored on the validation
     queries the runs are scored on): what a method must beat without looking at the video."""
+    from .data.records import DataError
     from .data.shards import load_manifest, manifest_path_for
     from .evaluation.priors import prior_rows, training_from_shards
 
@@ -190,7 +191,7 @@ def _prior_lines(recipe_path: Path, overrides: list[str], results: list[dict], s
         train = training_from_shards(r.data.train_shards, protocol, r.data.train_manifest)
         val = training_from_shards(r.data.val_shards, protocol, r.data.val_manifest)
         rows = prior_rows(protocol, train, val.queries)
-    except Exception as e:  # the study's table stands without them; say why
+    except (DataError, OSError, ValueError, KeyError) as e:  # the study's table stands without them; say why
         return ["", f"(prior baselines left out: {type(e).__name__}: {e})"]
     keys = list(results[0]["runs"][0])
     pad = ["", ""] if study == "k" else [""]

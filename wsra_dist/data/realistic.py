@@ -80,6 +80,7 @@ class HiddenMapping:
         self.dim, self.seed, self.invisible, self.k = dim, seed, invisible, k
         self.mix = np.random.default_rng(seed + 104729).standard_normal((k, dim)) / np.sqrt(k)
         self._words: dict[str, tuple[np.ndarray, float]] = {}
+        self._sentences: dict[str, np.ndarray] = {}  # the distractor pool and the videos ask for the same ones
 
     def word(self, w: str) -> tuple[np.ndarray, float]:
         if w not in self._words:
@@ -92,6 +93,11 @@ class HiddenMapping:
 
     def signature(self, sentence: str) -> np.ndarray:
         """Unit-norm signature, or zeros when no content word is visible (a query the video cannot show)."""
+        if sentence not in self._sentences:
+            self._sentences[sentence] = self._signature(sentence)
+        return self._sentences[sentence]
+
+    def _signature(self, sentence: str) -> np.ndarray:
         u, total = np.zeros(self.k), 0.0
         for w in content_words(sentence):
             z, vis = self.word(w)
