@@ -95,7 +95,7 @@ def test_proportional_windows_and_features():
 def test_synth_deterministic_and_official_format(tmp_path, profile):
     from wsra_dist.data.synthetic import synth
 
-    a = synth(profile, tmp_path / "a", 12, seed=3)
+    synth(profile, tmp_path / "a", 12, seed=3)
     synth(profile, tmp_path / "b", 12, seed=3)
     synth(profile, tmp_path / "c", 12, seed=4)
 

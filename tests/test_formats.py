@@ -15,7 +15,6 @@ from wsra_dist.data import charades, didemo
 from wsra_dist.data.records import DataError
 from wsra_dist.evaluation import formats as F
 from wsra_dist.evaluation.runner import evaluate_checkpoints, evaluate_predictions
-from wsra_dist.evaluation.scoring import read_predictions_located
 from wsra_dist.geometry import DIDEMO_CANDIDATES, proportional_windows
 
 from .helpers import SHARED, requires_shared

@@ -1,8 +1,6 @@
 """Trainer: N processes x B == 1 process x N*B, SIGKILL + resume, DeepSpeed smoke, clear errors."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 

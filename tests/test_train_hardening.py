@@ -9,9 +9,7 @@ import pickle
 import random
 import re
 import shutil
-import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest

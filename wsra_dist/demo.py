@@ -28,7 +28,7 @@ def run_demo(out: str | Path, videos: int = 1200, epochs: int = 6, seed: int = 0
     out = Path(out)
     t0 = time.time()
     con.rule("1/4 planted DiDeMo benchmark (official formats)")
-    info = synth("didemo", out / "data", videos, seed)
+    synth("didemo", out / "data", videos, seed)
     for row, vals in benchmark_reference_rows(out / "data", "didemo").items():
         con.print(f"  {row:12s} " + "  ".join(f"{k} {v:.2f}" for k, v in vals.items()))
     con.rule("2/4 shards (MiniLM query features)")

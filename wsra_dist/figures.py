@@ -122,7 +122,7 @@ def _draw_alpha(ax, cax, r: dict) -> None:
     t, _, a = _timeline(r)
     lo, hi = float(a.min()), float(a.max())
     edges = np.append(t[:, 0], t[-1, 1])
-    mesh = ax.pcolormesh(edges, [0, 1], a[None, :], cmap=ALPHA_CMAP, vmin=lo, vmax=hi if hi > lo else lo + 1e-9,
+    ax.pcolormesh(edges, [0, 1], a[None, :], cmap=ALPHA_CMAP, vmin=lo, vmax=hi if hi > lo else lo + 1e-9,
                          shading="flat", rasterized=True)
     ax.set_yticks([0.5], ["α"])
     ax.tick_params(axis="y", length=0)

@@ -47,7 +47,9 @@ from .distributed import Gatherer
 from . import checkpoints as ckpts
 from . import peers
 from .lifetime import die_with_parent, launched_worker
-from .evaluation.predict import INFO_FILE, MODEL_FILE, model_from_info, predict
+from .evaluation.predict import model_from_info, predict
+from .model import RUN_CONFIG_FILE as INFO_FILE
+from .model import WEIGHTS_FILE as MODEL_FILE
 from .objective import wsra_objective
 
 CKPT_DIR = "checkpoints"

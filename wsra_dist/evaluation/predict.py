@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -12,8 +10,6 @@ import torch
 from ..data.features_manifest import describe_extractor, same_extractor
 from ..data.loader import ShardSource, iter_eval_batches
 from ..geometry import DIDEMO_CANDIDATES, benchmark_windows, window_snippet_range
-from ..model import RUN_CONFIG_FILE as INFO_FILE
-from ..model import WEIGHTS_FILE as MODEL_FILE
 from ..model import WSRA, DidemoLayout
 
 
