@@ -192,6 +192,10 @@ def test_out_folder_rules(tmp_path):
     (other / "realistic.json").write_text(json.dumps({"profile": "charades-real"}))
     with pytest.raises(DataError, match="not an earlier didemo-real output"):  # two benchmarks never mix
         synth_real("didemo-real", [src], other)
+    (other / "realistic.json").write_text("{not json")  # unreadable provenance: refused, not a traceback
+    with pytest.raises(DataError, match="not an earlier didemo-real output"):
+        synth_real("didemo-real", [src], other)
+    assert (other / "realistic.json").read_text() == "{not json"
     for bad in ({"videos": 0}, {"eval_videos": -1}, {"noise": float("nan")}, {"noise": -1.0}):
         with pytest.raises(DataError, match="--videos|--eval-videos|--noise"):
             synth_real("didemo-real", [src], tmp_path / "n", **bad)

@@ -48,8 +48,7 @@ from . import checkpoints as ckpts
 from . import peers
 from .lifetime import die_with_parent, launched_worker
 from .evaluation.predict import model_from_info, predict
-from .model import RUN_CONFIG_FILE as INFO_FILE
-from .model import WEIGHTS_FILE as MODEL_FILE
+from .model import RUN_CONFIG_FILE as INFO_FILE, WEIGHTS_FILE as MODEL_FILE
 from .objective import wsra_objective
 
 CKPT_DIR = "checkpoints"

@@ -182,7 +182,10 @@ class _Staging:
         self.dir = out / ".synth-staging"
         prev = out / "realistic.json"
         if out.is_dir():
-            mine = json.loads(prev.read_text()).get("profile") if prev.is_file() else None
+            try:
+                mine = json.loads(prev.read_text()).get("profile") if prev.is_file() else None
+            except (ValueError, AttributeError, OSError):  # unreadable: not provably ours, so refuse below
+                mine = None
             others = [p.name for p in out.iterdir() if p.name != ".synth-staging"]
             if others and mine != profile:  # never mix two benchmarks in one folder, never delete the user's files
                 raise DataError(f"{out}: --out is not empty ({', '.join(sorted(others)[:3])}"

@@ -423,6 +423,27 @@ def iter_shard(url: str, manifest: dict, expected_sha256: str | None = None) -> 
             raw.close()
 
 
+def read_metas(url: str) -> list[dict]:
+    """The meta.json of every sample of one shard, skipping the feature arrays (a local tar is read by seeking
+    over them; a remote or pipe: stream is read through)."""
+    out = []
+    try:
+        if not _is_local(url):
+            import webdataset as wds
+
+            tar = tarfile.open(fileobj=wds.gopen(url, "rb"), mode="r|*")
+        else:
+            tar = tarfile.open(url, "r:*")
+        with tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".meta.json"):
+                    f = tar.extractfile(member)
+                    out.append(json.loads(f.read()) if f is not None else {})
+    except (OSError, tarfile.TarError, ValueError) as e:
+        raise DataError(f"{url}: cannot read the shard's meta.json: {e}") from e
+    return out
+
+
 def count_samples(path: str | Path) -> tuple[int, int]:
     """(videos, queries) of a shard, from its member names and meta.json files."""
     keys, queries = set(), 0

@@ -14,16 +14,15 @@ same protocol functions as the run (metrics.didemo_metrics, metrics.charades_met
 * Charades-STA / ActivityNet, length/position: each query's inference windows (geometry.benchmark_windows)
   ranked by a Gaussian kernel density of the training moments' normalised (centre, length), bandwidth 0.05 of
   the video in both coordinates (fixed a priori, about Scott's rule for ~10^4 moments; not tuned on any evaluated
-  split); ties in window order.  It ranks near-duplicate windows together (80 % overlap), so its R@5 can fall
-  below chance's: it is what the density says, not a diversified ranking.
+  split); ties in window order.  Diversified: a window overlapping an earlier pick by IoU >= 0.5 goes behind
+  every window that does not (the windows overlap by 80 %; without this the top 5 are near-copies and R@5
+  falls below chance).
 
 Pure functions plus readers of the training annotations (official files or the run's training shards' meta.json).
 """
 
 from __future__ import annotations
 
-import json
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,39 +228,17 @@ def training_from_annotations(protocol: str, path: str | Path, durations: str | 
     return TrainingSet(protocol, [{"times": r.times, "duration": r.duration} for r in recs], str(path))
 
 
-def _metas(url: str) -> list[dict]:
-    """The meta.json of every sample of one shard, skipping the feature arrays (a local tar is read by seeking
-    over them; a stream is read through)."""
-    out = []
-    try:
-        if url.startswith("pipe:") or "://" in url:
-            import webdataset as wds
-
-            stream = wds.gopen(url, "rb")
-            tar = tarfile.open(fileobj=stream, mode="r|*")
-        else:
-            tar = tarfile.open(url, "r:*")
-        with tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".meta.json"):
-                    f = tar.extractfile(member)
-                    out.append(json.loads(f.read()) if f is not None else {})
-    except (OSError, tarfile.TarError, ValueError) as e:
-        raise DataError(f"{url}: cannot read the training shard's meta.json: {e}") from e
-    return out
-
-
 def training_from_shards(source: str, protocol: str, manifest: str = "") -> TrainingSet:
     """The training queries' truth (times, duration) from shards' meta.json, features untouched; the shards
     must be of `protocol`'s benchmark."""
-    from ..data.shards import load_manifest, manifest_path_for, shard_urls
+    from ..data.shards import load_manifest, manifest_path_for, read_metas, shard_urls
 
     m = load_manifest(manifest or manifest_path_for(source))
     if m.get("benchmark") != protocol:
         raise DataError(f"{source}: training shards are {m.get('benchmark')!r}, not --protocol {protocol}")
     queries = []
     for url in shard_urls(source, m):
-        for meta in _metas(url):
+        for meta in read_metas(url):
             for q in meta.get("queries", []):
                 queries.append({"times": q["times"], "duration": meta.get("duration", q.get("duration"))})
     return TrainingSet(protocol, queries, str(source))
