@@ -196,3 +196,104 @@ def test_late_fusion_of_two_checkpoints(trained_didemo, tmp_path):
     a = json.loads((tmp_path / "fused" / "metrics.json").read_text())
     b = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert a["R@1"] == b["R@1"] and a["settings"]["fusion_weights"] == [0.3, 0.7]
+
+
+# ------------------------------------------------------------------------------ chunk consistency (DiDeMo ranking)
+def test_chunk_min_against_a_loop_and_rank_logits():
+    import torch
+
+    from wsra_dist.geometry import DIDEMO_CANDIDATES, didemo_chunk_min
+    from wsra_dist.model import WSRA, DidemoLayout, ScorerConfig
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 3, 21, generator=g, dtype=torch.float64)
+    got = didemo_chunk_min(logits)
+    for idx in np.ndindex(5, 3):
+        for c, (s, e) in enumerate(DIDEMO_CANDIDATES):
+            assert got[idx][c] == min(float(logits[idx][k]) for k in range(s, e + 1))  # (k, k) sits at position k
+    assert torch.equal(got[..., :6], logits[..., :6])  # a single chunk is its own weakest chunk
+    cfg = ScorerConfig(video_dim=8, text_dim=4, hidden=3, depth=1, input_norm="none")
+    model = WSRA(cfg, didemo=DidemoLayout((4,)), chunk_consistency=0.7)
+    assert torch.allclose(model.rank_logits(logits), logits + 0.7 * got)
+    model.chunk_consistency = 0.0
+    assert torch.equal(model.rank_logits(logits), logits)
+    snippets = WSRA(cfg, chunk_consistency=0.7)  # no DiDeMo layout: windows are ranked by φ alone
+    assert torch.equal(snippets.rank_logits(logits), logits)
+
+
+def test_evaluate_chunk_consistency_reranks_and_is_recorded(trained_didemo, tmp_path):
+    run, shards = trained_didemo / "run", trained_didemo / "shards" / "test"
+    _cli("evaluate", "--checkpoint", run, "--shards", shards, "--protocol", "didemo", "--out", tmp_path / "plain")
+    _cli("evaluate", "--checkpoint", run, "--shards", shards, "--protocol", "didemo", "--out", tmp_path / "cc",
+         "--chunk-consistency", "1")
+    plain = [json.loads(l) for l in (tmp_path / "plain" / "predictions.jsonl").read_text().splitlines()]
+    cc = [json.loads(l) for l in (tmp_path / "cc" / "predictions.jsonl").read_text().splitlines()]
+    m = json.loads((tmp_path / "cc" / "metrics.json").read_text())
+    assert m["settings"]["chunk_consistency"] == [1.0]
+    assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["settings"]["chunk_consistency"] == [0.0]
+    # the φ scores of the plain ranking, re-ranked by the rule by hand, give the same top-1 for every query
+    import torch
+
+    from wsra_dist.geometry import DIDEMO_CANDIDATES, didemo_chunk_min
+
+    changed = 0
+    for p, q in zip(plain, cc):
+        s = dict(zip(map(tuple, p["moments"]), p["scores"]))
+        valid = [c for c in DIDEMO_CANDIDATES if np.isfinite(s[c])]  # chunks past the video are ranked last
+        lg = torch.tensor([float(torch.logit(torch.tensor(s[c], dtype=torch.float64))) if np.isfinite(s[c]) else 0.0
+                           for c in DIDEMO_CANDIDATES], dtype=torch.float64)
+        want = lg + didemo_chunk_min(lg)
+        best = max(float(want[DIDEMO_CANDIDATES.index(c)]) for c in valid)
+        top = tuple(q["moments"][0])
+        assert top in valid and float(want[DIDEMO_CANDIDATES.index(top)]) >= best - 1e-4, (p["annotation_id"], top)
+        changed += top != tuple(p["moments"][0])
+    assert changed > 0  # the rule does re-rank
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chunk-consistency", "-1"], "finite number >= 0"),
+    (["--chunk-consistency", "nan"], "finite number >= 0"),
+])
+def test_evaluate_chunk_consistency_refusals(trained_didemo, tmp_path, args, message):
+    run, shards = trained_didemo / "run", trained_didemo / "shards" / "test"
+    p = subprocess.run([sys.executable, "-m", "wsra_dist.cli", "evaluate", "--checkpoint", str(run), "--shards",
+                        str(shards), "--protocol", "didemo", "--out", str(tmp_path / "x"), *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and message in p.stdout + p.stderr, p.stdout[-2000:] + p.stderr[-2000:]
+    assert not (tmp_path / "x").exists()
+
+
+def test_chunk_consistency_refused_where_it_means_nothing(tmp_path):
+    from wsra_dist.config import ConfigError, load_recipe
+    from wsra_dist.evaluation.runner import evaluate_checkpoints
+
+    with pytest.raises(DataError, match="ranks DiDeMo's chunk candidates"):
+        evaluate_checkpoints(["run"], ["shards"], "charades", tmp_path / "x", chunk_consistency=1.0)
+    p = subprocess.run([sys.executable, "-m", "wsra_dist.cli", "evaluate", "--predictions", "p.jsonl", "--annotations",
+                        "a.json", "--protocol", "didemo", "--out", str(tmp_path / "y"), "--chunk-consistency", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "already ranked" in p.stdout + p.stderr
+    with pytest.raises(ConfigError, match="model.chunk_consistency"):
+        load_recipe(ROOT / "recipes" / "didemo_best.yaml", ["model.chunk_consistency=-0.5"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_ranking_follows_logits_where_float32_sigmoid_saturates():
+    """Two confident candidates (logits 20 and 25) both have float32 φ = 1: the ranking must still put 25 first."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from wsra_dist.evaluation.predict import rank_batch
+
+    lg = torch.full((1, 21), -3.0)
+    lg[0, 0], lg[0, 7] = 20.0, 25.0  # candidate (0, 0) comes first in candidate order, (0, 2) is the better one
+    assert torch.sigmoid(lg[0, 0]) == torch.sigmoid(lg[0, 7]) == 1.0
+    mask = torch.ones(1, 21, dtype=torch.bool)
+    mask[0, 20] = False  # a candidate past the video's end is ranked last
+    model = SimpleNamespace(candidate_logits=lambda video, text: lg)
+    batch = SimpleNamespace(video=torch.zeros(1, 6, 4), mask=mask, text=torch.zeros(1, 3), meta=[{"query_id": 7}])
+    (p,) = rank_batch(model, batch, "didemo", torch.device("cpu"))
+    assert p["moments"][0] == list(DIDEMO_CANDIDATES[7]) and p["moments"][1] == list(DIDEMO_CANDIDATES[0])
+    assert p["scores"][0] > p["scores"][1]  # float64 sigmoid keeps them apart
+    assert p["moments"][-1] == list(DIDEMO_CANDIDATES[20]) and p["scores"][-1] == float("-inf")

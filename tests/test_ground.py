@@ -79,3 +79,24 @@ def test_ground_rejects_other_text_model(trained_didemo):
     g.info = {**g.info, "text": {**g.info["text"], "identity": "0000000000000000"}}
     with pytest.raises(ValueError, match="differs from the one the checkpoint was trained with"):
         _ = g.encoder
+
+
+def test_ground_ranks_like_evaluate_with_chunk_consistency(trained_didemo):
+    import torch
+
+    from wsra_dist.geometry import didemo_chunk_min
+
+    g = load_model(trained_didemo / "run", "cpu")
+    with h5py.File(trained_didemo / "data" / "average_global_flow.h5", "r") as f:
+        feats = f[sorted(f.keys())[0]][()]
+    queries = ["a person opens the door", "the dog runs away"]
+    plain = g.ground(feats, queries, top_k=21)
+    g.model.chunk_consistency = 1.0
+    cc = g.ground(feats, queries, top_k=21)
+    for p, q in zip(plain, cc):
+        assert p["phi"] == q["phi"]  # φ itself is unchanged; only the ranking rule differs
+        lg = torch.logit(torch.tensor(p["candidate_scores"], dtype=torch.float64))
+        want = torch.sigmoid(lg + didemo_chunk_min(lg))
+        assert np.allclose(q["candidate_scores"], want.numpy(), atol=1e-5)
+        assert q["scores"] == sorted(q["scores"], reverse=True)
+        assert np.isclose(q["scores"][0], float(want.max()), atol=1e-5)

@@ -324,6 +324,10 @@ def evaluate(
                                                              "default is the truth in the run's data.train_shards."),
     train_durations: Optional[Path] = typer.Option(None, help="Charades_v1_train.csv for --train-annotations "
                                                            "(default: the file of that name beside it)."),
+    chunk_consistency: Optional[float] = typer.Option(None, help="DiDeMo, --checkpoint: rank a candidate by logit φ + "
+                                                               "this weight x the lowest logit of its single chunks "
+                                                               "(0: φ alone, the paper).  Default: each checkpoint's "
+                                                               "model.chunk_consistency."),
     out: Path = typer.Option(..., help="Folder for metrics.json, table.md, table.csv; with --checkpoint also "
                                          "predictions.jsonl, predictions_md.jsonl (moment_detr format) and "
                                          "report.html (table, learning curves, example groundings)."),
@@ -333,6 +337,8 @@ def evaluate(
     from .evaluation.runner import evaluate_checkpoints, evaluate_predictions
 
     if predictions is not None:
+        if chunk_consistency is not None:
+            raise ValueError("--chunk-consistency re-ranks a checkpoint's candidates; a prediction file is already ranked")
         if checkpoint:
             raise ValueError("give either --checkpoint/--shards or --predictions/--annotations, not both")
         if annotations is None:
@@ -348,7 +354,7 @@ def evaluate(
         _, md = evaluate_checkpoints([str(c) for c in checkpoint], shards, protocol, out, w, batch_size,
                                      strict_iou, nms, clip_predictions=clip_predictions,
                                      iou_tolerance=iou_tolerance, train_annotations=train_annotations,
-                                     train_durations=train_durations)
+                                     train_durations=train_durations, chunk_consistency=chunk_consistency)
     if md:
         print(md)  # plain print: markdown rows must not be wrapped
         extra = ", predictions.jsonl, predictions_md.jsonl, report.html" if predictions is None else ""

@@ -46,6 +46,9 @@ class ModelConfig:
     # compiler on CPU or triton on GPU; falls back to the eager kernel with a warning)
     compile: bool = False
     attention_scale: float = 1.0  # Eq. 2 uses exp(φ) (scale 1)
+    # DiDeMo ranking only (not training): rank a candidate by logit φ(c, t) + μ x the lowest logit of its single
+    # chunks, so a moment must show the query in every chunk it covers (0: φ alone, the paper). docs/method.md
+    chunk_consistency: float = 0.0
     # DiDeMo: project the 6 chunks once and pool the projections (false: project the 21 materialised candidates)
     project_chunks: bool = True
 
@@ -154,6 +157,7 @@ def _validate(r: "Recipe") -> None:
     choice("model.input_norm", m.input_norm, ("none", "l2", "layernorm"))
     integer("model.query_chunk", m.query_chunk, 0, "an integer >= 0 (0: all queries at once)")
     number("model.attention_scale", m.attention_scale, 0.0, low_open=True)
+    number("model.chunk_consistency", m.chunk_consistency, 0.0, rule="a number >= 0 (0: rank by φ alone)")
     # loss (choices and K are checked by LossConfig.validate)
     for k in ("w_video", "w_snippet", "w_batch", "w_cross", "w_supervised"):
         number(f"loss.{k}", getattr(lc, k), 0.0, rule="a number >= 0 (0 switches the term off)")

@@ -94,6 +94,14 @@ def didemo_pooling_matrix(dtype: torch.dtype = torch.float32, device: torch.devi
     return a
 
 
+def didemo_chunk_min(logits: torch.Tensor) -> torch.Tensor:
+    """(..., 21) candidate logits -> (..., 21): for each candidate (s, e), the lowest logit among the
+    single-chunk candidates (k, k), s <= k <= e (DIDEMO_CANDIDATES puts (k, k) at position k)."""
+    inside = didemo_pooling_matrix(logits.dtype, logits.device) > 0  # (21, 6)
+    single = logits[..., :6].unsqueeze(-2)  # (..., 1, 6)
+    return single.masked_fill(~inside, float("inf")).amin(-1)
+
+
 def didemo_tef(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
     """(21, 2) temporal endpoint features [s/6, e/6] of the candidates."""
     return torch.tensor([[s / 6.0, e / 6.0] for s, e in DIDEMO_CANDIDATES], dtype=dtype, device=device)

@@ -172,8 +172,12 @@ class Grounder:
                              f"{self.info['dims']['video']}-d")
         text = torch.from_numpy(self.encoder.encode(list(queries))).to(self.device)
         c = torch.from_numpy(cand).to(self.device)
-        scores_t = self.model.scorer.pair(c.unsqueeze(0), text.unsqueeze(1))  # (Q, C) in candidate space
-        scores = scores_t.cpu().numpy()
+        logits_t = self.model.scorer.pair_logits(c.unsqueeze(0), text.unsqueeze(1))  # (Q, C) in candidate space
+        scores_t = torch.sigmoid(logits_t)
+        # what evaluate ranks by (DiDeMo with model.chunk_consistency: WSRA.rank_logits; else φ itself), ordered by
+        # the logits: a float32 sigmoid saturates at 1 for confident candidates
+        rank_l = self.model.rank_logits(logits_t).double()
+        scores, keys = torch.sigmoid(rank_l).cpu().numpy(), rank_l.cpu().numpy()
         if self.info.get("benchmark") == "didemo":  # Eq. 2 over the 6 single-chunk candidates
             phi = scores_t[:, :6].cpu().numpy()  # φ per chunk: the single-chunk candidates' scores
             alpha = torch.softmax(self.model.attention_scale * scores_t[:, :6], -1).cpu().numpy()
@@ -183,8 +187,8 @@ class Grounder:
             o = self.model(sn.expand(len(queries), -1, -1), mask, text)
             alpha, phi = o.alpha.cpu().numpy(), o.scores.cpu().numpy()
         out = []
-        for q, s, a in zip(queries, scores, alpha):
-            order = np.argsort(-s, kind="stable")[:top_k]
+        for q, s, k, a in zip(queries, scores, keys, alpha):
+            order = np.argsort(-k, kind="stable")[:top_k]
             out.append({"query": q, "moments": [[round(float(moments[i, 0]), 3), round(float(moments[i, 1]), 3)]
                                                 for i in order],
                         "scores": [float(s[i]) for i in order], "alpha": a.tolist(), "snippet_times": times.tolist()})

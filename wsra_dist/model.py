@@ -327,10 +327,11 @@ class WSRA(nn.Module):
     """
 
     def __init__(self, cfg: ScorerConfig, attention_scale: float = 1.0, didemo: DidemoLayout | None = None,
-                 project_chunks: bool = True):
+                 project_chunks: bool = True, chunk_consistency: float = 0.0):
         super().__init__()
         self.cfg = cfg
         self.attention_scale = attention_scale
+        self.chunk_consistency = chunk_consistency  # DiDeMo ranking rule (rank_logits); training never uses it
         self.scorer = Scorer(cfg)
         self.didemo = didemo
         self.project_chunks = project_chunks
@@ -346,7 +347,7 @@ class WSRA(nn.Module):
                            query_chunk=m.get("query_chunk", 0), recompute=False,
                            fused_kernel=m.get("fused_kernel", True), compile=bool(m.get("compile", False)))
         model = cls(cfg, attention_scale=m.get("attention_scale", 1.0), didemo=DidemoLayout.from_dict(info.get("layout")),
-                    project_chunks=m.get("project_chunks", True))
+                    project_chunks=m.get("project_chunks", True), chunk_consistency=float(m.get("chunk_consistency", 0.0)))
         model.info = dict(info)
         return model
 
@@ -403,10 +404,28 @@ class WSRA(nn.Module):
             return cand, self.scorer.project_didemo(video, self.didemo.modality_dims, self.didemo.tef)
         return cand, self.scorer.project_video(cand)
 
-    def candidate_scores(self, video: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """φ(candidate, own query) for ranking: (b, T) from video inputs and text (b, Dt)."""
+    def candidate_logits(self, video: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """What the candidates are ranked by for their own query: (b, T) from video inputs and text (b, Dt).
+        The logit of φ(candidate, query), or with `chunk_consistency` on DiDeMo rank_logits of it.  Rank by
+        these, not by φ: a float32 sigmoid is exactly 1 above a logit of ~17, which a confident model reaches
+        (ties then fall to the candidate order)."""
         _, pv = self.candidates(video)
-        return torch.sigmoid(self.scorer.logits_from_hidden(pv + self.scorer.project_text(text).unsqueeze(1)))
+        return self.rank_logits(self.scorer.logits_from_hidden(pv + self.scorer.project_text(text).unsqueeze(1)))
+
+    def candidate_scores(self, video: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """sigmoid(candidate_logits): φ(candidate, query) when ranked by φ alone; (b, T)."""
+        return torch.sigmoid(self.candidate_logits(video, text))
+
+    def rank_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What DiDeMo's 21 candidates are ranked by, from their φ logits (..., 21): logit + μ x the lowest
+        logit of the candidate's single chunks (μ = `chunk_consistency`; 0 or another layout: the logits as
+        they are).  A candidate that adds a chunk not showing the query is pulled down by that chunk, which
+        φ of the pooled candidate alone does not do (docs/method.md, "Ranking DiDeMo candidates")."""
+        if self.didemo is None or not self.chunk_consistency:
+            return logits
+        from .geometry import didemo_chunk_min
+
+        return logits + self.chunk_consistency * didemo_chunk_min(logits)
 
     def forward(self, video: torch.Tensor, mask: torch.Tensor, text: torch.Tensor,
                 text_global: torch.Tensor | None = None, all_pairs: bool = False, fg_pairs: bool = False) -> WSRAOutput:

@@ -462,6 +462,9 @@ def _train(recipe: Recipe, accelerator) -> Path:
     need = min_global_batch(recipe.loss)
     train_src = ShardSource.open(recipe.data.train_shards, recipe.data.train_manifest)
     info = model_info(recipe, train_src.manifest)
+    if recipe.model.chunk_consistency and info["layout"] is None:  # silently ignored otherwise
+        raise ConfigError(f"model.chunk_consistency ranks DiDeMo's chunk candidates, but {recipe.data.train_shards} holds "
+                          f"{train_src.manifest.get('benchmark')!r} shards: set it to 0")
     val_src = ShardSource.open(recipe.data.val_shards, recipe.data.val_manifest) if recipe.data.val_shards else None
     test_src = ShardSource.open(recipe.data.test_shards, recipe.data.test_manifest) if recipe.data.test_shards else None
     for name, src in (("train", train_src), ("val", val_src), ("test", test_src)):

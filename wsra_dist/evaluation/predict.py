@@ -52,10 +52,13 @@ def check_compatible(info: dict, manifest: dict, where: str) -> None:
 def rank_batch(model: WSRA, batch, protocol: str, device: torch.device) -> list[dict]:
     video, mask, text = batch.video.to(device), batch.mask.to(device), batch.text.to(device)
     out = []
+    # Order by logits and report sigmoid in float64: a float32 sigmoid saturates to 1 above a logit of ~17, and
+    # the tied candidates would be ordered by their position instead of their score.
     if protocol == "didemo":
-        scores = model.candidate_scores(video, text).masked_fill(~mask, float("-inf")).cpu().numpy()
-        for m, s in zip(batch.meta, scores):
-            order = np.argsort(-s, kind="stable")
+        logits = model.candidate_logits(video, text).double().masked_fill(~mask, float("-inf"))
+        scores = torch.sigmoid(logits).masked_fill(~mask, float("-inf")).cpu().numpy()
+        for m, lg, s in zip(batch.meta, logits.cpu().numpy(), scores):
+            order = np.argsort(-lg, kind="stable")
             out.append({"annotation_id": m["query_id"], "moments": [list(DIDEMO_CANDIDATES[i]) for i in order],
                         "scores": [float(s[i]) for i in order]})
         return out
@@ -65,8 +68,9 @@ def rank_batch(model: WSRA, batch, protocol: str, device: torch.device) -> list[
         wins = benchmark_windows(protocol, dur)  # the protocol's windows (Charades-STA's, ActivityNet's)
         ranges = torch.tensor([window_snippet_range(a, b, dur, T) for a, b in wins], device=device)
         pv = model.scorer.project_windows(video[i, :T], ranges)  # windows pooled from projected snippets
-        s = torch.sigmoid(model.scorer.logits_from_hidden(pv + model.scorer.project_text(text[i]))).cpu().numpy()
-        order = np.argsort(-s, kind="stable")
+        lg = model.scorer.logits_from_hidden(pv + model.scorer.project_text(text[i])).double()
+        s = torch.sigmoid(lg).cpu().numpy()
+        order = np.argsort(-lg.cpu().numpy(), kind="stable")
         out.append({"query_id": m["query_id"], "video": m["video"],
                     "moments": [[round(float(wins[j, 0]), 4), round(float(wins[j, 1]), 4)] for j in order],
                     "scores": [float(s[j]) for j in order]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -74,8 +75,10 @@ def evaluate_checkpoints(
     nms: float | None = None, device: str | None = None, run_name: str | None = None,
     clip_predictions: bool = False, iou_tolerance: float = 0.0,
     train_annotations: str | Path | None = None, train_durations: str | Path | None = None,
+    chunk_consistency: float | None = None,
 ) -> tuple[dict, str | None]:
-    """Score one checkpoint (or several, late-fused with weights) on their shards.  The predictions pass the
+    """Score one checkpoint (or several, late-fused with weights) on their shards.  `chunk_consistency` (DiDeMo)
+    replaces each checkpoint's own model.chunk_consistency ranking weight (WSRA.rank_logits); None keeps theirs.  The predictions pass the
     same checks as a prediction file (scoring.score_didemo / score_charades).  The prior rows are learnt on
     `train_annotations` (the official training file) when given, else on the truth in the first run's
     data.train_shards (its recipe.yaml) that can be read; without either the table says how to add them."""
@@ -88,6 +91,11 @@ def evaluate_checkpoints(
         raise DataError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
     check_iou_tolerance(iou_tolerance)
     _check_train_file(train_annotations, train_durations)
+    if chunk_consistency is not None and not (math.isfinite(chunk_consistency) and chunk_consistency >= 0):
+        raise DataError(f"--chunk-consistency must be a finite number >= 0, got {chunk_consistency}")
+    if chunk_consistency and protocol != "didemo":
+        raise DataError("--chunk-consistency ranks DiDeMo's chunk candidates; it has no meaning for --protocol "
+                        f"{protocol}")
     if len(checkpoints) != len(shards):
         raise DataError(f"give one --shards per --checkpoint (late fusion pairs them): {len(checkpoints)} vs {len(shards)}")
     weights = list(fusion_weights or [1.0 / len(checkpoints)] * len(checkpoints))
@@ -101,8 +109,12 @@ def evaluate_checkpoints(
     truth_all: list[dict] = []
     reader: dict = {}
     id_key = "annotation_id" if protocol == "didemo" else "query_id"
+    used_mu = []
     for ck, sh, w in zip(checkpoints, shards, weights):
         model, info = load_run(ck, dev)
+        if chunk_consistency is not None:
+            model.chunk_consistency = float(chunk_consistency)
+        used_mu.append(model.chunk_consistency)
         src = ShardSource.open(sh)
         reader = src.manifest.get("reader", {})
         if src.manifest.get("benchmark") != protocol:
@@ -148,6 +160,7 @@ def evaluate_checkpoints(
                           feature=" & ".join(_feature_name(s) for s in shards), write_predictions=True,
                           settings_extra={"checkpoints": list(checkpoints), "shards": list(shards),
                                           "fusion_weights": weights,
+                                          **({"chunk_consistency": used_mu} if protocol == "didemo" else {}),
                                           **({"charades_filter": reader.get("charades_filter", "clamp")}
                                              if protocol == "charades" else {}),
                                           **({"activitynet_filter": reader.get("activitynet_filter", "clamp")}
