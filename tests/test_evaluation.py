@@ -214,7 +214,10 @@ def test_chunk_min_against_a_loop_and_rank_logits():
     assert torch.equal(got[..., :6], logits[..., :6])  # a single chunk is its own weakest chunk
     cfg = ScorerConfig(video_dim=8, text_dim=4, hidden=3, depth=1, input_norm="none")
     model = WSRA(cfg, didemo=DidemoLayout((4,)), chunk_consistency=0.7)
-    assert torch.allclose(model.rank_logits(logits), logits + 0.7 * got)
+    assert torch.allclose(model.rank_logits(logits), (logits + 0.7 * got) / 1.7)  # same order as logit + μ·min
+    assert torch.allclose(model.rank_logits(logits)[..., :6], logits[..., :6])  # single chunks keep their own logit
+    model.chunk_consistency = 1e300  # any finite μ: the weakest chunk decides, nothing overflows
+    assert torch.allclose(model.rank_logits(logits), got)
     model.chunk_consistency = 0.0
     assert torch.equal(model.rank_logits(logits), logits)
     snippets = WSRA(cfg, chunk_consistency=0.7)  # no DiDeMo layout: windows are ranked by φ alone
@@ -230,6 +233,9 @@ def test_evaluate_chunk_consistency_reranks_and_is_recorded(trained_didemo, tmp_
     cc = [json.loads(l) for l in (tmp_path / "cc" / "predictions.jsonl").read_text().splitlines()]
     m = json.loads((tmp_path / "cc" / "metrics.json").read_text())
     assert m["settings"]["chunk_consistency"] == [1.0]
+    # the report's figures rank as evaluate did (their candidate map says so)
+    assert "ranking score (chunk consistency μ 1)" in (tmp_path / "cc" / "report.html").read_text()
+    assert "ranking score" not in (tmp_path / "plain" / "report.html").read_text()
     assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["settings"]["chunk_consistency"] == [0.0]
     # the φ scores of the plain ranking, re-ranked by the rule by hand, give the same top-1 for every query
     import torch
@@ -275,6 +281,13 @@ def test_chunk_consistency_refused_where_it_means_nothing(tmp_path):
     assert p.returncode != 0 and "already ranked" in p.stdout + p.stderr
     with pytest.raises(ConfigError, match="model.chunk_consistency"):
         load_recipe(ROOT / "recipes" / "didemo_best.yaml", ["model.chunk_consistency=-0.5"])
+    from wsra_dist.model import WSRA
+
+    info = {"dims": {"video": 8, "text": 4}, "layout": {"kind": "didemo_chunks", "modalities": [4]},
+            "model": {"hidden": 3, "depth": 1, "dropout": 0.0, "input_norm": "none"}}
+    for bad in (-1.0, float("nan"), float("inf"), "abc", True):  # a hand-edited wsra_model.json
+        with pytest.raises(ValueError, match="model.chunk_consistency must be a finite number >= 0"):
+            WSRA.from_info({**info, "model": {**info["model"], "chunk_consistency": bad}})
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 

@@ -324,8 +324,9 @@ def evaluate(
                                                              "default is the truth in the run's data.train_shards."),
     train_durations: Optional[Path] = typer.Option(None, help="Charades_v1_train.csv for --train-annotations "
                                                            "(default: the file of that name beside it)."),
-    chunk_consistency: Optional[float] = typer.Option(None, help="DiDeMo, --checkpoint: rank a candidate by logit φ + "
-                                                               "this weight x the lowest logit of its single chunks "
+    chunk_consistency: Optional[float] = typer.Option(None, help="DiDeMo, --checkpoint: rank a candidate (s, e) by "
+                                                               "(logit φ + μ x the lowest logit among the single-chunk "
+                                                               "candidates (k, k), s <= k <= e) / (1 + μ), μ this value "
                                                                "(0: φ alone, the paper).  Default: each checkpoint's "
                                                                "model.chunk_consistency."),
     out: Path = typer.Option(..., help="Folder for metrics.json, table.md, table.csv; with --checkpoint also "
@@ -478,7 +479,11 @@ def ground(
                                                         "with (default: the one it records, by name)."),
 ):
     """Ground free-text queries in one video's features (--features) or a raw video (--video): the top moments in
-    seconds with their scores."""
+    seconds with their scores.
+
+    Moments are ranked as `wsra-dist evaluate` ranks them: by φ, or for a DiDeMo checkpoint trained with
+    model.chunk_consistency = μ > 0 by (logit φ + μ x the lowest single-chunk logit inside the moment) / (1 + μ),
+    whose sigmoid is then the printed score."""
     from .ground import ground_cli
 
     qs = list(query) + ([l.strip() for l in queries.read_text().splitlines() if l.strip()] if queries else [])

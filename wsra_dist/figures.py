@@ -195,7 +195,9 @@ def _draw_candidate_map(ax, r: dict, vlim: tuple[float, float], truths_chunks: l
     ax.tick_params(length=0, pad=1.5, labelsize=7)
     for sp in ax.spines.values():
         sp.set_visible(False)
-    ax.set_title("φ of the 21 candidates", fontsize=7.5, pad=3)
+    mu = float(r.get("chunk_consistency") or 0.0)  # ranked by φ alone, or by the chunk-consistency rule
+    ax.set_title("φ of the 21 candidates" if not mu else f"ranking score (μ {mu:g})",
+                 fontsize=7.5, pad=3)
 
 
 def _chunk_pairs(spans: list[Span]) -> list[tuple[int, int]]:

@@ -192,8 +192,10 @@ class Grounder:
             out.append({"query": q, "moments": [[round(float(moments[i, 0]), 3), round(float(moments[i, 1]), 3)]
                                                 for i in order],
                         "scores": [float(s[i]) for i in order], "alpha": a.tolist(), "snippet_times": times.tolist()})
+        mu = self.model.chunk_consistency if self.model.didemo is not None else 0.0
         for r, p, s in zip(out, phi, scores):  # what figures.py draws (the CLI's --json leaves these out)
-            r.update(phi=p.tolist(), candidate_moments=np.round(moments, 3).tolist(), candidate_scores=s.tolist())
+            r.update(phi=p.tolist(), candidate_moments=np.round(moments, 3).tolist(), candidate_scores=s.tolist(),
+                     chunk_consistency=mu)
         return out
 
 

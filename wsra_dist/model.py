@@ -298,6 +298,13 @@ class WSRAOutput:
     phi_fg: torch.Tensor | None = None  # (b, N) φ(v_f, t_n)
 
 
+def _ranking_weight(v) -> float:
+    """model.chunk_consistency from a config dict: a finite number >= 0 (a hand-edited file says which key)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and v != float("inf")):
+        raise ValueError(f"model.chunk_consistency must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
 @dataclass(frozen=True)
 class DidemoLayout:
     """Inputs are DiDeMo's (6, ΣD) chunks; candidates are built per feature file (modality) [+ TEF]."""
@@ -347,7 +354,7 @@ class WSRA(nn.Module):
                            query_chunk=m.get("query_chunk", 0), recompute=False,
                            fused_kernel=m.get("fused_kernel", True), compile=bool(m.get("compile", False)))
         model = cls(cfg, attention_scale=m.get("attention_scale", 1.0), didemo=DidemoLayout.from_dict(info.get("layout")),
-                    project_chunks=m.get("project_chunks", True), chunk_consistency=float(m.get("chunk_consistency", 0.0)))
+                    project_chunks=m.get("project_chunks", True), chunk_consistency=_ranking_weight(m.get("chunk_consistency", 0.0)))
         model.info = dict(info)
         return model
 
@@ -390,6 +397,8 @@ class WSRA(nn.Module):
             model = cls.from_info(info)
         except (KeyError, TypeError) as e:
             raise ValueError(f"{cfg_file}: incomplete model config (missing {e})") from None
+        except ValueError as e:
+            raise ValueError(f"{cfg_file}: {e}") from None
         model.load_state_dict(load_file(str(path / WEIGHTS_FILE), device="cpu"))
         return model.to(device).eval()
 
@@ -417,15 +426,18 @@ class WSRA(nn.Module):
         return torch.sigmoid(self.candidate_logits(video, text))
 
     def rank_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """What DiDeMo's 21 candidates are ranked by, from their φ logits (..., 21): logit + μ x the lowest
-        logit of the candidate's single chunks (μ = `chunk_consistency`; 0 or another layout: the logits as
-        they are).  A candidate that adds a chunk not showing the query is pulled down by that chunk, which
-        φ of the pooled candidate alone does not do (docs/method.md, "Ranking DiDeMo candidates")."""
+        """What DiDeMo's 21 candidates are ranked by, from their φ logits (..., 21): (logit + μ x the lowest
+        logit of the candidate's single chunks) / (1 + μ) (μ = `chunk_consistency`; 0 or another layout: the
+        logits as they are).  A candidate that adds a chunk not showing the query is pulled down by that chunk,
+        which φ of the pooled candidate alone does not do (docs/method.md, "Ranking DiDeMo candidates").  Dividing
+        by 1 + μ changes no ranking; it keeps the value a weighted mean of logits (a single chunk keeps its own),
+        so sigmoid of it stays in φ's range and does not saturate sooner than φ."""
         if self.didemo is None or not self.chunk_consistency:
             return logits
         from .geometry import didemo_chunk_min
 
-        return logits + self.chunk_consistency * didemo_chunk_min(logits)
+        w = self.chunk_consistency / (1.0 + self.chunk_consistency)  # in float64: any finite μ >= 0
+        return (1.0 - w) * logits + w * didemo_chunk_min(logits)
 
     def forward(self, video: torch.Tensor, mask: torch.Tensor, text: torch.Tensor,
                 text_global: torch.Tensor | None = None, all_pairs: bool = False, fg_pairs: bool = False) -> WSRAOutput:

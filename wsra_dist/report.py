@@ -34,8 +34,10 @@ TOP_K = 3  # moments drawn per gallery query
 
 
 def write_report(out: str | Path, protocol: str, table_md: str, predictions: Sequence[dict], truth: Sequence[dict],
-                 checkpoints: Sequence[str], shards: Sequence[str], device=None, per_group: int = 3) -> Path:
-    """Build OUT/report.html (written atomically) and return its path."""
+                 checkpoints: Sequence[str], shards: Sequence[str], device=None, per_group: int = 3,
+                 chunk_consistency: float | None = None) -> Path:
+    """Build OUT/report.html (written atomically) and return its path.  `chunk_consistency`: the DiDeMo ranking
+    weight the predictions were ranked with (the figures rank the same way; None: the checkpoint's own)."""
     out = Path(out)
     notes: list[str] = []
     run = Path(checkpoints[0])
@@ -47,7 +49,8 @@ def write_report(out: str | Path, protocol: str, table_md: str, predictions: Seq
     if ksweep:
         sections.append(("ksweep", "K sweep", ksweep))
     sections.append(("gallery", "Example queries", _guard(
-        lambda: _gallery_section(protocol, predictions, truth, checkpoints, shards, device, per_group, notes),
+        lambda: _gallery_section(protocol, predictions, truth, checkpoints, shards, device, per_group, notes,
+                                 chunk_consistency),
         "the gallery", notes)))
     page = _page(protocol, len(truth), checkpoints, shards, sections, notes)
     tmp = out / f".{REPORT_FILE}.tmp"
@@ -364,11 +367,15 @@ def shard_queries(shards: str, query_ids: set) -> dict:
     return found
 
 
-def ground_examples(checkpoint: str, shards: str, examples: Sequence[Example], device=None) -> dict:
-    """query_id -> (Grounder result with φ, α and candidate scores; truth spans in seconds; meta)."""
+def ground_examples(checkpoint: str, shards: str, examples: Sequence[Example], device=None,
+                    chunk_consistency: float | None = None) -> dict:
+    """query_id -> (Grounder result with φ, α and candidate scores; truth spans in seconds; meta).
+    `chunk_consistency`: the DiDeMo ranking weight evaluate used (None: the checkpoint's own)."""
     from .ground import load_model
 
     g = load_model(checkpoint, str(device) if device is not None else None)
+    if chunk_consistency is not None:
+        g.model.chunk_consistency = float(chunk_consistency)
     found = shard_queries(shards, {e.query_id for e in examples})
     g._encoder = _ShardText({m["sentence"].strip(): txt for _, txt, m in found.values()})
     out = {}
@@ -392,19 +399,22 @@ def truth_seconds(meta: dict, didemo: bool) -> list[tuple[float, float]]:
 
 
 def _gallery_section(protocol: str, predictions: Sequence[dict], truth: Sequence[dict], checkpoints: Sequence[str],
-                     shards: Sequence[str], device, per_group: int, notes: list[str]) -> str:
+                     shards: Sequence[str], device, per_group: int, notes: list[str],
+                     chunk_consistency: float | None = None) -> str:
     from .figures import grounding_figure
 
     picked = pick_examples(top1_ious(protocol, predictions, truth), per_group)
     if not picked:
         return _note("no scored queries to show.", notes)
-    drawn = ground_examples(checkpoints[0], shards[0], picked, device)
+    drawn = ground_examples(checkpoints[0], shards[0], picked, device, chunk_consistency)
     intro = (f"{len(picked)} of the {len(truth)} queries: the best, typical (nearest the median) and worst by the "
              "IoU of the evaluated top-1 moment with the ground truth. Each figure shows φ per "
              + ("chunk" if protocol == "didemo" else "snippet")
              + " (one y-range per figure), α as a strip under it (coloured over its own range, printed on the "
              "right), the top-3 moments as bars labelled with their scores and the ground truth hatched"
-             + ("; on the right the φ of all 21 candidates, start chunk × end chunk, rank-1 framed in orange"
+             + ("; on the right the " + ("φ" if not chunk_consistency else
+                                          f"ranking score (chunk consistency μ {chunk_consistency:g})")
+                + " of all 21 candidates, start chunk × end chunk, rank-1 framed in orange"
                 if protocol == "didemo" else "") + ".")
     if len(checkpoints) > 1:
         intro += (f" Late fusion of {len(checkpoints)} checkpoints: the IoU is the fused ranking's, the figures "

@@ -169,7 +169,8 @@ def evaluate_checkpoints(
     if md is not None:  # main process: OUT/report.html (imported here: report.py is the top floor, above evaluation/)
         from ..report import write_report
 
-        write_report(out, protocol, md, predictions, truth_all, list(checkpoints), list(shards), dev)
+        write_report(out, protocol, md, predictions, truth_all, list(checkpoints), list(shards), dev,
+                     chunk_consistency=used_mu[0] if protocol == "didemo" else None)
     return metrics, md
 
 
