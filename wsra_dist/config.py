@@ -46,8 +46,9 @@ class ModelConfig:
     # compiler on CPU or triton on GPU; falls back to the eager kernel with a warning)
     compile: bool = False
     attention_scale: float = 1.0  # Eq. 2 uses exp(φ) (scale 1)
-    # DiDeMo ranking only (not training): rank a candidate by logit φ(c, t) + μ x the lowest logit of its single
-    # chunks, so a moment must show the query in every chunk it covers (0: φ alone, the paper). docs/method.md
+    # DiDeMo ranking only (not training): rank a candidate by (logit φ(c, t) + μ x the lowest logit of its single
+    # chunks) / (1 + μ), so a moment must show the query in every chunk it covers (0: φ alone, the paper).
+    # WSRA.rank_logits; docs/method.md
     chunk_consistency: float = 0.0
     # DiDeMo: project the 6 chunks once and pool the projections (false: project the 21 materialised candidates)
     project_chunks: bool = True

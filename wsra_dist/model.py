@@ -298,10 +298,10 @@ class WSRAOutput:
     phi_fg: torch.Tensor | None = None  # (b, N) φ(v_f, t_n)
 
 
-def _ranking_weight(v) -> float:
-    """model.chunk_consistency from a config dict: a finite number >= 0 (a hand-edited file says which key)."""
+def check_chunk_consistency(v, name: str = "model.chunk_consistency") -> float:
+    """A chunk-consistency weight μ (from a config dict or a flag `name`): a finite number >= 0, else ValueError."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and v != float("inf")):
-        raise ValueError(f"model.chunk_consistency must be a finite number >= 0, got {v!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     return float(v)
 
 
@@ -354,7 +354,7 @@ class WSRA(nn.Module):
                            query_chunk=m.get("query_chunk", 0), recompute=False,
                            fused_kernel=m.get("fused_kernel", True), compile=bool(m.get("compile", False)))
         model = cls(cfg, attention_scale=m.get("attention_scale", 1.0), didemo=DidemoLayout.from_dict(info.get("layout")),
-                    project_chunks=m.get("project_chunks", True), chunk_consistency=_ranking_weight(m.get("chunk_consistency", 0.0)))
+                    project_chunks=m.get("project_chunks", True), chunk_consistency=check_chunk_consistency(m.get("chunk_consistency", 0.0)))
         model.info = dict(info)
         return model
 

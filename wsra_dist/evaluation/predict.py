@@ -68,9 +68,9 @@ def rank_batch(model: WSRA, batch, protocol: str, device: torch.device) -> list[
         wins = benchmark_windows(protocol, dur)  # the protocol's windows (Charades-STA's, ActivityNet's)
         ranges = torch.tensor([window_snippet_range(a, b, dur, T) for a, b in wins], device=device)
         pv = model.scorer.project_windows(video[i, :T], ranges)  # windows pooled from projected snippets
-        lg = model.scorer.logits_from_hidden(pv + model.scorer.project_text(text[i])).double()
-        s = torch.sigmoid(lg).cpu().numpy()
-        order = np.argsort(-lg.cpu().numpy(), kind="stable")
+        lg = model.scorer.logits_from_hidden(pv + model.scorer.project_text(text[i])).double().cpu()
+        s = torch.sigmoid(lg).numpy()
+        order = np.argsort(-lg.numpy(), kind="stable")
         out.append({"query_id": m["query_id"], "video": m["video"],
                     "moments": [[round(float(wins[j, 0]), 4), round(float(wins[j, 1]), 4)] for j in order],
                     "scores": [float(s[j]) for j in order]})

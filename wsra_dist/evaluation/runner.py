@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -78,21 +77,25 @@ def evaluate_checkpoints(
     chunk_consistency: float | None = None,
 ) -> tuple[dict, str | None]:
     """Score one checkpoint (or several, late-fused with weights) on their shards.  `chunk_consistency` (DiDeMo)
-    replaces each checkpoint's own model.chunk_consistency ranking weight (WSRA.rank_logits); None keeps theirs.  The predictions pass the
-    same checks as a prediction file (scoring.score_didemo / score_charades).  The prior rows are learnt on
+    replaces each checkpoint's own model.chunk_consistency ranking weight (WSRA.rank_logits); None keeps theirs.
+    The predictions pass the same checks as a prediction file (scoring.score_didemo / score_charades).  The prior rows are learnt on
     `train_annotations` (the official training file) when given, else on the truth in the first run's
     data.train_shards (its recipe.yaml) that can be read; without either the table says how to add them."""
     import torch
 
     from ..data.loader import ShardSource
+    from ..model import check_chunk_consistency
     from .predict import check_compatible, load_run, predict
 
     if protocol not in PROTOCOLS:
         raise DataError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
     check_iou_tolerance(iou_tolerance)
     _check_train_file(train_annotations, train_durations)
-    if chunk_consistency is not None and not (math.isfinite(chunk_consistency) and chunk_consistency >= 0):
-        raise DataError(f"--chunk-consistency must be a finite number >= 0, got {chunk_consistency}")
+    if chunk_consistency is not None:
+        try:
+            chunk_consistency = check_chunk_consistency(chunk_consistency, "--chunk-consistency")
+        except ValueError as e:
+            raise DataError(str(e)) from None
     if chunk_consistency and protocol != "didemo":
         raise DataError("--chunk-consistency ranks DiDeMo's chunk candidates; it has no meaning for --protocol "
                         f"{protocol}")
@@ -113,7 +116,7 @@ def evaluate_checkpoints(
     for ck, sh, w in zip(checkpoints, shards, weights):
         model, info = load_run(ck, dev)
         if chunk_consistency is not None:
-            model.chunk_consistency = float(chunk_consistency)
+            model.chunk_consistency = chunk_consistency
         used_mu.append(model.chunk_consistency)
         src = ShardSource.open(sh)
         reader = src.manifest.get("reader", {})
