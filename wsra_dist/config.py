@@ -45,6 +45,9 @@ class ModelConfig:
     # depth 1: compile the pair MLP with torch.compile (fused loops; ~20 s once per process, needs a C++
     # compiler on CPU or triton on GPU; falls back to the eager kernel with a warning)
     compile: bool = False
+    # depth 1: auto (fused Triton kernels on CUDA, `compile` when set; the chunked eager kernel on CPU) | triton |
+    # eager (wsra_dist/kernels/pair_mlp.py)
+    pair_kernel: str = "auto"
     attention_scale: float = 1.0  # Eq. 2 uses exp(φ) (scale 1)
     # DiDeMo ranking only (not training): rank a candidate by (logit φ(c, t) + μ x the lowest logit of its single
     # chunks) / (1 + μ), so a moment must show the query in every chunk it covers (0: φ alone, the paper).
@@ -156,6 +159,7 @@ def _validate(r: "Recipe") -> None:
     integer("model.depth", m.depth, 0)
     number("model.dropout", m.dropout, 0.0, 1.0)
     choice("model.input_norm", m.input_norm, ("none", "l2", "layernorm"))
+    choice("model.pair_kernel", m.pair_kernel, ("auto", "triton", "eager"))
     integer("model.query_chunk", m.query_chunk, 0, "an integer >= 0 (0: all queries at once)")
     number("model.attention_scale", m.attention_scale, 0.0, low_open=True)
     number("model.chunk_consistency", m.chunk_consistency, 0.0, rule="a number >= 0 (0: rank by φ alone)")

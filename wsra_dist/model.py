@@ -49,6 +49,9 @@ class ScorerConfig:
     recompute: bool = False  # recompute each chunk's activations in backward (activation checkpointing)
     fused_kernel: bool = True  # depth 1: the pair-MLP autograd function that stores no pair activations
     compile: bool = False  # depth 1: the same pair MLP through torch.compile (one fused loop; see _compiled_pairs)
+    # depth 1: auto (the fused Triton kernels on CUDA unless `compile`; the chunked eager kernel elsewhere) |
+    # triton (always; on the CPU only under TRITON_INTERPRET=1) | eager (the chunked autograd function / compile)
+    pair_kernel: str = "auto"
 
 
 class Scorer(nn.Module):
@@ -58,6 +61,8 @@ class Scorer(nn.Module):
         super().__init__()
         if cfg.depth < 1:
             raise ValueError(f"model.depth must be >= 1, got {cfg.depth}")
+        if cfg.pair_kernel not in ("auto", "triton", "eager"):
+            raise ValueError(f"model.pair_kernel must be auto|triton|eager, got {cfg.pair_kernel!r}")
         if cfg.input_norm not in ("none", "l2", "layernorm"):
             raise ValueError(f"model.input_norm must be none|l2|layernorm, got {cfg.input_norm!r}")
         self.cfg = cfg
@@ -169,6 +174,10 @@ class Scorer(nn.Module):
         """all_pairs_logits from projected snippets pv (B, T, H) and queries pt (N, H)."""
         if self.cfg.fused_kernel and self.cfg.depth == 1 and (self.cfg.dropout == 0 or not self.training):
             last = self.tail[-1]
+            if self._use_triton(pv.device):
+                from .kernels import pair_mlp_logits
+
+                return pair_mlp_logits(pv, pt, last.weight[0], last.bias[0])
             if self.cfg.compile and (fn := _compiled_pairs()) is not None:
                 return fn(pv, pt, last.weight[0], last.bias[0])
             # Chunks of ~2^18 pair activations (1 MB) stay in L2 across the broadcast-add, ReLU and
@@ -184,6 +193,19 @@ class Scorer(nn.Module):
             else:
                 outs.append(self._chunk_logits(pv, ptc))
         return torch.cat(outs, dim=-1)
+
+    def _use_triton(self, device: torch.device) -> bool:
+        kind = self.cfg.pair_kernel
+        if kind == "eager" or (kind == "auto" and (device.type != "cuda" or self.cfg.compile)):
+            return False
+        from .kernels import triton_pair_mlp_available
+
+        if triton_pair_mlp_available(device):
+            return True
+        if kind == "triton":
+            raise RuntimeError(f"model.pair_kernel=triton needs triton and a CUDA device (or TRITON_INTERPRET=1), "
+                               f"not {device}: install triton or set model.pair_kernel=auto")
+        return False  # auto on CUDA without triton: the eager kernel computes the same thing
 
     def _chunk_logits(self, pv: torch.Tensor, ptc: torch.Tensor) -> torch.Tensor:
         return self.logits_from_hidden(pv.unsqueeze(-2) + ptc)  # (B, T, n, H) -> (B, T, n)
@@ -352,7 +374,8 @@ class WSRA(nn.Module):
         cfg = ScorerConfig(video_dim=int(dims["video"]), text_dim=int(dims["text"]), hidden=m["hidden"],
                            depth=m["depth"], dropout=m["dropout"], input_norm=m["input_norm"],
                            query_chunk=m.get("query_chunk", 0), recompute=False,
-                           fused_kernel=m.get("fused_kernel", True), compile=bool(m.get("compile", False)))
+                           fused_kernel=m.get("fused_kernel", True), compile=bool(m.get("compile", False)),
+                           pair_kernel=m.get("pair_kernel", "auto"))
         model = cls(cfg, attention_scale=m.get("attention_scale", 1.0), didemo=DidemoLayout.from_dict(info.get("layout")),
                     project_chunks=m.get("project_chunks", True), chunk_consistency=check_chunk_consistency(m.get("chunk_consistency", 0.0)))
         model.info = dict(info)
