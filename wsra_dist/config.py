@@ -31,6 +31,11 @@ class DataConfig:
     shuffle_buffer: int = 2000
     num_workers: int = 0
     verify_checksums: bool = True  # sha256 of every shard checked while it streams
+    # auto | true | false: hold the training split as tensors on the training device and gather batches there
+    # by index (same batches, same order as streaming; wsra_dist/data/device_cache.py).  auto: on a GPU when the
+    # manifest's size bound fits in device_cache_max_fraction of its memory; true: also on the CPU
+    device_cache: str = "auto"
+    device_cache_max_fraction: float = 0.25
 
 
 @dataclass
@@ -80,6 +85,9 @@ class TrainConfig:
     process_group_timeout_s: int = 600  # a dead process makes the others fail after this, not hang
     progress: bool = True
     deterministic: bool = False
+    # auto | true | false: replay the steady-state step (one batch shape) from a captured CUDA graph
+    # (one process, no DeepSpeed or mixed precision; elsewhere eager; wsra_dist/step.py)
+    cuda_graph: str = "auto"
 
 
 @dataclass
@@ -154,6 +162,8 @@ def _validate(r: "Recipe") -> None:
     # data
     integer("data.shuffle_buffer", d.shuffle_buffer, 0)
     integer("data.num_workers", d.num_workers, 0)
+    choice("data.device_cache", d.device_cache, ("auto", "true", "false"))
+    number("data.device_cache_max_fraction", d.device_cache_max_fraction, 0.0, 1.0, low_open=True, high_open=False)
     # model
     integer("model.hidden", m.hidden, 1)
     integer("model.depth", m.depth, 0)
@@ -186,6 +196,7 @@ def _validate(r: "Recipe") -> None:
     integer("train.max_steps", t.max_steps, 0, "an integer >= 0 (0: no limit)")
     integer("train.batch_size", t.batch_size, 1, "an integer >= 1 (queries per process)")
     choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    choice("train.cuda_graph", t.cuda_graph, ("auto", "true", "false"))
     integer("train.log_every", t.log_every, 1, "an integer >= 1 (steps)")
     integer("train.checkpoint_every", t.checkpoint_every, 0, "an integer >= 0 (steps; 0: only at epoch ends)")
     integer("train.keep_checkpoints", t.keep_checkpoints, 1, "an integer >= 1 (resume needs the last checkpoint)")
@@ -217,6 +228,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML reads `device_cache: true` as a bool; the choice is the word
+            return "true" if value else "false"
         return "" if value is None else str(value)
     return value
 

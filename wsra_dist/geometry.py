@@ -6,6 +6,8 @@ same functions on batches, used by the model as the materialised reference of it
 
 from __future__ import annotations
 
+import functools
+
 import itertools
 import math
 
@@ -87,7 +89,13 @@ def window_features(snippets: np.ndarray, windows: np.ndarray, duration: float) 
 
 
 def didemo_pooling_matrix(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(21, 6) rows averaging the chunks of each candidate (s..e inclusive), in DIDEMO_CANDIDATES order."""
+    """(21, 6) rows averaging the chunks of each candidate (s..e inclusive), in DIDEMO_CANDIDATES order.
+    Built once per (dtype, device) and shared: read-only (a step builds no constants: CUDA graphs, launches)."""
+    return _pooling(dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _pooling(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     a = torch.zeros(len(DIDEMO_CANDIDATES), 6, dtype=dtype, device=device)
     for i, (s, e) in enumerate(DIDEMO_CANDIDATES):
         a[i, s : e + 1] = 1.0 / (e - s + 1)
@@ -103,7 +111,12 @@ def didemo_chunk_min(logits: torch.Tensor) -> torch.Tensor:
 
 
 def didemo_tef(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(21, 2) temporal endpoint features [s/6, e/6] of the candidates."""
+    """(21, 2) temporal endpoint features [s/6, e/6] of the candidates (cached like didemo_pooling_matrix)."""
+    return _tef(dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _tef(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.tensor([[s / 6.0, e / 6.0] for s, e in DIDEMO_CANDIDATES], dtype=dtype, device=device)
 
 

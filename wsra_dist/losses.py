@@ -87,19 +87,21 @@ def sample_negatives(
     k_top: int,
     k_last: int,
     self_in_top_k: bool = False,
+    check: bool = True,
 ) -> Negatives:
     """Rank each query's other-video queries by text similarity, drop the top K_top and last K_last.
 
     Queries of the same video (the query itself included) are never candidates.  Ties keep the
     batch order (stable sort), so every process makes the same choice.  With `self_in_top_k`
     the query itself fills one of the K_top slots, so only K_top - 1 other queries are removed.
+    `check=False` skips the too-small-batch check (it reads a value on the host); the caller has decided it.
     """
     n = text_sim.shape[0]
     same = video_ids[:, None] == video_ids[None, :]
     n_cand = n - same.sum(1)  # (N,)
     k_top_eff = max(k_top - 1, 0) if self_in_top_k else k_top
     n_hard = n_cand - k_top_eff - k_last
-    if n == 0 or int(n_hard.min()) < 1:
+    if n == 0 or (check and int(n_hard.min()) < 1):
         i = int(n_hard.argmin()) if n else 0
         raise ValueError(
             f"global batch too small for top/last-K sampling: {n} queries, K_top={k_top}, K_last={k_last}; "

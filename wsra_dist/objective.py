@@ -25,7 +25,10 @@ class ObjectiveOutput:
     gatherer: Gatherer
 
 
-def wsra_objective(model: WSRA | torch.nn.Module, batch: Batch, cfg: L.LossConfig, gatherer: Gatherer | None = None) -> ObjectiveOutput:
+def wsra_objective(model: WSRA | torch.nn.Module, batch: Batch, cfg: L.LossConfig, gatherer: Gatherer | None = None,
+                   check_sampler: bool = True) -> ObjectiveOutput:
+    """Eq. 8 (and the variant terms) for one batch.  `check_sampler=False`: the caller has already made sure every
+    query keeps a hard negative (the trainer decides it on the host), so no tensor value is read here."""
     g = gatherer or Gatherer(batch.video.shape[0], batch.video.device)
     text_g = g.const(batch.text)
     out = model(batch.video, batch.mask, batch.text, text_g, all_pairs=bool(cfg.w_snippet), fg_pairs=bool(cfg.w_cross))
@@ -41,7 +44,7 @@ def wsra_objective(model: WSRA | torch.nn.Module, batch: Batch, cfg: L.LossConfi
     if need_sampler:
         tn = F.normalize(text_g, dim=-1)
         text_cos = tn @ tn.T
-        negatives = L.sample_negatives(text_cos, vid_g, cfg.k_top, cfg.k_last, cfg.self_in_top_k)
+        negatives = L.sample_negatives(text_cos, vid_g, cfg.k_top, cfg.k_last, cfg.self_in_top_k, check=check_sampler)
 
     if cfg.w_video:
         s_pos, s_neg = g.with_grad(out.s_pos), g.with_grad(out.s_neg)

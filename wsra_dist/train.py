@@ -34,6 +34,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -49,7 +50,6 @@ from . import peers
 from .lifetime import die_with_parent, launched_worker
 from .evaluation.predict import model_from_info, predict
 from .model import RUN_CONFIG_FILE as INFO_FILE, WEIGHTS_FILE as MODEL_FILE
-from .objective import wsra_objective
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "train_state.json"  # TrainState, written by rank 0 into every checkpoint folder (JSON: no pickle)
@@ -107,12 +107,15 @@ def make_accelerator(recipe: Recipe):
     return Accelerator(cpu=use_cpu and not deepspeed, **kwargs)
 
 
-def build_optimizer(recipe: Recipe, params):
+def build_optimizer(recipe: Recipe, params, capturable: bool = False):
+    """`capturable`: Adam/AdamW keep their step counter on the device, so a CUDA graph can hold their step."""
     o = recipe.optim
     if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        return torch.optim.Adam(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
+                                capturable=capturable)
     if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
+                                 capturable=capturable)
     return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
@@ -450,16 +453,65 @@ def train(recipe: Recipe) -> Path:
         peers.stop(forget=False)  # no thread left for the interpreter's shutdown; explain() still works
 
 
+@dataclass
+class _Run:
+    """What the phases of one training run share (built by _open_data, _make_loader, _make_model)."""
+
+    recipe: Recipe
+    accelerator: object
+    world: int
+    rank: int
+    need: int  # queries a global batch needs for top/last-K sampling
+    train_src: ShardSource
+    val_src: ShardSource | None
+    test_src: ShardSource | None
+    info: dict
+    loader: object = None
+    plans: dict = field(default_factory=dict)
+    total: int = 0  # optimizer steps the run can reach
+    model: object = None
+    optimizer: object = None
+    step_fn: object = None
+    state: TrainState = field(default_factory=TrainState)
+    out_dir: Path = Path(".")
+    kill_at: int = 0  # test hooks (environment): die like a killed node, log the sampler and the samples
+    debug_dir: str | None = None
+    sample_log: object = None
+    # time and throughput: evaluation and checkpoints are not training time
+    t_start: float = 0.0
+    t_log: float = 0.0
+    t_paused: float = 0.0
+    t_excluded: float = 0.0
+    t_loop: float = 0.0
+    samples_at_log: int = 0
+    samples_start: int = 0
+    ep_sums: dict = field(default_factory=dict)  # loss terms summed over the epoch's steps, on the device
+    ep_steps: int = 0
+
+    def plan_of(self, e: int):
+        if e not in self.plans:
+            self.plans[e] = self.loader.plan(e)
+        return self.plans[e]
+
+
 def _train(recipe: Recipe, accelerator) -> Path:
     from accelerate.utils import set_seed
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     set_seed(recipe.seed)
     if recipe.train.deterministic:
         torch.use_deterministic_algorithms(True)
+    run = _open_data(recipe, accelerator)
+    _make_loader(run)
+    _make_model(run)
+    _start_outputs(run)
+    _train_epochs(run)
+    return _finish(run)
+
+
+def _open_data(recipe: Recipe, accelerator) -> _Run:
+    """Shards, manifests and every check that needs no model: a run that cannot work fails here."""
     world, rank = accelerator.num_processes, accelerator.process_index
     check_batch_size(recipe, world)
-    need = min_global_batch(recipe.loss)
     train_src = ShardSource.open(recipe.data.train_shards, recipe.data.train_manifest)
     info = model_info(recipe, train_src.manifest)
     if recipe.model.chunk_consistency and info["layout"] is None:  # silently ignored otherwise
@@ -475,204 +527,264 @@ def _train(recipe: Recipe, accelerator) -> Path:
             from .evaluation.predict import check_compatible
 
             check_compatible(info, src.manifest, f"data.{name}_shards")
+    need = min_global_batch(recipe.loss)
     if need > 1 and isinstance(train_src.manifest.get("num_videos"), int) and train_src.manifest["num_videos"] < 2:
         raise DataError(f"data.train_shards={recipe.data.train_shards}: all queries are of "
                         f"{train_src.manifest['num_videos']} video; top/last-K sampling needs queries of other videos")
-    loader = EpochLoader(train_src, recipe.train.batch_size, world, rank, recipe.seed, recipe.data.shuffle,
-                         recipe.data.shuffle_buffer, recipe.data.num_workers, recipe.data.verify_checksums,
-                         min_global_batch=need)
-    plans: dict = {}
+    return _Run(recipe, accelerator, world, rank, need, train_src, val_src, test_src, info)
 
-    def plan_of(e: int):
-        if e not in plans:
-            plans[e] = loader.plan(e)
-        return plans[e]
 
-    total = 0  # batch plans of every epoch the run can reach: one that cannot work fails here, at start-up
-    for e in range(recipe.train.epochs):
-        total += plan_of(e).batches
-        if recipe.train.max_steps and total >= recipe.train.max_steps:
+def _make_loader(run: _Run) -> None:
+    """The streaming loader, or the same batches gathered from a device-resident copy (data.device_cache)."""
+    from .data.device_cache import CachedEpochLoader, SplitCache, use_cache
+
+    r, d = run.recipe, run.recipe.data
+    args = (r.train.batch_size, run.world, run.rank, r.seed, d.shuffle, d.shuffle_buffer, d.num_workers,
+            d.verify_checksums)
+    device = run.accelerator.device
+    cached, why = use_cache(d.device_cache, run.train_src, device, d.device_cache_max_fraction)
+    if cached:
+        cache = SplitCache(run.train_src, device, d.verify_checksums)
+        run.loader = CachedEpochLoader(run.train_src, cache, *args, min_global_batch=run.need)
+        run.accelerator.print(f"data.device_cache: {cache.num_queries} training queries held on {device} "
+                              f"({cache.nbytes / 2**20:.1f} MiB; {why})")
+    else:
+        run.loader = EpochLoader(run.train_src, *args, min_global_batch=run.need)
+        if d.device_cache != "auto" or device.type == "cuda":
+            run.accelerator.print(f"data.device_cache: streaming ({why})")
+    for e in range(r.train.epochs):  # batch plans of every epoch the run can reach: one that cannot work fails now
+        run.total += run.plan_of(e).batches
+        if r.train.max_steps and run.total >= r.train.max_steps:
             break
+    if r.train.max_steps:
+        run.total = min(run.total, r.train.max_steps)
 
-    model = model_from_info(info)
+
+def _make_model(run: _Run) -> None:
+    """Model, optimizer (resumed when asked), the accelerate wrappers and the step function."""
+    from .step import graph_blockers, make_step
+
+    recipe, accelerator, world = run.recipe, run.accelerator, run.world
+    model = model_from_info(run.info)
     resume = find_resume(recipe, warn=lambda t: accelerator.print(f"warning: {t}"))
     if resume is None and recipe.resume == "auto":
         accelerator.print("resume=auto: no complete checkpoint yet, starting from scratch")
     resumed = None
     if resume is not None:  # everything checked before any state is loaded
         where = f"resume={resume}"
-        check_resume_compatible(resume, info, model, where)
+        check_resume_compatible(resume, run.info, model, where)
         resumed = read_train_state(resume, where)
         moved = (resumed.world, resumed.batch_size) != (world, recipe.train.batch_size)
         if resumed.batch_in_epoch and moved:
             raise ConfigError(f"{where}: the checkpoint stopped mid-epoch with {resumed.world} process(es) x "
                               f"train.batch_size={resumed.batch_size}; resume with the same number of processes and "
                               "train.batch_size (or from a checkpoint at an epoch end)")
-    optimizer = build_optimizer(recipe, model.parameters())
+    blockers = graph_blockers(recipe, accelerator, world)
+    optimizer = build_optimizer(recipe, model.parameters(), capturable=not blockers and accelerator.device.type == "cuda")
     ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds_plugin is not None:  # the WebDataset loader is not prepared, so DeepSpeed learns the batch here
         ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
         ds_plugin.deepspeed_config.setdefault("zero_allow_untested_optimizer", True)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainState()
+    run.model, run.optimizer = accelerator.prepare(model, optimizer)
     if resume is not None:
         # Not accelerator.load_state: it would unpickle custom_checkpoint_*.pkl (arbitrary code).
-        load_checkpoint(accelerator, model, optimizer, resume, f"resume={resume}", resumed.world != world)
-        state = resumed
-        accelerator.print(f"resumed from {resume} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
-    state.world, state.batch_size = world, recipe.train.batch_size
+        load_checkpoint(accelerator, run.model, run.optimizer, resume, f"resume={resume}", resumed.world != world)
+        run.state = resumed
+        accelerator.print(f"resumed from {resume} at step {run.state.step} (epoch {run.state.epoch}, "
+                          f"batch {run.state.batch_in_epoch})")
+    run.state.world, run.state.batch_size = world, recipe.train.batch_size
+    run.step_fn, how = make_step(run.model, run.optimizer, accelerator, recipe, blockers)
+    if accelerator.device.type == "cuda" or recipe.train.cuda_graph == "true" or run.step_fn.graphed:
+        accelerator.print(f"train.cuda_graph: {how}")
 
+
+def _start_outputs(run: _Run) -> None:
+    """TensorBoard, the run folder's recipe, the test hooks; the start-up line."""
+    recipe, accelerator = run.recipe, run.accelerator
     # No config here: accelerate would write it with add_hparams into a second, timestamped run with no
     # metric columns.  write_hparams() puts hparams + final metrics into this run's own folder at the end.
     accelerator.init_trackers("tensorboard")
-    out_dir = Path(recipe.output_dir)
+    run.out_dir = Path(recipe.output_dir)
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        (run.out_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     kill_at = int(os.environ.get("WSRA_TEST_SIGKILL_AT_STEP", "0"))  # test hook: die like a killed node
-    debug_dir = os.environ.get("WSRA_DEBUG_DIR")  # test hook: record the sampler's choices per step
+    run.debug_dir = os.environ.get("WSRA_DEBUG_DIR")  # test hook: record the sampler's choices per step
     kill_rank = os.environ.get("WSRA_TEST_SIGKILL_RANK")  # test hook: only this rank dies at kill_at
-    if kill_at and (kill_rank not in (None, str(rank)) or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))):
+    if kill_at and (kill_rank not in (None, str(run.rank)) or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))):
         kill_at = 0  # (and never again after the launcher restarted the workers)
-    sample_log = None  # test hook: the query ids of every step, per rank (exactly-once across a resume)
-    if os.environ.get("WSRA_SAMPLE_LOG"):
+    run.kill_at = kill_at
+    if os.environ.get("WSRA_SAMPLE_LOG"):  # test hook: the query ids of every step, per rank (exactly-once)
         Path(os.environ["WSRA_SAMPLE_LOG"]).mkdir(parents=True, exist_ok=True)
-        sample_log = open(Path(os.environ["WSRA_SAMPLE_LOG"]) / f"samples-rank{rank}.jsonl", "a", buffering=1)
-    accelerator.print(f"training on {world} process(es), device {accelerator.device}, global batch "
-                      f"{world} x {recipe.train.batch_size}, {train_src.num_samples} training queries")
+        run.sample_log = open(Path(os.environ["WSRA_SAMPLE_LOG"]) / f"samples-rank{run.rank}.jsonl", "a", buffering=1)
+    accelerator.print(f"training on {run.world} process(es), device {accelerator.device}, global batch "
+                      f"{run.world} x {recipe.train.batch_size}, {run.train_src.num_samples} training queries")
 
-    if recipe.train.max_steps:
-        total = min(total, recipe.train.max_steps)
-    history = state.history
+
+def _train_epochs(run: _Run) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    recipe, state = run.recipe, run.state
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[info]}"),
-                        disable=not (accelerator.is_main_process and recipe.train.progress))
-    t_start, samples_at_log, t_log = time.time(), state.samples, time.time()
-    samples_start = state.samples
-    t_paused = t_excluded = 0.0  # seconds in evaluation and checkpoints: not training time (samples_per_s, train_s)
-    ep_sums: dict[str, torch.Tensor] = {}  # loss terms summed over this epoch's steps (on device: no sync per step)
-    ep_steps = 0
-    done = False
+                        disable=not (run.accelerator.is_main_process and recipe.train.progress))
+    run.t_start = run.t_log = time.time()
+    run.samples_at_log = run.samples_start = state.samples
     with progress:
-        task = progress.add_task("", total=total, completed=state.step, info="")
-        model.train()
-        while state.epoch < recipe.train.epochs and not done:
-            plan = plan_of(state.epoch)
-            if plan.folded and state.batch_in_epoch < plan.batches:
-                accelerator.print(f"epoch {state.epoch + 1}: the last {plan.folded} queries are folded into batch "
-                                  f"{plan.batches} (a global batch needs at least {need} for top/last-K sampling)")
-            seen, skipped = plan.batches - state.batch_in_epoch, 0  # batches of this epoch run here / skipped
-            for batch in loader.epoch(state.epoch, skip=state.batch_in_epoch):
-                batch = batch.to(accelerator.device)
-                peers.begin("the training step (feature all-gather, gradient all-reduce)", state.step + 1)
-                g = Gatherer(batch.video.shape[0], accelerator.device)
-                loss_cfg = recipe.loss
-                if need > 1:  # too few other-video queries for the sampler: decided alike on every process
-                    why = sampler_shortfall(g.const(batch.video_id), recipe.loss)
-                    if why:
-                        loss_cfg = without_sampler(recipe.loss)
-                        left = "the batch is skipped (no optimizer step)" if loss_cfg is None else (
-                            "L_snippet/L_batch" + ("/L_cross" if recipe.loss.w_cross and recipe.loss.cross_negatives
-                                                   == "hard" else "") + " left out of this step")
-                        accelerator.print(f"warning: epoch {state.epoch + 1} batch {state.batch_in_epoch + 1}: {why}; {left}")
-                        if loss_cfg is None:
-                            state.batch_in_epoch += 1
-                            skipped += 1
-                            peers.end()
-                            continue
-                out = wsra_objective(model, batch, loss_cfg, g)
-                accelerator.backward(out.loss * g.loss_scale)
-                for k, v in [*out.terms.items(), ("total", out.loss)]:
-                    ep_sums[k] = ep_sums.get(k, 0.0) + v.detach().float()
-                ep_steps += 1
-                if debug_dir and accelerator.is_main_process and out.negatives is not None:
-                    _dump_negatives(Path(debug_dir), state.step + 1, out, batch)
-                log_now = (state.step + 1) % recipe.train.log_every == 0 or state.step == 0
-                grad_norm = None
-                if recipe.optim.grad_clip > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-                elif log_now:
-                    grad_norm = _grad_norm(model)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if sample_log is not None:
-                    sample_log.write(json.dumps({"step": state.step + 1, "epoch": state.epoch,
-                                                 "ids": [m["query_id"] for m in batch.meta]}) + "\n")
-                state.step += 1
+        task = progress.add_task("", total=run.total, completed=state.step, info="")
+        run.model.train()
+        while state.epoch < recipe.train.epochs:
+            if _train_epoch(run, progress, task):
+                break  # train.max_steps reached
+            _end_epoch(run)
+    run.t_loop = time.time() - run.t_start
+
+
+def _train_epoch(run: _Run, progress, task) -> bool:
+    """This epoch's remaining batches; True when train.max_steps is reached."""
+    recipe, state, accelerator = run.recipe, run.state, run.accelerator
+    plan = run.plan_of(state.epoch)
+    if plan.folded and state.batch_in_epoch < plan.batches:
+        accelerator.print(f"epoch {state.epoch + 1}: the last {plan.folded} queries are folded into batch "
+                          f"{plan.batches} (a global batch needs at least {run.need} for top/last-K sampling)")
+    seen, skipped = plan.batches - state.batch_in_epoch, 0  # batches of this epoch run here / skipped
+    for batch in run.loader.epoch(state.epoch, skip=state.batch_in_epoch):
+        if not _train_step(run, batch, progress, task):
+            skipped += 1
+            continue
+        if recipe.train.checkpoint_every and state.step % recipe.train.checkpoint_every == 0:
+            t0 = time.time()
+            with peers.waiting("a checkpoint (barriers, state gather)", state.step):
+                checkpoint(accelerator, run.model, recipe, state, run.info)
+            run.t_paused += time.time() - t0
+            run.t_excluded += time.time() - t0
+        if run.kill_at and state.step == run.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if recipe.train.max_steps and state.step >= recipe.train.max_steps:
+            return True
+    if seen > 0 and skipped == seen:
+        raise DataError(f"data.train_shards={recipe.data.train_shards}: no global batch of epoch {state.epoch + 1} "
+                        "has enough queries of other videos for top/last-K sampling, and no other loss term is "
+                        "weighted: nothing was trained (raise train.batch_size, lower loss.k_top/loss.k_last, "
+                        "or shuffle the data so batches mix videos)")
+    return False
+
+
+def _host_video_ids(run: _Run, batch, g: Gatherer) -> torch.Tensor:
+    """The global batch's video ids on the host, without reading a device tensor where the loader knows them."""
+    if batch.host_video_id is not None:  # the cached loader: every process's batch, from its plan
+        return batch.host_video_id
+    if batch.video_id.device.type == "cpu" and run.world == 1:  # streaming, before the copy to the device
+        return batch.video_id
+    return g.const(batch.video_id.to(run.accelerator.device)).cpu()  # streaming, several processes: gathered
+
+
+def _train_step(run: _Run, batch, progress, task) -> bool:
+    """One optimizer step on `batch` (False: the batch was skipped, see the module doc)."""
+    recipe, state, accelerator = run.recipe, run.state, run.accelerator
+    peers.begin("the training step (feature all-gather, gradient all-reduce)", state.step + 1)
+    g = Gatherer(batch.video.shape[0], accelerator.device)
+    loss_cfg = recipe.loss
+    if run.need > 1:  # too few other-video queries for the sampler: decided alike on every process, on the host
+        why = sampler_shortfall(_host_video_ids(run, batch, g), recipe.loss)
+        if why:
+            loss_cfg = without_sampler(recipe.loss)
+            left = "the batch is skipped (no optimizer step)" if loss_cfg is None else (
+                "L_snippet/L_batch" + ("/L_cross" if recipe.loss.w_cross and recipe.loss.cross_negatives
+                                       == "hard" else "") + " left out of this step")
+            accelerator.print(f"warning: epoch {state.epoch + 1} batch {state.batch_in_epoch + 1}: {why}; {left}")
+            if loss_cfg is None:
                 state.batch_in_epoch += 1
-                state.samples += g.n_global
-                if log_now:
-                    now = time.time()
-                    # Shares summed over processes = the value one process with the whole batch computes.
-                    names = list(out.terms)
-                    vals = torch.stack([out.terms[k].detach() for k in names] + [out.loss.detach()]).float()
-                    vals = accelerator.reduce(vals, reduction="sum") if world > 1 else vals
-                    logs = {f"loss/{k}": float(v) for k, v in zip(names, vals[:-1])}
-                    logs["loss/total"] = float(vals[-1])
-                    logs["lr"] = optimizer.param_groups[0]["lr"]
-                    if grad_norm is not None:
-                        logs["grad_norm"] = float(grad_norm)
-                    logs["samples_per_s"] = (state.samples - samples_at_log) / max(now - t_log - t_paused, 1e-9)
-                    samples_at_log, t_log, t_paused = state.samples, now, 0.0
-                    accelerator.log(logs, step=state.step)
-                    progress.update(task, info=f"epoch {state.epoch} loss {logs['loss/total']:.4f}")
                 peers.end()
-                progress.update(task, completed=state.step)
-                if recipe.train.checkpoint_every and state.step % recipe.train.checkpoint_every == 0:
-                    t0 = time.time()
-                    with peers.waiting("a checkpoint (barriers, state gather)", state.step):
-                        checkpoint(accelerator, model, recipe, state, info)
-                    t_paused += time.time() - t0
-                    t_excluded += time.time() - t0
-                if kill_at and state.step == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if recipe.train.max_steps and state.step >= recipe.train.max_steps:
-                    done = True
-                    break
-            if not done and seen > 0 and skipped == seen:
-                raise DataError(f"data.train_shards={recipe.data.train_shards}: no global batch of epoch {state.epoch + 1} "
-                                "has enough queries of other videos for top/last-K sampling, and no other loss term is "
-                                "weighted: nothing was trained (raise train.batch_size, lower loss.k_top/loss.k_last, "
-                                "or shuffle the data so batches mix videos)")
-            if not done:
-                t0 = time.time()
-                state.epoch += 1
-                state.batch_in_epoch = 0
-                with peers.waiting("the epoch's loss all-reduce", state.step):
-                    losses = epoch_losses(accelerator, ep_sums, ep_steps, world)
-                ep_sums, ep_steps = {}, 0
-                metrics = {}
-                if val_src is not None:
-                    metrics = evaluate_split(accelerator, model, val_src, recipe)
-                    accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.step)
-                    peers.at("after validation", state.step)
-                history.append({"epoch": state.epoch, "step": state.step, "time_s": round(time.time() - t_start, 2),
-                                **{f"val/{k}": v for k, v in metrics.items()}, **losses})
-                if metrics:
-                    accelerator.print(f"epoch {state.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-                with peers.waiting("the end-of-epoch checkpoint (barriers, state gather)", state.step):
-                    checkpoint(accelerator, model, recipe, state, info)
-                t_paused += time.time() - t0
-                t_excluded += time.time() - t0
-    t_loop = time.time() - t_start
+                return False
+    batch = batch.to(accelerator.device)
+    log_now = (state.step + 1) % recipe.train.log_every == 0 or state.step == 0
+    out = run.step_fn(batch, loss_cfg, g, want_norm=log_now)
+    for k, v in [*out.terms.items(), ("total", out.loss)]:
+        v = v.detach().float()  # a replayed graph rewrites its outputs: the first term is copied
+        run.ep_sums[k] = run.ep_sums[k] + v if k in run.ep_sums else v.clone()
+    run.ep_steps += 1
+    if run.debug_dir and accelerator.is_main_process and out.negatives is not None:
+        _dump_negatives(Path(run.debug_dir), state.step + 1, out, batch)
+    if run.sample_log is not None:
+        run.sample_log.write(json.dumps({"step": state.step + 1, "epoch": state.epoch,
+                                         "ids": [m["query_id"] for m in batch.meta]}) + "\n")
+    state.step += 1
+    state.batch_in_epoch += 1
+    state.samples += g.n_global
+    if log_now:
+        _log_step(run, out, progress, task)
+    peers.end()
+    progress.update(task, completed=state.step)
+    return True
+
+
+def _log_step(run: _Run, out, progress, task) -> None:
+    """The only place a step's values are read on the host (every train.log_every steps)."""
+    accelerator, state = run.accelerator, run.state
+    now = time.time()
+    # Shares summed over processes = the value one process with the whole batch computes.
+    names = list(out.terms)
+    vals = torch.stack([out.terms[k].detach() for k in names] + [out.loss.detach()]).float()
+    vals = accelerator.reduce(vals, reduction="sum") if run.world > 1 else vals
+    vals = vals.tolist()
+    logs = {f"loss/{k}": v for k, v in zip(names, vals[:-1])}
+    logs["loss/total"] = vals[-1]
+    logs["lr"] = run.optimizer.param_groups[0]["lr"]
+    if out.grad_norm is not None:
+        logs["grad_norm"] = float(out.grad_norm)
+    logs["samples_per_s"] = (state.samples - run.samples_at_log) / max(now - run.t_log - run.t_paused, 1e-9)
+    run.samples_at_log, run.t_log, run.t_paused = state.samples, now, 0.0
+    accelerator.log(logs, step=state.step)
+    progress.update(task, info=f"epoch {state.epoch} loss {logs['loss/total']:.4f}")
+
+
+def _end_epoch(run: _Run) -> None:
+    """Epoch losses, validation, history row, the end-of-epoch checkpoint."""
+    recipe, state, accelerator = run.recipe, run.state, run.accelerator
+    t0 = time.time()
+    state.epoch += 1
+    state.batch_in_epoch = 0
+    with peers.waiting("the epoch's loss all-reduce", state.step):
+        losses = epoch_losses(accelerator, run.ep_sums, run.ep_steps, run.world)
+    run.ep_sums, run.ep_steps = {}, 0
+    metrics = {}
+    if run.val_src is not None:
+        metrics = evaluate_split(accelerator, run.model, run.val_src, recipe)
+        accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.step)
+        peers.at("after validation", state.step)
+    state.history.append({"epoch": state.epoch, "step": state.step, "time_s": round(time.time() - run.t_start, 2),
+                          **{f"val/{k}": v for k, v in metrics.items()}, **losses})
+    if metrics:
+        accelerator.print(f"epoch {state.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    with peers.waiting("the end-of-epoch checkpoint (barriers, state gather)", state.step):
+        checkpoint(accelerator, run.model, recipe, state, run.info)
+    run.t_paused += time.time() - t0
+    run.t_excluded += time.time() - t0
+
+
+def _finish(run: _Run) -> Path:
+    """Test split, final weights, history.json, the HParams row."""
+    recipe, state, accelerator = run.recipe, run.state, run.accelerator
     final = {}
-    if test_src is not None:
-        final = evaluate_split(accelerator, model, test_src, recipe)
+    if run.test_src is not None:
+        final = evaluate_split(accelerator, run.model, run.test_src, recipe)
         accelerator.log({f"test/{k}": v for k, v in final.items()}, step=state.step)
     with peers.waiting("the final weights gather", state.step):
-        save_weights(accelerator, model, out_dir, info, recipe)
+        save_weights(accelerator, run.model, run.out_dir, run.info, recipe)
     if accelerator.is_main_process:
-        (out_dir / "history.json").write_text(json.dumps({
-            "epochs": history, "test": final, "steps": state.step, "time_s": round(time.time() - t_start, 2),
-            "train_samples": state.samples - samples_start, "train_loop_s": round(t_loop, 3),
-            "train_s": round(t_loop - t_excluded, 3), "processes": world,
+        (run.out_dir / "history.json").write_text(json.dumps({
+            "epochs": state.history, "test": final, "steps": state.step, "time_s": round(time.time() - run.t_start, 2),
+            "train_samples": state.samples - run.samples_start, "train_loop_s": round(run.t_loop, 3),
+            "train_s": round(run.t_loop - run.t_excluded, 3), "processes": run.world,
+            "graph_replays": getattr(run.step_fn, "replays", 0),
         }, indent=1))
-        write_hparams(accelerator, recipe, history, final, state.step)
+        write_hparams(accelerator, recipe, state.history, final, state.step)
     with peers.waiting("the final barrier", state.step):
         accelerator.wait_for_everyone()
     peers.stop()
     accelerator.end_training()
-    return out_dir
+    return run.out_dir
 
 
 def epoch_losses(accelerator, sums: dict, steps: int, world: int) -> dict[str, float]:

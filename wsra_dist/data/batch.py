@@ -16,8 +16,13 @@ class Batch:
     video_id: torch.Tensor  # (b,) int64, equal for queries of one video
     target: torch.Tensor  # (b, T) annotated-time distribution (supervised reference only)
     meta: list[dict] = field(default_factory=list)
+    # the *global* batch's video ids on the host, where the loader knows them without reading the device
+    # (the device-cache loader); the trainer decides the sampler's shortfall from them (no host sync)
+    host_video_id: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "Batch":
+        if self.video.device == torch.device(device):  # the device-cache loader's batches are there already
+            return self
         return Batch(
             self.video.to(device, non_blocking=True),
             self.mask.to(device, non_blocking=True),
@@ -25,4 +30,5 @@ class Batch:
             self.video_id.to(device, non_blocking=True),
             self.target.to(device, non_blocking=True),
             self.meta,
+            self.host_video_id,
         )
