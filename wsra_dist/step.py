@@ -87,14 +87,26 @@ class _EmulatedGraph:
     'replay' runs it again, so the static-input plumbing is checked against eager training where no GPU is."""
 
     def __init__(self, device: torch.device):
-        self.fn = None
+        self.fn = self.result = None
 
     def capture(self, fn):
         self.fn = fn
-        return fn()
+        self.result = fn()
+        return self.result
 
     def replay(self) -> None:
-        self.fn()
+        """Re-run and write the outputs into the captured ones, as a replayed graph does."""
+        new = self.fn()
+        old = self.result
+        with torch.no_grad():
+            pairs = [(old.loss, new.loss), (old.grad_norm, new.grad_norm)]
+            pairs += [(old.terms[k], new.terms[k]) for k in old.terms]
+            if old.negatives is not None:
+                pairs += [(getattr(old.negatives, f), getattr(new.negatives, f)) for f in
+                          ("hard", "pseudo", "easy", "pseudo_positive")]
+            for a, b in pairs:
+                if a is not None:
+                    a.copy_(b)
 
 
 def _signature(batch: Batch) -> tuple:
