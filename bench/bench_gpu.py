@@ -104,9 +104,10 @@ def kernel_check(device) -> None:
     if not triton_pair_mlp_available(device):
         emit(bench="kernel", skipped="triton kernels unavailable on this device")
         return
-    for B, N, H in ((42, 42, 1024), (336, 336, 1024), (7, 5, 1000)):
+    shapes = ((42, 42, 1024), (336, 336, 1024), (7, 5, 1000)) if device.type == "cuda" else ((3, 5, 40),)
+    for B, N, H in shapes:  # (the CPU: Triton's interpreter, a smoke test of this script)
         g = torch.Generator(device=device).manual_seed(0)
-        xs = [torch.randn(*s, device=device, generator=g) for s in ((B, 21, H), (N, H), (H,), ())]
+        xs = [torch.randn(s, device=device, generator=g) for s in ((B, 21, H), (N, H), (H,), ())]
         gout = torch.randn(B, 21, N, device=device, generator=g)
         outs, grads = [], []
         for f in (pair_mlp_reference, pair_mlp_logits):
@@ -117,7 +118,7 @@ def kernel_check(device) -> None:
             o.backward(gout.to(o.dtype))
             outs.append(o.double())
             grads.append([i.grad.double() for i in ins])
-        rel = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))  # noqa: E731
+        rel = lambda a, b: float((a - b).detach().abs().max() / b.detach().abs().max().clamp_min(1e-12))  # noqa: E731
         emit(bench="kernel", shape=[B, 21, N, H], max_rel_err_logits=rel(outs[1], outs[0]),
              max_rel_err_grads={k: rel(a, b) for k, a, b in zip(("pv", "pt", "w", "c"), grads[1], grads[0])})
 
@@ -167,9 +168,9 @@ def _step_model(variant: str, B: int, device):
     torch.manual_seed(0)
     model = model_from_info(info).to(device).train()
     graph = variant == "triton_graph"
-    opt = build_optimizer(r, model.parameters(), capturable=graph)
-    if graph:
-        step = GraphedStep(model, opt, _Acc(), 0.0, r.loss)
+    opt = build_optimizer(r, model.parameters(), capturable=graph and device.type == "cuda")
+    if graph:  # (on a CPU only under WSRA_TEST_EMULATE_GRAPH=1: a smoke test of this script)
+        step = GraphedStep(model, opt, _Acc(), 0.0, r.loss, emulate=device.type != "cuda")
     else:
         step = EagerStep(model, opt, _Acc(), 0.0)
     return r, step
@@ -179,6 +180,7 @@ def step_table(device, batches: list[int]) -> None:
     import torch
 
     from wsra_dist.distributed import Gatherer
+    from wsra_dist.kernels import triton_pair_mlp_available
 
     variants = ["eager", "eager_query_chunk", "compile", "triton", "triton_bf16", "triton_graph"]
     for B in batches:
@@ -186,8 +188,11 @@ def step_table(device, batches: list[int]) -> None:
         for v in variants:
             if over_budget(f"step B={B} {v}"):
                 return
-            if v.startswith("triton") and device.type != "cuda":
+            if v.startswith("triton") and not triton_pair_mlp_available(device):
                 emit(bench="step", batch=B, variant=v, skipped="no GPU")
+                continue
+            if v == "triton_bf16" and device.type != "cuda":
+                emit(bench="step", batch=B, variant=v, skipped="bf16 autocast is measured on a GPU")
                 continue
             if v == "eager_query_chunk" and B * B * 21 * 1024 * 4 * 3 > 60 * 2**30:
                 emit(bench="step", batch=B, variant=v, skipped="(B, 21, B, 1024) activations exceed 60 GiB")
@@ -282,7 +287,9 @@ def equality(device, shards: str, test: str, tmp: Path) -> None:
     cpu = tmp / "eq-cpu"
     _train(shards, "", cpu, "train.device=cpu", *common)
     w_cpu = _weights(cpu)
-    if device.type == "cuda":
+    if device.type != "cuda":
+        emit(bench="equality", skipped="no GPU: only the CPU run")
+    else:
         for name, over in (("gpu eager", ["model.pair_kernel=eager", "train.cuda_graph=false", "data.device_cache=false"]),
                            ("gpu default", [])):
             run = tmp / f"eq-{name.replace(' ', '-')}"
