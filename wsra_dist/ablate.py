@@ -72,6 +72,7 @@ def _run(recipe_path: Path, overrides: list[str], out: Path) -> dict:
     # Score on the validation split at the end, as Table 1 and Figure 6 do.
     r.data.test_shards, r.data.val_shards = r.data.val_shards, ""
     r.output_dir = str(out)
+    r.overwrite = True  # an ablation re-runs its cells from scratch
     r.train.progress = False
     train(r)
     return json.loads((out / "history.json").read_text())["test"]

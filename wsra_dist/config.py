@@ -106,6 +106,9 @@ class Recipe:
     # "" | latest (the newest complete checkpoint; error if none) | auto (latest if there is one, else from
     # scratch: for launchers that restart crashed workers) | path to a checkpoint folder
     resume: str = ""
+    # true: replace the earlier run in output_dir (its model, history, recipe, checkpoints, TensorBoard events);
+    # without it (or resume=...) training into a folder that holds a run is refused (wsra_dist/run_folder.py)
+    overwrite: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -39,7 +39,7 @@ def run_demo(out: str | Path, videos: int = 1200, epochs: int = 6, seed: int = 0
     con.rule("3/4 training (recipes/planted_didemo.yaml)")
     recipe = load_recipe(_recipe_path(), [
         f"data.train_shards={out / 'shards' / 'train'}", f"data.val_shards={out / 'shards' / 'val'}",
-        "data.test_shards=", f"output_dir={out / 'run'}", f"train.epochs={epochs}", f"seed={seed}",
+        "data.test_shards=", f"output_dir={out / 'run'}", "overwrite=true", f"train.epochs={epochs}", f"seed={seed}",
     ])
     run_dir = train(recipe)
     con.rule("4/4 evaluation (official DiDeMo protocol, test split)")

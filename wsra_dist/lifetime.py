@@ -47,7 +47,9 @@ def _poll_parent(parent: int) -> None:
 
 
 def loader_worker_init(_worker_id: int) -> None:
-    """DataLoader worker_init_fn: the worker ends with the trainer that forked it."""
+    """DataLoader worker_init_fn: the worker ends with the trainer that forked it, and leaves Ctrl-C (SIGINT to the
+    whole foreground group) to the trainer, which stops cleanly after its step (wsra_dist/stop_signals.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
 
 

@@ -50,6 +50,8 @@ from . import peers
 from .lifetime import die_with_parent, launched_worker
 from .evaluation.predict import model_from_info, predict
 from .model import RUN_CONFIG_FILE as INFO_FILE, WEIGHTS_FILE as MODEL_FILE
+from .run_folder import RunLock, check_reuse, clear_previous_run, previous_run
+from .stop_signals import Stopped, StopSignals
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "train_state.json"  # TrainState, written by rank 0 into every checkpoint folder (JSON: no pickle)
@@ -177,10 +179,21 @@ def checkpoint(accelerator, model, recipe: Recipe, state: TrainState, info: dict
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # a checkpoint folder without the .tmp name is always complete
-        done = sorted(p for p in root.glob("step-*") if p.is_dir())
-        for old in done[: max(0, len(done) - recipe.train.keep_checkpoints)]:
+        for old in _rotated(root, state.step, recipe.train.keep_checkpoints):
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _rotated(root: Path, step: int, keep: int) -> list[Path]:
+    """Checkpoints to delete after writing `step`: the oldest of those at or before it beyond `keep`, ordered by
+    their step numbers; a checkpoint past `step` (another timeline of this folder) is never touched here."""
+    done = []
+    for p in root.glob("step-*"):
+        tail = p.name[len("step-"):]
+        if p.is_dir() and tail.isdigit() and int(tail) <= step:
+            done.append((int(tail), p))
+    done.sort()
+    return [p for _, p in done[: max(0, len(done) - keep)]]
 
 
 def find_resume(recipe: Recipe, warn=None) -> Path | None:
@@ -443,14 +456,43 @@ def sampler_shortfall(video_ids: torch.Tensor, lc) -> str:
 
 
 def train(recipe: Recipe) -> Path:
-    """Train `recipe` in this process (one rank of `accelerate launch`); returns the run folder."""
+    """Train `recipe` in this process (one rank of `accelerate launch`); returns the run folder.
+
+    Raises `stop_signals.Stopped` after a SIGTERM/SIGINT once the stop checkpoint is written."""
     recipe.validate()  # also for recipes built in Python, not only load_recipe()
     accelerator = make_accelerator(recipe)
     peers.start(recipe.train.process_group_timeout_s)  # names and ends a lost peer (wsra_dist/peers.py)
+    lock = None
     try:
-        return _train(recipe, accelerator)
+        lock = _own_output_dir(recipe, accelerator)
+        with StopSignals() as stop:
+            return _train(recipe, accelerator, stop)
     finally:
+        if lock is not None:
+            lock.release()
         peers.stop(forget=False)  # no thread left for the interpreter's shutdown; explain() still works
+
+
+def _own_output_dir(recipe: Recipe, accelerator):
+    """Rank 0 locks output_dir and checks it holds no earlier run (unless resumed or overwritten); every
+    process learns the outcome (one broadcast), so none goes on alone.  Returns rank 0's lock."""
+    lock, err = None, None
+    if accelerator.is_main_process:
+        lock = RunLock(recipe.output_dir, warn=accelerator.print)
+        try:
+            lock.acquire()
+            check_reuse(recipe.output_dir, recipe.resume, recipe.overwrite)
+        except ConfigError as e:
+            lock.release()
+            lock, err = None, e
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([0 if err else 1], device=accelerator.device)
+        torch.distributed.broadcast(flag, 0)
+        if not int(flag) and err is None:
+            raise ConfigError(f"output_dir {recipe.output_dir}: refused by rank 0 (its message says why)")
+    if err is not None:
+        raise err
+    return lock
 
 
 @dataclass
@@ -475,6 +517,7 @@ class _Run:
     state: TrainState = field(default_factory=TrainState)
     out_dir: Path = Path(".")
     kill_at: int = 0  # test hooks (environment): die like a killed node, log the sampler and the samples
+    term_at: int = 0
     debug_dir: str | None = None
     sample_log: object = None
     # time and throughput: evaluation and checkpoints are not training time
@@ -487,6 +530,8 @@ class _Run:
     samples_start: int = 0
     ep_sums: dict = field(default_factory=dict)  # loss terms summed over the epoch's steps, on the device
     ep_steps: int = 0
+    stop: object = None  # StopSignals: the signal that asked the run to stop (0: none)
+    last_checkpoint_step: int = -1
 
     def plan_of(self, e: int):
         if e not in self.plans:
@@ -494,14 +539,20 @@ class _Run:
         return self.plans[e]
 
 
-def _train(recipe: Recipe, accelerator) -> Path:
+def _train(recipe: Recipe, accelerator, stop: StopSignals | None = None) -> Path:
     from accelerate.utils import set_seed
 
     set_seed(recipe.seed)
     if recipe.train.deterministic:
         torch.use_deterministic_algorithms(True)
     run = _open_data(recipe, accelerator)
+    run.stop = stop
     _make_loader(run)
+    if recipe.overwrite:  # every check has passed: only now is the earlier run removed
+        if accelerator.is_main_process and (found := previous_run(recipe.output_dir)):
+            clear_previous_run(recipe.output_dir)
+            accelerator.print(f"overwrite=true: removed the earlier run in {recipe.output_dir} ({', '.join(found)})")
+        accelerator.wait_for_everyone()
     _make_model(run)
     _start_outputs(run)
     _train_epochs(run)
@@ -614,6 +665,9 @@ def _start_outputs(run: _Run) -> None:
     if kill_at and (kill_rank not in (None, str(run.rank)) or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))):
         kill_at = 0  # (and never again after the launcher restarted the workers)
     run.kill_at = kill_at
+    term_rank = os.environ.get("WSRA_TEST_SIGTERM_RANK")  # test hook: SIGTERM to itself after this step
+    if term_rank in (None, str(run.rank)):
+        run.term_at = int(os.environ.get("WSRA_TEST_SIGTERM_AT_STEP", "0"))
     if os.environ.get("WSRA_SAMPLE_LOG"):  # test hook: the query ids of every step, per rank (exactly-once)
         Path(os.environ["WSRA_SAMPLE_LOG"]).mkdir(parents=True, exist_ok=True)
         run.sample_log = open(Path(os.environ["WSRA_SAMPLE_LOG"]) / f"samples-rank{run.rank}.jsonl", "a", buffering=1)
@@ -637,6 +691,7 @@ def _train_epochs(run: _Run) -> None:
             if _train_epoch(run, progress, task):
                 break  # train.max_steps reached
             _end_epoch(run)
+            _stop_if_asked(run)
     run.t_loop = time.time() - run.t_start
 
 
@@ -653,13 +708,12 @@ def _train_epoch(run: _Run, progress, task) -> bool:
             skipped += 1
             continue
         if recipe.train.checkpoint_every and state.step % recipe.train.checkpoint_every == 0:
-            t0 = time.time()
-            with peers.waiting("a checkpoint (barriers, state gather)", state.step):
-                checkpoint(accelerator, run.model, recipe, state, run.info)
-            run.t_paused += time.time() - t0
-            run.t_excluded += time.time() - t0
+            _checkpoint_now(run)
         if run.kill_at and state.step == run.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if run.term_at and state.step == run.term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        _stop_if_asked(run)
         if recipe.train.max_steps and state.step >= recipe.train.max_steps:
             return True
     if seen > 0 and skipped == seen:
@@ -668,6 +722,33 @@ def _train_epoch(run: _Run, progress, task) -> bool:
                         "weighted: nothing was trained (raise train.batch_size, lower loss.k_top/loss.k_last, "
                         "or shuffle the data so batches mix videos)")
     return False
+
+
+def _checkpoint_now(run: _Run) -> None:
+    t0 = time.time()
+    with peers.waiting("a checkpoint (barriers, state gather)", run.state.step):
+        checkpoint(run.accelerator, run.model, run.recipe, run.state, run.info)
+    run.last_checkpoint_step = run.state.step
+    run.t_paused += time.time() - t0
+    run.t_excluded += time.time() - t0
+
+
+def _stop_if_asked(run: _Run) -> None:
+    """After a step or an epoch end: on SIGTERM/SIGINT (any process's) write a checkpoint and raise Stopped.
+    With several processes the flag is max-all-reduced, so every process stops after the same step."""
+    sig = run.stop.signum if run.stop is not None else 0
+    if run.world > 1:
+        flag = torch.tensor([sig], device=run.accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        sig = int(flag)
+    if not sig:
+        return
+    if run.last_checkpoint_step != run.state.step:
+        _checkpoint_now(run)
+    stopped = Stopped(sig, run.state.step)
+    run.accelerator.print(str(stopped))
+    run.accelerator.end_training()
+    raise stopped
 
 
 def _host_video_ids(run: _Run, batch, g: Gatherer) -> torch.Tensor:
@@ -759,6 +840,7 @@ def _end_epoch(run: _Run) -> None:
         accelerator.print(f"epoch {state.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     with peers.waiting("the end-of-epoch checkpoint (barriers, state gather)", state.step):
         checkpoint(accelerator, run.model, recipe, state, run.info)
+    run.last_checkpoint_step = state.step
     run.t_paused += time.time() - t0
     run.t_excluded += time.time() - t0
 
@@ -855,7 +937,10 @@ def main(argv: list[str] | None = None) -> None:
     if launched_worker():  # a worker of torchrun / accelerate launch ends with its launcher, never orphaned
         die_with_parent()
     with errors_exit():  # one line, exit 2, printed once across processes (wsra_dist/errors.py)
-        train(load_recipe(argv[0], argv[1:]))
+        try:
+            train(load_recipe(argv[0], argv[1:]))
+        except Stopped as e:  # the line is printed; 128 + the signal, as a shell reports a signalled job
+            sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
