@@ -31,6 +31,8 @@ class DataConfig:
     shuffle_buffer: int = 2000
     num_workers: int = 0
     verify_checksums: bool = True  # sha256 of every shard checked while it streams
+    # remote shards (pipe:, http(s)://): a shard that delivers no bytes for this long fails the run, naming it
+    read_timeout_s: float = 120.0
     # auto | true | false: hold the training split as tensors on the training device and gather batches there
     # by index (same batches, same order as streaming; wsra_dist/data/device_cache.py).  auto: on a GPU when the
     # manifest's size bound fits in device_cache_max_fraction of its memory; true: also on the CPU
@@ -166,6 +168,7 @@ def _validate(r: "Recipe") -> None:
     integer("data.shuffle_buffer", d.shuffle_buffer, 0)
     integer("data.num_workers", d.num_workers, 0)
     choice("data.device_cache", d.device_cache, ("auto", "true", "false"))
+    number("data.read_timeout_s", d.read_timeout_s, 0.0, low_open=True, rule="a number of seconds > 0")
     number("data.device_cache_max_fraction", d.device_cache_max_fraction, 0.0, 1.0, low_open=True, high_open=False)
     # model
     integer("model.hidden", m.hidden, 1)

@@ -573,6 +573,7 @@ def _open_data(recipe: Recipe, accelerator) -> _Run:
     for name, src in (("train", train_src), ("val", val_src), ("test", test_src)):
         if src is not None:  # a shard deleted or truncated after sharding: fail now, not when reached
             src.check_files(f"data.{name}_shards")
+            src.read_timeout_s = recipe.data.read_timeout_s
     for name, src in (("val", val_src), ("test", test_src)):
         if src is not None:
             from .evaluation.predict import check_compatible

@@ -72,7 +72,7 @@ class SplitCache:
         for url, sha in zip(source.urls, source.shas):
             mine: list[int] = []
             last_video = None
-            for s in expand_queries(iter_shard(url, source.manifest, sha if verify else None)):
+            for s in expand_queries(iter_shard(url, source.manifest, sha if verify else None, source.read_timeout_s)):
                 if s["video"] is not last_video:  # queries of one video share its array (expand_queries)
                     last_video = s["video"]
                     videos.append(np.asarray(last_video, dtype=np.float32))

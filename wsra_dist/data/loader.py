@@ -37,6 +37,7 @@ from ..geometry import DIDEMO_CANDIDATES
 from ..lifetime import loader_worker_init
 from .batch import Batch
 from .records import DataError
+from .remote import DEFAULT_TIMEOUT_S
 from .shards import iter_shard, load_manifest, manifest_path_for, shard_entries, shard_urls
 
 N_DIDEMO = len(DIDEMO_CANDIDATES)  # candidates per DiDeMo video
@@ -50,6 +51,7 @@ class ShardSource:
     manifest: dict
     sizes: list = field(default_factory=list)  # bytes per shard from the manifest (None: not recorded)
     name: str = ""  # the source as given (folder, pattern, pipe:)
+    read_timeout_s: float = DEFAULT_TIMEOUT_S  # remote shards: longest wait for the next byte (data.read_timeout_s)
 
     @classmethod
     def open(cls, source: str, manifest: str = "") -> "ShardSource":
@@ -145,10 +147,12 @@ class _Queries(torch.utils.data.IterableDataset):
         self.sha_of = dict(zip(source.urls, source.shas))
         self.world, self.rank, self.seed, self.shuffle = world, rank, seed, shuffle
         self.shuffle_buffer, self.verify, self.epoch = shuffle_buffer, verify, epoch
+        self.read_timeout_s = source.read_timeout_s
 
     def _shards(self, src):
         for u in src:
-            yield from iter_shard(u["url"], self.manifest, self.sha_of[u["url"]] if self.verify else None)
+            yield from iter_shard(u["url"], self.manifest, self.sha_of[u["url"]] if self.verify else None,
+                                  self.read_timeout_s)
 
     def __iter__(self):
         import webdataset as wds
@@ -215,7 +219,7 @@ def iter_eval_batches(source: "ShardSource", batch_size: int, world: int = 1, ra
     """
     for url, sha in list(zip(source.urls, source.shas))[rank::world]:
         buf: list[dict] = []
-        for q in expand_queries(iter_shard(url, source.manifest, sha if verify else None)):
+        for q in expand_queries(iter_shard(url, source.manifest, sha if verify else None, source.read_timeout_s)):
             buf.append(q)
             if len(buf) == batch_size:
                 yield collate(buf, source.layout)

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from .remote import DEFAULT_TIMEOUT_S, open_remote
 from .records import DataError
 
 MANIFEST = "manifest.json"
@@ -376,12 +377,14 @@ def _local_version(url: str, sha: str) -> tuple:
     return (os.path.abspath(url), st.st_size, st.st_mtime_ns, sha)
 
 
-def iter_shard(url: str, manifest: dict, expected_sha256: str | None = None) -> Iterator[dict]:
+def iter_shard(url: str, manifest: dict, expected_sha256: str | None = None,
+               read_timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[dict]:
     """Decoded, checked video samples of one shard, in order, through webdataset's tar stages.
 
     The sha256 is checked at most once per process and file version: a local shard is hashed before
     its first sample is yielded; a stream (pipe:, URL) is hashed while it is read and checked at its
-    end.  Any problem is a DataError naming the shard.
+    end, and fails when it delivers nothing for `read_timeout_s` (data/remote.py).  Any problem is a
+    DataError naming the shard.
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -401,9 +404,7 @@ def iter_shard(url: str, manifest: dict, expected_sha256: str | None = None) -> 
                 raise DataError(f"{url}: cannot open shard: {e.strerror or e}") from None
             stream, hashing = raw, None
         else:
-            import webdataset as wds
-
-            raw = wds.gopen(url, "rb")
+            raw = open_remote(url, read_timeout_s)
             hashing = _HashingReader(raw) if verify and (url, expected_sha256) not in _VERIFIED else None
             stream = io.BufferedReader(hashing, 1 << 20) if hashing is not None else raw
         files = tar_file_expander([{"url": url, "stream": stream}])
@@ -413,25 +414,23 @@ def iter_shard(url: str, manifest: dict, expected_sha256: str | None = None) -> 
             _check_sha(url, hashing.drain(), expected_sha256)
             _VERIFIED.add((url, expected_sha256))
     except DataError as e:
-        if url not in str(e):
-            raise DataError(f"{url}: {e}") from e
-        raise
+        # webdataset's tar stage re-raises with (stream, url) appended to the args: keep the message only
+        msg = str(e.args[0]) if e.args else str(e)
+        raise DataError(msg if url in msg else f"{url}: {msg}") from None
     except (tarfile.TarError, ValueError, OSError) as e:
-        raise DataError(f"{url}: unreadable shard: {e}") from e
+        raise DataError(f"{url}: unreadable shard: {e.args[0] if e.args and isinstance(e.args[0], str) else e}") from e
     finally:
         if raw is not None:
             raw.close()
 
 
-def read_metas(url: str) -> list[dict]:
+def read_metas(url: str, read_timeout_s: float = DEFAULT_TIMEOUT_S) -> list[dict]:
     """The meta.json of every sample of one shard, skipping the feature arrays (a local tar is read by seeking
     over them; a remote or pipe: stream is read through)."""
     out = []
     try:
         if not _is_local(url):
-            import webdataset as wds
-
-            tar = tarfile.open(fileobj=wds.gopen(url, "rb"), mode="r|*")
+            tar = tarfile.open(fileobj=open_remote(url, read_timeout_s), mode="r|*")
         else:
             tar = tarfile.open(url, "r:*")
         with tar:
@@ -439,6 +438,8 @@ def read_metas(url: str) -> list[dict]:
                 if member.isfile() and member.name.endswith(".meta.json"):
                     f = tar.extractfile(member)
                     out.append(json.loads(f.read()) if f is not None else {})
+    except DataError:
+        raise
     except (OSError, tarfile.TarError, ValueError) as e:
         raise DataError(f"{url}: cannot read the shard's meta.json: {e}") from e
     return out
