@@ -11,6 +11,7 @@ from wsra_dist.data.device_cache import CachedEpochLoader, SplitCache, estimated
 from wsra_dist.data.loader import EpochLoader, ShardSource
 
 from .helpers import load_weights, max_weight_diff
+from .test_train import exact_shards  # noqa: F401 (fixture)
 
 FIELDS = ("video", "mask", "text", "video_id", "target")
 
@@ -159,3 +160,20 @@ def test_recipe_keys_validated():
                 "model.pair_kernel=cuda"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_recipe(None, [bad])
+
+
+@pytest.mark.slow
+def test_two_cached_processes_equal_one_streaming_process(exact_shards, tmp_path):
+    """The N-process split of the cached loader: 2 x 8 with the split on each process's device = 1 x 16 streamed
+    (no shuffle, as the streaming equivalence test: the shuffled orders are compared per rank above)."""
+    import sys
+
+    from .helpers import run_checked
+    from .test_train import LAUNCH, RECIPE, _overrides
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_checked([sys.executable, "-m", "wsra_dist.train", str(RECIPE),
+                 *_overrides(exact_shards, one, 16, 3, "adam", lr=1e-4)])
+    run_checked([*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "wsra_dist.train", str(RECIPE),
+                 *_overrides(exact_shards, two, 8, 3, "adam", ["data.device_cache=true"], lr=1e-4)])
+    assert max_weight_diff(load_weights(one), load_weights(two)) <= 1e-5

@@ -88,9 +88,11 @@ def test_concurrent_training_on_one_folder_is_refused(exact_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_resume_matches_uninterrupted(exact_shards, tmp_path):
+@pytest.mark.parametrize("cache", ["false", "true"])
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(exact_shards, tmp_path, cache):
+    """(also with the device-resident split: a mid-epoch resume continues its order exactly)"""
     extra = ["train.epochs=3", "data.shuffle=true", "model.dropout=0.1", "train.deterministic=true",
-             "data.shuffle_buffer=10"]
+             "data.shuffle_buffer=10", f"data.device_cache={cache}"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_checked([*_base(), *_overrides(exact_shards, full, 16, 7, "adam", extra)])
     p = run_checked([*_base(), *_overrides(exact_shards, cut, 16, 7, "adam", extra)],
