@@ -18,6 +18,7 @@ from ..data.records import DataError
 
 CHUNK = 1 << 14  # candidates per scoring chunk (the eager kernel holds chunk x H activations per query)
 MAX_QUERY_CHARS = 2000
+NMS = 0.3  # default: within a video, drop a moment overlapping a better one by IoU > 0.3 (DiDeMo's spans nest)
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Searcher:
                               index.corpus.iou_ends)
 
     @torch.inference_mode()
-    def search(self, query: str, top_k: int = 20, nms: float = 0.5) -> list[Moment]:
+    def search(self, query: str, top_k: int = 20, nms: float = NMS) -> list[Moment]:
         if top_k < 1:
             raise DataError(f"--top-k must be >= 1, got {top_k}")
         q = check_query(query)

@@ -1,0 +1,112 @@
+"""The search page: API and page over a real index, bad requests, paths outside --videos, Range; and in headless
+Chromium: the query's results appear and choosing one seeks the player to its start."""
+
+import json
+import shutil
+import subprocess
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from .test_corpus import corpus_run  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def server(corpus_run, tmp_path_factory):  # noqa: F811
+    from wsra_dist.corpus.index import CorpusIndex, build_index
+    from wsra_dist.corpus.search import Searcher
+    from wsra_dist.corpus.serve import make_server
+
+    root = corpus_run[0]
+    d = tmp_path_factory.mktemp("serve")
+    build_index(root / "run", [str(root / "shards" / "test")], d / "idx", "fp16")
+    searcher = Searcher(CorpusIndex.load(d / "idx"))
+    videos = d / "videos"
+    videos.mkdir()
+    (d / "secret.txt").write_text("not for the web")
+    srv = make_server(searcher, videos, port=0, index_path=str(d / "idx"))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", searcher, videos
+    srv.shutdown()
+    srv.server_close()
+
+
+def _get(url, headers=None):
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def test_api_and_page_answer_and_bad_requests_are_clear(server):
+    base, searcher, _ = server
+    st, body, _ = _get(f"{base}/api/search?q=" + urllib.parse.quote("a person opens a door") + "&k=5")
+    res = json.loads(body)
+    assert st == 200 and len(res["results"]) == 5
+    assert res["results"] == [m.json() for m in searcher.search("a person opens a door", top_k=5)]
+    for q, want in (("", "empty"), ("x" * 10_000, "at most"), ("ok&k=0", "k must be"), ("ok&k=abc", "whole number")):
+        st, body, _ = _get(f"{base}/api/search?q={q}")
+        assert st == 400 and want in json.loads(body)["error"]
+    st, body, h = _get(f"{base}/?q=" + "y" * 10_000)
+    assert st == 400 and b"at most" in body and b"Traceback" not in body and h["Content-Type"].startswith("text/html")
+    st, body, _ = _get(f"{base}/?q=a+dog")
+    assert st == 200 and body.count(b"<li ") == 20 and b"<script src" not in body and b"http" not in body.split(b"<body>")[1]
+
+
+def test_video_paths_are_confined_and_ranges_served(server):
+    base, _, videos = server
+    (videos / "clip.webm").write_bytes(bytes(range(256)) * 4)
+    st, body, h = _get(f"{base}/video/clip.webm", {"Range": "bytes=10-19"})
+    assert st == 206 and body == bytes(range(10, 20)) and h["Content-Range"] == "bytes 10-19/1024"
+    st, body, _ = _get(f"{base}/video/clip.webm")
+    assert st == 200 and len(body) == 1024
+    for bad in ("../secret.txt", "..%2Fsecret.txt", "%2Fetc%2Fpasswd", "nothing.mp4"):
+        st, body, _ = _get(f"{base}/video/{bad}")
+        assert st == 404 and b"not for the web" not in body and b"root:" not in body
+    st, _, _ = _get(f"{base}/video/clip.webm", {"Range": "bytes=5000-6000"})
+    assert st == 416
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _webm(path, seconds=40):
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format="webm") as out:
+        s = out.add_stream("libvpx-vp9", rate=5)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(seconds * 5):
+            img = np.full((48, 64, 3), (i * 3) % 255, dtype=np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+
+
+def test_search_page_in_headless_chromium_seeks_the_player(server):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium)")
+    base, searcher, videos = server
+    q = "a person opens a door"
+    top = searcher.search(q, top_k=20)
+    first = next(i for i, m in enumerate(top) if m.start > 0)  # a moment that does not start at 0
+    _webm(videos / (top[first].video.rsplit(".", 1)[0] + ".webm"))  # the page finds it beside its name
+    url = f"{base}/?q={urllib.parse.quote(q)}&play={first}"
+    p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required",
+                        "--virtual-time-budget=15000", "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    dom = p.stdout
+    assert dom.count("<li ") == 20, p.stderr[-2000:]
+    assert f'data-seeked="{top[first].start:g}"' in dom or f'data-seeked="{int(top[first].start)}"' in dom, dom[-3000:]
+    assert f"from {top[first].start:.1f} s" in dom

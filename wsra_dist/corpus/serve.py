@@ -1,0 +1,217 @@
+"""`wsra-dist serve INDEX`: a local search page over an index (standard library HTTP server, nothing fetched).
+
+GET /?q=TEXT[&k=N]      the page, with results rendered by the server (works without JavaScript)
+GET /api/search?q=...   {"query", "results": [{video, start, end, score}, ...]} or {"error": "..."} (400)
+GET /video/NAME         a file of --videos (HTTP Range, so the player can seek); names outside it are refused
+The page's only script (inline) makes a result click load the video and seek the player to the moment's start.
+Every bad request gets a one-line message and a 4xx status, never a traceback page.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import mimetypes
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from ..data.records import DataError
+from .search import MAX_QUERY_CHARS
+
+MAX_K = 200
+VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".m4v", ".avi", ".ogv")
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>wsra-dist search</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 70rem; color: #222; }}
+form {{ display: flex; gap: .5rem; }} input[type=text] {{ flex: 1; font-size: 1.1rem; padding: .4rem; }}
+.wrap {{ display: flex; gap: 1.5rem; margin-top: 1rem; }} ol {{ flex: 1; padding-left: 1.5rem; }}
+li {{ margin: .3rem 0; cursor: pointer; }} li:hover {{ background: #eef; }} li.chosen {{ background: #dde; }} .score {{ color: #666; }}
+.msg {{ color: #a00; }} video {{ width: 32rem; max-width: 100%; background: #000; }} .meta {{ color: #555; }}
+</style></head><body>
+<h1>Search {n_videos} videos</h1>
+<p class="meta">{n_cand} candidate moments; index {index}</p>
+<form method="get" action="/"><input type="text" name="q" id="q" value="{q}" maxlength="{max_chars}"
+ placeholder="a man delivers a package" autofocus><input type="hidden" name="k" value="{k}">
+<button type="submit">Search</button></form>
+{message}
+<div class="wrap"><ol id="results">{items}</ol>
+<div>{player}<p id="now" class="meta"></p></div></div>
+<script>
+(function () {{
+  var player = document.getElementById("player"), now = document.getElementById("now");
+  function choose(li) {{
+    var start = parseFloat(li.dataset.start), src = li.dataset.src;
+    document.querySelectorAll("#results li.chosen").forEach(function (x) {{ x.classList.remove("chosen"); }});
+    li.classList.add("chosen");
+    now.textContent = li.dataset.video + " from " + start.toFixed(1) + " s";
+    if (!player || !src) {{ return; }}
+    function seek() {{ player.currentTime = start; player.dataset.seeked = String(start); }}
+    if (player.getAttribute("src") !== src) {{
+      player.setAttribute("src", src);
+      player.addEventListener("loadedmetadata", seek, {{once: true}});
+      player.load();
+    }} else {{ seek(); }}
+  }}
+  var items = document.querySelectorAll("#results li");
+  items.forEach(function (li) {{ li.addEventListener("click", function () {{ choose(li); }}); }});
+  var pick = new URLSearchParams(location.search).get("play");  // ?play=N: choose result N (links, tests)
+  if (pick !== null && items[+pick]) {{ items[+pick].click(); }}
+}})();
+</script></body></html>
+"""
+
+
+def _fmt(t: float) -> str:
+    m, s = divmod(max(t, 0.0), 60)
+    return f"{int(m)}:{s:04.1f}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    searcher = None
+    videos: Path | None = None
+    index_path = ""
+    server_version = "wsra-dist"
+
+    def log_message(self, *args) -> None:  # quiet: one line per request is noise for a local tool
+        pass
+
+    # ------------------------------------------------------------------------------- responses
+    def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj: dict) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def _error_text(self, status: int, text: str) -> None:
+        self._send(status, (text + "\n").encode(), "text/plain; charset=utf-8")
+
+    # ------------------------------------------------------------------------------- routes
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        try:
+            url = urllib.parse.urlsplit(self.path)
+            args = urllib.parse.parse_qs(url.query)
+            if url.path == "/":
+                return self._page(args)
+            if url.path == "/api/search":
+                return self._api(args)
+            if url.path.startswith("/video/"):
+                return self._video(urllib.parse.unquote(url.path[len("/video/"):]))
+            self._error_text(404, f"not found: {url.path} (pages: /, /api/search?q=..., /video/NAME)")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # noqa: BLE001 - a bug must not become a traceback page
+            self._error_text(500, f"internal error: {type(e).__name__}: {e}")
+
+    def _query(self, args: dict) -> tuple[str, int]:
+        q = (args.get("q") or [""])[0]
+        try:
+            k = int((args.get("k") or ["20"])[0])
+        except ValueError:
+            raise DataError("k must be a whole number of results") from None
+        if not 1 <= k <= MAX_K:
+            raise DataError(f"k must be between 1 and {MAX_K}, got {k}")
+        return q, k
+
+    def _results(self, q: str, k: int) -> list[dict]:
+        return [m.json() for m in self.searcher.search(q, top_k=k)]
+
+    def _api(self, args: dict) -> None:
+        try:
+            q, k = self._query(args)
+            self._json(200, {"query": q, "results": self._results(q, k)})
+        except DataError as e:
+            self._json(400, {"error": str(e)})
+
+    def _page(self, args: dict) -> None:
+        q, k, items, message, status = "", 20, "", "", 200
+        try:
+            q, k = self._query(args)
+            if "q" in args:
+                res = self._results(q, k)
+                items = "".join(self._item(r) for r in res)
+                message = f'<p class="meta">{len(res)} moments for “{html.escape(q)}”</p>'
+        except DataError as e:
+            message, status = f'<p class="msg">{html.escape(str(e))}</p>', 400
+        c = self.searcher.index.corpus
+        player = ('<video id="player" controls preload="metadata"></video>' if self.videos is not None else
+                  '<p class="meta">(start with --videos DIR to play the moments)</p>')
+        body = PAGE.format(n_videos=len(c.videos), n_cand=c.size, index=html.escape(self.index_path),
+                           q=html.escape(q[:MAX_QUERY_CHARS]), k=k, max_chars=MAX_QUERY_CHARS, message=message,
+                           items=items, player=player)
+        self._send(status, body.encode(), "text/html; charset=utf-8")
+
+    def _item(self, r: dict) -> str:
+        src = ""
+        if self.videos is not None and self._video_path(r["video"]) is not None:
+            src = "/video/" + urllib.parse.quote(r["video"])
+        return (f'<li data-video="{html.escape(r["video"])}" data-start="{r["start"]}" data-src="{html.escape(src)}">'
+                f'{html.escape(r["video"])} {_fmt(r["start"])}–{_fmt(r["end"])} '
+                f'<span class="score">{r["score"]:.3f}</span></li>')
+
+    def _video_path(self, name: str) -> Path | None:
+        """The file `name` under --videos, or None (absent, or outside the folder: `..`, absolute, links out)."""
+        if self.videos is None or not name or "\x00" in name:
+            return None
+        root = self.videos.resolve()
+        p = (root / name).resolve()
+        if root not in p.parents:
+            return None
+        if not p.is_file():  # the same video in another container (e.g. NAME.mp4 transcoded to NAME.webm)
+            p = next((q for ext in VIDEO_EXTS if (q := p.with_suffix(ext)).is_file()), p)
+        return p if p.is_file() and root in p.parents else None
+
+    def _video(self, name: str) -> None:
+        if self.videos is None:
+            return self._error_text(404, "no videos are served (start with --videos DIR)")
+        p = self._video_path(name)
+        if p is None:
+            return self._error_text(404, f"unknown video: {name!r} (not a file under --videos)")
+        size = p.stat().st_size
+        ctype = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
+        rng = self.headers.get("Range", "")
+        start, end = 0, size - 1
+        if rng.startswith("bytes="):
+            a, _, b = rng[6:].split(",")[0].partition("-")
+            try:
+                start, end = (int(a), int(b) if b else size - 1) if a else (size - int(b), size - 1)
+            except ValueError:
+                return self._error_text(416, "bad Range header")
+            if not 0 <= start <= end < size:
+                return self._send(416, b"", ctype, {"Content-Range": f"bytes */{size}"})
+        with open(p, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start + 1)
+        extra = {"Accept-Ranges": "bytes"}
+        if rng:
+            extra["Content-Range"] = f"bytes {start}-{end}/{size}"
+        self._send(206 if rng else 200, data, ctype, extra)
+
+
+def make_server(searcher, videos: str | Path | None, host: str = "127.0.0.1", port: int = 8000,
+                index_path: str = "") -> ThreadingHTTPServer:
+    """The server (not started): `.serve_forever()`; port 0 picks a free one (`.server_address`)."""
+    if videos is not None and not Path(videos).is_dir():
+        raise DataError(f"--videos {videos}: not a folder")
+    handler = type("Handler", (_Handler,), {"searcher": searcher, "videos": Path(videos) if videos else None,
+                                            "index_path": index_path})
+    try:
+        return ThreadingHTTPServer((host, port), handler)
+    except OSError as e:
+        raise DataError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+mimetypes.add_type("video/webm", ".webm")
+mimetypes.add_type("video/mp4", ".m4v")
