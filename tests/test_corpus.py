@@ -175,3 +175,24 @@ def test_index_refuses_another_model(corpus_run, tmp_path):
         check_same_model(m, "0" * 64, "idx")
     with pytest.raises(DataError, match="not an index"):
         CorpusIndex.load(tmp_path)
+
+
+def test_prediction_files_score_like_the_checkpoint_and_bad_lines_are_named(corpus_run, tmp_path):
+    from wsra_dist.corpus.predictions import score_predictions
+
+    root, out, res, _ = corpus_run
+    got, chance = score_predictions(out / "predictions_corpus.jsonl", str(root / "shards" / "test"))
+    for k in VM.metric_keys():
+        if k.startswith("video_R@10"):
+            continue  # the file's top 100 moments may hold fewer than 10 distinct videos
+        assert got[k] == pytest.approx(res[k]), k
+    assert chance == pytest.approx(res["rows"]["Chance (exact)"])
+    lines = (out / "predictions_corpus.jsonl").read_text().splitlines()
+    for bad, want in ((lines[:-1], "have no line"), (lines + lines[:1], "already given"),
+                      (["{oops"] + lines[1:], "line 1: not JSON"),
+                      ([lines[0].replace('"moments": [["', '"moments": [["nope')] + lines[1:], "not in the evaluated split"),
+                      ([json.dumps({"query_id": "x", "moments": []})] + lines[1:], "not a query of the evaluated")):
+        f = tmp_path / "p.jsonl"
+        f.write_text("\n".join(bad) + "\n")
+        with pytest.raises(DataError, match=want):
+            score_predictions(f, str(root / "shards" / "test"))

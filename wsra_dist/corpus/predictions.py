@@ -1,0 +1,120 @@
+"""Scoring anyone's corpus prediction file: `wsra-dist evaluate --corpus --predictions P.jsonl --shards TEST`.
+
+A line per query, as `predictions_corpus.jsonl` (a contract): {"query_id": the benchmark's id (DiDeMo:
+annotation_id), "moments": [[video, start_s, end_s, score], ...]} best first (only the order ranks).  The
+truth comes from the shards' meta.json (the evaluated split: its videos are the corpus).  IoU in seconds: for
+DiDeMo the majority moment [5 s, 5 (e + 1)] on the grid, the same ratio as on chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..data.didemo import majority_candidate
+from ..data.records import DataError
+from ..data.textio import bounded_lines
+from ..geometry import DIDEMO_CANDIDATES, benchmark_windows
+from . import metrics as VM
+
+MAX_LINE_BYTES = 1 << 20
+
+
+def truth_from_shards(shards: str) -> dict:
+    """Videos (name -> duration, candidate windows) and queries (id -> video, moment in seconds) of a split."""
+    from ..data.shards import load_manifest, manifest_path_for, read_metas, shard_urls
+
+    m = load_manifest(manifest_path_for(shards))
+    protocol = m.get("benchmark")
+    videos, queries = {}, {}
+    for url in shard_urls(shards, m):
+        for meta in read_metas(url):
+            dur = float(meta["duration"])
+            if protocol == "didemo":
+                wins = np.array([[5.0 * s, 5.0 * (e + 1)] for s, e in DIDEMO_CANDIDATES])
+            else:
+                wins = np.asarray(benchmark_windows(protocol, dur), dtype=np.float64)
+            videos[meta["video"]] = {"duration": dur, "windows": wins}
+            for q in meta["queries"]:
+                if protocol == "didemo":
+                    s, e = DIDEMO_CANDIDATES[majority_candidate(q["times"])]
+                    mom = (5.0 * s, 5.0 * (e + 1))
+                else:
+                    mom = tuple(float(x) for x in q["times"][0])
+                queries[q["query_id"]] = {"video": meta["video"], "moment": mom}
+    return {"protocol": protocol, "videos": videos, "queries": queries}
+
+
+def _moment(x, path, n) -> tuple[str, float, float]:
+    ok = isinstance(x, list) and len(x) >= 3 and isinstance(x[0], str)
+    if ok:
+        try:
+            s, e = float(x[1]), float(x[2])
+            ok = math.isfinite(s) and math.isfinite(e) and s < e
+        except (TypeError, ValueError):
+            ok = False
+    if not ok:
+        raise DataError(f"{path}: line {n}: a moment must be [video, start_s, end_s, score] with start < end, got {x!r:.120}")
+    return x[0], s, e
+
+
+def read_predictions(path: str | Path, truth: dict) -> dict:
+    """query id -> [(video, start, end), ...] best first; every problem names the file and line."""
+    out: dict = {}
+    ids = {str(k): k for k in truth["queries"]}
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the predictions: {e.strerror or e}") from None
+    with f:
+        for n, text in bounded_lines(f, path, MAX_LINE_BYTES):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except ValueError as e:
+                raise DataError(f"{path}: line {n}: not JSON ({e})") from None
+            if not isinstance(row, dict) or "query_id" not in row or not isinstance(row.get("moments"), list):
+                raise DataError(f'{path}: line {n}: expected {{"query_id": ..., "moments": [[video, start_s, end_s, score], ...]}}')
+            qid = ids.get(str(row["query_id"]))
+            if qid is None:
+                raise DataError(f"{path}: line {n}: query_id {row['query_id']!r} is not a query of the evaluated split")
+            if qid in out:
+                raise DataError(f"{path}: line {n}: query_id {row['query_id']!r} was already given")
+            ms = [_moment(x, path, n) for x in row["moments"]]
+            for v, _, _ in ms:
+                if v not in truth["videos"]:
+                    raise DataError(f"{path}: line {n}: video {v!r} is not in the evaluated split's corpus")
+            out[qid] = ms
+    missing = [q for q in truth["queries"] if q not in out]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} of {len(truth['queries'])} queries have no line (first: {missing[0]!r})")
+    return out
+
+
+def score_predictions(path: str | Path, shards: str) -> tuple[dict, dict]:
+    """(metrics of the file, the exact chance row) on the split's corpus."""
+    truth = truth_from_shards(shards)
+    preds = read_predictions(path, truth)
+    hit_ranks = {m: [] for m in VM.IOUS}
+    vranks, n_hits = [], {m: [] for m in VM.IOUS}
+    for qid, q in truth["queries"].items():
+        gs, ge = q["moment"]
+        ms = preds[qid]
+        same = np.array([v == q["video"] for v, _, _ in ms], dtype=bool)
+        s = np.array([x[1] for x in ms]) if ms else np.zeros(0)
+        e = np.array([x[2] for x in ms]) if ms else np.zeros(0)
+        iou = VM.interval_iou_1d(s, e, gs, ge) if ms else np.zeros(0)
+        wins = truth["videos"][q["video"]]["windows"]
+        wiou = VM.interval_iou_1d(wins[:, 0], wins[:, 1], gs, ge)
+        for m in VM.IOUS:
+            hit = same & (iou >= m - 1e-9)
+            hit_ranks[m].append(int(np.flatnonzero(hit)[0]) + 1 if hit.any() else 0)
+            n_hits[m].append(int((wiou >= m - 1e-9).sum()))
+        names = np.array([v for v, _, _ in ms], dtype=object)
+        vranks.append(VM.video_rank(names, q["video"]) if ms else 0)
+    n_cand = sum(len(v["windows"]) for v in truth["videos"].values())
+    return VM.metrics_from_ranks(hit_ranks, vranks), VM.chance_metrics(n_cand, n_hits, len(truth["videos"]))
