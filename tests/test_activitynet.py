@@ -105,10 +105,13 @@ def test_evaluate_real_val2_prediction_files_both_formats(tmp_path):
     assert {k: a[k] for k in ACTIVITYNET_KEYS} == {k: b[k] for k in ACTIVITYNET_KEYS}
     assert "CPL (CVPR 2022" in p.stdout and "| 79.86 | 53.67 | 31.24 | 87.24 | 63.05 | 43.13 |" in p.stdout
     assert "| Chance (exact, these queries) | - | 49.25 | 28.16 | 11.98 |" in p.stdout
-    # the strict rule has 111 fewer queries: this file predicts them, and they are refused as extra
+    # the strict rule has 111 fewer queries: this file predicts them, and they are skipped with one warning
+    # naming the filter (issue 24; they used to be refused as "name no annotated query")
     p = _cli("evaluate", "--predictions", native, "--annotations", ann, "--protocol", "activitynet",
              "--activitynet-filter", "strict", "--out", tmp_path / "c", check=False)
-    assert p.returncode == 2 and "111 predictions name no annotated query" in p.stderr
+    assert p.returncode == 0 and p.stderr.count("warning:") == 1, p.stderr
+    assert "111 predictions are for queries that --activitynet-filter strict drops" in p.stderr
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["num_queries"] == 16920
 
 
 # ------------------------------------------------------------------------------ reader errors
@@ -301,13 +304,14 @@ def test_nms_before_top_n():
 @pytest.mark.parametrize("fmt", ["native", "md"])
 def test_missing_duplicate_extra_and_wrong_video_refused(tmp_path, fmt):
     ann, _ = _hand_files(tmp_path)
-    # id 0 missing, id 1 twice, id 4 (dropped: start >= end) and 99 not annotated
+    # id 0 missing, id 1 twice, id 4 (dropped by the clamp rule: start >= end; skipped, not unknown) and 99 not
+    # annotated at all
     _, bad = _hand_files(tmp_path, ids=(1, 2, 3, 5), fmt=fmt, extra=(1, 4, 99))
     with pytest.raises(DataError) as e:
         evaluate_predictions(bad, ann, "activitynet", tmp_path / "r")
     msg = str(e.value)
     assert "1 annotated queries have no prediction (e.g. query_id 0)" in msg
-    assert "2 predictions name no annotated query" in msg and "query_id 4" in msg and "query_id 99" in msg
+    assert "1 predictions name no annotated query" in msg and "query_id 99" in msg and "query_id 4" not in msg
     assert "1 queries are predicted more than once (e.g. query_id 1" in msg
     rows = [json.loads(l) for l in _hand_files(tmp_path, fmt=fmt)[1].read_text().splitlines()]
     rows[0]["video" if fmt == "native" else "vid"] = "v_c"

@@ -298,7 +298,12 @@ def evaluate(
                                                         '{"annotation_id"|"query_id", "moments"} or moment_detr / '
                                                         'lighthouse lines {"qid", "query", "vid", '
                                                         '"pred_relevant_windows": [[start, end, score], ...]} '
-                                                        "(seconds, best first), detected per file by its keys."),
+                                                        "(seconds, best first), detected per file by its keys. "
+                                                        "UTF-8; a line may hold at most 1 MiB (1,048,576 bytes, its "
+                                                        "line end included): a longer line is refused with its line "
+                                                        "number, read no further (memory stays bounded).  Under "
+                                                        "--charades-filter / --activitynet-filter, lines of queries "
+                                                        "the filter drops are counted and skipped with a warning."),
     annotations: Optional[Path] = typer.Option(None, help="Annotation file for --predictions."),
     protocol: Protocol = typer.Option(..., help="Official protocol: didemo (R@1, R@5, mIoU over the 21 candidates), "
                                                  "charades (R@n at IoU 0.3/0.5/0.7, mIoU) or activitynet (R@n at IoU "
@@ -452,7 +457,10 @@ def features(
 @app.command()
 def ground(
     checkpoint: Path = typer.Option(..., help="Trained run folder."),
-    features: Optional[str] = typer.Option(None, help="VIDEO.npy (T, D) snippet features, or FILE.h5:KEY."),
+    features: Optional[str] = typer.Option(None, help="VIDEO.npy (T, D) snippet features, or FILE.h5:KEY.  Features "
+                                                      "made by `wsra-dist features` are checked against the "
+                                                      "checkpoint's extractor through their manifest (refused "
+                                                      "when they differ) and carry their time axis."),
     video: Optional[Path] = typer.Option(None, help="A raw video file instead of --features: its features are "
                                                     "extracted with the extractor the checkpoint records (from "
                                                     "`wsra-dist features`; same model, fps and layout); the "
@@ -463,8 +471,17 @@ def ground(
                                                          "the weights must have that sha256)."),
     query: List[str] = typer.Option([], help="A query sentence; repeat for several."),
     queries: Optional[Path] = typer.Option(None, help="A text file with one query per line."),
-    duration: Optional[float] = typer.Option(None, help="Video length in seconds (default: 5 s per DiDeMo chunk, "
-                                                        "1 s per snippet otherwise)."),
+    duration: Optional[float] = typer.Option(None, help="Video length in seconds.  Default: the length the features "
+                                                        "manifest of `wsra-dist features` records for the video "
+                                                        "(--video: the video's own); else DiDeMo 30 s (6 chunks of "
+                                                        "5 s), else T / --fps.  Snippet features with neither a "
+                                                        "manifest, --fps nor --duration are refused: a snippet's "
+                                                        "time is never assumed."),
+    fps: Optional[float] = typer.Option(None, help="--features: snippets per second of the features (their time "
+                                                   "axis: snippet k covers [k/F, (k+1)/F) s).  Read from the "
+                                                   "features manifest when there is one (a different --fps is "
+                                                   "refused), and must equal the rate of the extractor the "
+                                                   "checkpoint records."),
     top_k: int = typer.Option(5, help="Moments to print per query."),
     as_json: bool = typer.Option(False, "--json", help='Print {"results": [{"query", "moments", "scores", "pred_relevant_windows"}, ...]}: moments '
                                                     'in seconds best first; pred_relevant_windows as moment_detr writes them '
@@ -484,13 +501,15 @@ def ground(
     Moments are ranked as `wsra-dist evaluate` ranks them: by φ, or for a DiDeMo checkpoint trained with
     model.chunk_consistency = μ > 0 by (logit φ + μ x the lowest single-chunk logit inside the moment) / (1 + μ),
     whose sigmoid is then the printed score."""
+    from .data.textio import read_text
     from .ground import ground_cli
 
-    qs = list(query) + ([l.strip() for l in queries.read_text().splitlines() if l.strip()] if queries else [])
+    lines = read_text(queries, "queries").splitlines() if queries else []  # UTF-8; a bad byte names its line
+    qs = list(query) + [l.strip() for l in lines if l.strip()]
     if not qs:
         raise ValueError("give at least one --query or a --queries file")
     res = ground_cli(checkpoint, features, qs, duration, top_k, plot, list(truth), text_model,
-                     video=str(video) if video else None, video_model=video_model)
+                     video=str(video) if video else None, video_model=video_model, fps=fps)
     if as_json:
         print(json.dumps({"results": res}))
         return

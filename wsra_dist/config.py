@@ -240,21 +240,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+def _apply(obj: Any, data: dict, prefix: str = "", lines: dict[str, str] | None = None) -> None:
+    """Set the recipe's fields from `data`; `lines` ({dotted key: "FILE: line N"}, from the recipe file) puts the
+    file and line in front of each refusal."""
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in data.items():
         key = f"{prefix}{k}"
+        at = f"{lines[key]}: " if lines and key in lines else ""
         if k not in names:
-            raise ConfigError(f"unknown recipe key {key!r}; valid keys here: {', '.join(sorted(names))}")
+            raise ConfigError(f"{at}unknown recipe key {key!r}; valid keys here: {', '.join(sorted(names))}")
         tp = hints[k]
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):
             if not isinstance(v, dict):
-                raise ConfigError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(cur))}")
-            _apply(cur, v, key + ".")
+                raise ConfigError(f"{at}{key}: expected a mapping of "
+                                  f"{', '.join(f.name for f in dataclasses.fields(cur))}, got {v!r}")
+            _apply(cur, v, key + ".", lines)
         else:
-            setattr(obj, k, _coerce(v, tp, key))
+            try:
+                setattr(obj, k, _coerce(v, tp, key))
+            except ConfigError as e:
+                raise ConfigError(f"{at}{e}") from None
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -268,27 +275,34 @@ def parse_overrides(items: list[str]) -> dict:
         parts = k.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(v) if v != "" else ""
+            if not isinstance(node, dict):  # `seed=1 seed.x=2`: a value cannot also be a section
+                raise ConfigError(f"override {item!r}: {p} is given a value and keys of its own")
+        try:
+            node[parts[-1]] = yaml.safe_load(v) if v != "" else ""
+        except yaml.YAMLError as e:  # PyYAML's message is several lines long
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
     return out
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """The recipe file (if any) with `overrides` applied, validated.  Every refusal is one ConfigError line; one
+    about the file (YAML syntax, a top level or section that is not a mapping, a key given twice, a bad key or
+    value that came from the file) names the file and line (wsra_dist/recipe_yaml.py)."""
+    from .recipe_yaml import flat_keys, locate, read_recipe_file
+
     r = Recipe()
+    lines: dict[str, str] = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe {p} not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        data, lines = read_recipe_file(path)
         data.pop("accelerate", None)
-        _apply(r, data)
-    _apply(r, parse_overrides(overrides or []))
+        _apply(r, data, lines=lines)
+    extra = parse_overrides(overrides or [])
+    _apply(r, extra)
     try:
         r.validate()
     except ValueError as e:
-        raise ConfigError(str(e)) from e
+        raise ConfigError(locate(str(e), lines, flat_keys(extra))) from e
     return r
 
 

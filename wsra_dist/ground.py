@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .data.features_manifest import describe_extractor, manifest_path, read_manifest, same_extractor
 from .data.records import DataError
 from .geometry import DIDEMO_CANDIDATES, benchmark_windows, window_features
 from .evaluation.formats import scored_windows
@@ -29,26 +30,22 @@ def read_features(spec: str) -> np.ndarray:
 
     Checked here: the file and key exist, the array is numeric, 2-D ((T, D), or (T, 1, 1, D) as some I3D
     releases store it) with T >= 1, and finite."""
-    low = spec.lower()
     where = spec
-    for ext in (".h5:", ".hdf5:"):
-        i = low.find(ext)
-        if i >= 0:
-            import h5py
+    path, key = split_spec(spec)
+    if key is not None:
+        import h5py
 
-            path, key = spec[: i + len(ext) - 1], spec[i + len(ext):]
-            if not Path(path).is_file():
-                raise DataError(f"{path}: no such HDF5 features file")
-            try:
-                with h5py.File(path, "r") as f:
-                    node = f.get(key)
-                    if not isinstance(node, h5py.Dataset):
-                        some = ", ".join(repr(k) for k in list(f.keys())[:3])
-                        raise DataError(f"{path}: no dataset {key!r}" + (f" (it holds e.g. {some})" if some else " (empty file)"))
-                    x = np.asarray(node[()])
-            except OSError as e:
-                raise DataError(f"{path}: cannot read HDF5: {e}") from None
-            break
+        if not path.is_file():
+            raise DataError(f"{path}: no such HDF5 features file")
+        try:
+            with h5py.File(path, "r") as f:
+                node = f.get(key)
+                if not isinstance(node, h5py.Dataset):
+                    some = ", ".join(repr(k) for k in list(f.keys())[:3])
+                    raise DataError(f"{path}: no dataset {key!r}" + (f" (it holds e.g. {some})" if some else " (empty file)"))
+                x = np.asarray(node[()])
+        except OSError as e:
+            raise DataError(f"{path}: cannot read HDF5: {e}") from None
     else:
         if not Path(spec).is_file():
             raise DataError(f"{spec}: no such features file (VIDEO.npy or FILE.h5:KEY)")
@@ -89,6 +86,109 @@ def check_duration(duration: float | None) -> float | None:
     return float(duration)
 
 
+def check_fps(fps: float | None) -> float | None:
+    if fps is None:
+        return None
+    if not (np.isfinite(fps) and fps > 0):
+        raise DataError(f"--fps must be a positive number of snippets per second, got {fps}")
+    return float(fps)
+
+
+def snippet_length(rows: int, duration: float | None, fps: float | None) -> float:
+    """The video's length in seconds for `rows` snippet features: `duration`, else rows / fps.
+
+    Never assumed (a snippet used to be taken as 1 s, so features at 2 fps put moments past the video's end).
+    With both, they must agree to one snippet: `wsra-dist features` makes ceil(duration x fps) rows, other
+    extractors floor or round."""
+    fits = fps is None or duration is None or (rows - 1) / fps - 1e-6 <= duration <= (rows + 1) / fps + 1e-6
+    if not fits:
+        raise DataError(f"--duration {duration:g} s does not fit the features: {rows} snippets at {fps:g} per second "
+                        f"cover {rows / fps:g} s (the video's length is expected within one snippet of it)")
+    if duration is not None:
+        return duration
+    if fps is not None:
+        return rows / fps
+    raise DataError("these snippet features do not say how long the video is (no features manifest of "
+                    "`wsra-dist features` beside them): give --fps SNIPPETS_PER_SECOND or --duration SECONDS")
+
+
+def split_spec(spec: str) -> tuple[Path, str | None]:
+    """`FILE.h5:KEY` -> (FILE.h5, KEY); `VIDEO.npy` -> (VIDEO.npy, None).  The split is at the first ':' after
+    .h5 / .hdf5: keys may contain dots and colons."""
+    low = spec.lower()
+    for ext in (".h5:", ".hdf5:"):
+        i = low.find(ext)
+        if i >= 0:
+            return Path(spec[: i + len(ext) - 1]), spec[i + len(ext):]
+    return Path(spec), None
+
+
+@dataclass(frozen=True)
+class FeatureTiming:
+    """The time axis `--features` carry: snippets per second and the video's length, when known."""
+
+    fps: float | None = None
+    duration: float | None = None  # seconds, as the features manifest records the video
+
+
+def features_timing(spec: str, info: dict, rows: int, fps: float | None = None,
+                    duration: float | None = None) -> FeatureTiming:
+    """The time axis of `--features SPEC` (`rows` stored rows) for a checkpoint with `info`.
+
+    From the features manifest that `wsra-dist features` wrote beside them (OUT/manifest.json for a folder of
+    .npy, FILE.h5.manifest.json for an HDF5), else from `fps` (--fps).  Refused in one line: features whose
+    manifest records another extractor than the checkpoint's (model, weights, fps, pooling, layout, dim), a
+    video the manifest does not list or lists with another row count, --fps unlike the manifest's or the
+    checkpoint's extractor's, --fps for a DiDeMo checkpoint (its chunks are 5 s by the layout), and snippet
+    features with no manifest, no --fps and no `duration` (--duration)."""
+    fps = check_fps(fps)
+    if fps is not None and info.get("benchmark") == "didemo":
+        raise DataError("--fps: a DiDeMo checkpoint reads 5-s chunks, whose time is fixed by the layout; give "
+                        "--duration for a video shorter than 30 s")
+    path, key = split_spec(spec)
+    source = path if key is not None else path.parent  # an HDF5, or the folder of a charades-layout .npy
+    manifest = read_manifest(source)
+    trained = info.get("extractor") if isinstance(info.get("extractor"), dict) else None
+    if manifest is None:
+        if fps is None and duration is None and info.get("benchmark") != "didemo":
+            raise DataError(f"{spec}: no features manifest of `wsra-dist features` ({manifest_path(source)}) says "
+                            "how many seconds a snippet covers: give --fps SNIPPETS_PER_SECOND or --duration SECONDS")
+        _check_fps_against(fps, trained)
+        return FeatureTiming(fps=fps)
+    return _manifest_timing(spec, manifest, manifest_path(source), key or path.stem, rows, fps, trained)
+
+
+def _manifest_timing(spec: str, manifest: dict, where: Path, key: str, rows: int, fps: float | None,
+                     trained: dict | None) -> FeatureTiming:
+    made = manifest["extractor"]
+    if trained is not None and not same_extractor(trained, made):
+        raise DataError(f"{spec}: features made by {describe_extractor(made)} (features manifest {where}), but the "
+                        f"checkpoint was trained on features of {describe_extractor(trained)}; extract them with "
+                        "the checkpoint's extractor, or give the raw video with --video")
+    videos = manifest["videos"]
+    rec = videos.get(key) or videos.get(key.split("/")[0])  # activitynet layout: KEY is VIDEO/c3d_features
+    if not isinstance(rec, dict):
+        raise DataError(f"{spec}: video {key!r} is not listed in the features manifest {where}: these features "
+                        "were not written by that `wsra-dist features` run")
+    if rec.get("T") is not None and int(rec["T"]) != rows:
+        raise DataError(f"{spec}: holds {rows} rows but the features manifest {where} lists {rec['T']} for this "
+                        "video: the file changed after extraction")
+    made_fps = float(made["fps"]) if made.get("fps") else None
+    if fps is not None and made_fps is not None and fps != made_fps:
+        raise DataError(f"--fps {fps:g}: the features manifest {where} records {made_fps:g} snippets per second "
+                        "for these features")
+    duration = rec.get("duration")
+    return FeatureTiming(fps=made_fps or fps, duration=float(duration) if duration else None)
+
+
+def _check_fps_against(fps: float | None, trained: dict | None) -> None:
+    """--fps must be the rate the checkpoint's features were extracted at, when it records one."""
+    trained_fps = trained.get("fps") if trained and not isinstance(trained.get("concat"), list) else None
+    if fps is not None and trained_fps and float(trained_fps) != fps:
+        raise DataError(f"--fps {fps:g}: the checkpoint was trained on features of {describe_extractor(trained)}; "
+                        "features at another rate are not what it learnt")
+
+
 @dataclass
 class Grounder:
     model: torch.nn.Module
@@ -120,7 +220,7 @@ class Grounder:
             self._encoder = enc
         return self._encoder
 
-    def _candidates(self, feats: np.ndarray, duration: float | None):
+    def _candidates(self, feats: np.ndarray, duration: float | None, fps: float | None = None):
         """-> (candidate features (C, D), moments in seconds (C, 2), snippet features for α, snippet times)."""
         bench = self.info.get("benchmark")
         reader = self.info.get("reader", {})
@@ -136,37 +236,42 @@ class Grounder:
                                                  bool(layout.get("tef", False))).float().numpy()
             length = duration or 30.0
             if length <= 20.0 or length > 30.0:  # DiDeMo videos have 5 or 6 five-second chunks
-                raise DataError(f"--duration {length:g}: a DiDeMo video lasts more than 20 and at most 30 s "
-                                "(6 chunks of 5 s, the last ones may be empty)")
+                raise DataError(f"--duration {length:g} (given, or the video's length): a DiDeMo video lasts more "
+                                "than 20 and at most 30 s (6 chunks of 5 s, the last ones may be empty)")
             moments = np.array([[5.0 * s, min(5.0 * (e + 1), length)] for s, e in DIDEMO_CANDIDATES])
             singles = cand[:6]
             times = np.array([[5.0 * k, min(5.0 * (k + 1), length)] for k in range(6)])
             return cand, moments, singles, times
         if feats.ndim == 4:
             feats = feats.reshape(feats.shape[0], -1)
+        length = snippet_length(feats.shape[0], duration, fps)  # from the stored rows, before any resampling
         if reader.get("resample"):
             from .data.charades import resample
 
             feats = resample(feats, int(reader["resample"]))
         T = feats.shape[0]
-        length = duration or float(T)
         wins = benchmark_windows(bench, length)  # the windows evaluate ranks (Charades-STA's or ActivityNet's)
         times = np.stack([np.arange(T) * length / T, (np.arange(T) + 1) * length / T], 1)
         return window_features(feats, wins, length), wins, feats, times
 
     @torch.inference_mode()
     def ground(self, features: np.ndarray, queries: Sequence[str], duration: float | None = None,
-               top_k: int = 5) -> list[dict]:
+               top_k: int = 5, fps: float | None = None) -> list[dict]:
         """Top moments (seconds) with scores per query, best first; also α and φ over the snippets/chunks and
-        every candidate's moment and score ("candidate_moments", "candidate_scores": what figures.py draws)."""
+        every candidate's moment and score ("candidate_moments", "candidate_scores": what figures.py draws).
+
+        Snippet features need their time axis: `duration` (the video's seconds) or `fps` (snippets per second,
+        the video then lasts T / fps), both when known (they must agree to one snippet); never assumed.
+        DiDeMo's chunks are 5 s by the layout (`duration` defaults to 30 s)."""
         queries = check_queries(queries)
         duration = check_duration(duration)
+        fps = check_fps(fps)
         if int(top_k) < 1:
             raise DataError(f"--top-k must be >= 1, got {top_k}")
         feats = np.asarray(features, dtype=np.float32)
         if feats.ndim != 2 or feats.shape[0] < 1 or not np.isfinite(feats).all():
             raise DataError(f"features must be a finite (T, D) array with T >= 1, got shape {feats.shape}")
-        cand, moments, snippets, times = self._candidates(feats, duration)
+        cand, moments, snippets, times = self._candidates(feats, duration, fps)
         if cand.shape[1] != self.info["dims"]["video"]:
             raise DataError(f"features give {cand.shape[1]}-d candidates but the checkpoint expects "
                              f"{self.info['dims']['video']}-d")
@@ -221,11 +326,16 @@ def plot_attention(results: list[dict], path: str | Path,
 
 
 def ground_cli(checkpoint, features: str | None, queries: list[str], duration, top_k: int, plot, truths: list[str],
-               text_model: str | None = None, video: str | None = None, video_model: str | None = None):
+               text_model: str | None = None, video: str | None = None, video_model: str | None = None,
+               fps: float | None = None) -> list[dict]:
+    """`wsra-dist ground`: the inputs checked before the model is loaded, then the ranked moments per query."""
     if (features is None) == (video is None):
         raise DataError("give exactly one of --features (precomputed features) and --video (a raw video file)")
+    if video is not None and fps is not None:
+        raise DataError("--fps is for --features; --video extracts at the rate the checkpoint records")
     queries = check_queries(queries)
     duration = check_duration(duration)
+    fps = check_fps(fps)
     if top_k < 1:
         raise DataError(f"--top-k must be >= 1, got {top_k}")
     if plot and Path(plot).suffix.lower() not in (".png", ".pdf", ".svg"):
@@ -249,7 +359,9 @@ def ground_cli(checkpoint, features: str | None, queries: list[str], duration, t
         duration = duration or seconds
     else:
         feats = read_features(features)
-    res = g.ground(feats, queries, duration, top_k)
+        timing = features_timing(features, g.info, feats.shape[0], fps, duration)  # never an assumed 1 s per snippet
+        duration, fps = duration or timing.duration, timing.fps
+    res = g.ground(feats, queries, duration, top_k, fps=fps)
     if plot:
         plot_attention(res, plot, spans, g.info.get("benchmark"))
     # pred_relevant_windows: the same ranking in the moment_detr / lighthouse format ([start, end, score], seconds)

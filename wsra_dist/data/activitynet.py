@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 from pathlib import Path
 
 import numpy as np
 
 from .charades import SnippetFeatures
 from .records import DataError, QueryRecord
+from .textio import read_text
 
 FILTERS = ("clamp", "strict")
 FEATURE_DATASET = "c3d_features"
@@ -27,18 +29,43 @@ def _is_number(x: object) -> bool:
 
 
 def _load(path: Path) -> dict:
+    text = read_text(path, "annotations")
+    top: list = []  # the pairs of the last object closed: the top-level one (json.loads keeps a key's last value)
+
+    def keep_pairs(pairs: list) -> dict:
+        top[:] = [pairs]
+        return dict(pairs)
+
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read annotations: {e}") from e
-    try:
-        data = json.loads(text)  # a dict keeps the file's order: query ids follow it
+        data = json.loads(text, object_pairs_hook=keep_pairs)  # a dict keeps the file's order: query ids follow it
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not JSON: {e}") from e
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected one JSON object {{video: {{duration, timestamps, sentences}}}}, "
                         f"got a {type(data).__name__}")
+    _refuse_conflicting_videos(path, text, top[0])
     return data
+
+
+def _refuse_conflicting_videos(path: Path, text: str, pairs: list) -> None:
+    """A video listed twice with different entries: refused naming both places (JSON would keep the last one
+    silently); the same entry twice is accepted."""
+    first: dict = {}
+    for vid, entry in pairs:
+        if vid in first and first[vid] != entry:
+            where = " and ".join(_key_places(text, vid)[:2]) or "two places"
+            raise DataError(f"{path}: {where}: video {vid!r} is listed twice with different entries; keep one")
+        first.setdefault(vid, entry)
+
+
+def _key_places(text: str, key: str) -> list[str]:
+    """'line L, column C' of each place `key` appears as an object key (the release files are one line long)."""
+    out = []
+    for m in re.finditer(re.escape(json.dumps(key, ensure_ascii=False)) + r"\s*:", text):
+        start = m.start()
+        line, column = text.count("\n", 0, start) + 1, start - text.rfind("\n", 0, start)
+        out.append(f"line {line}, column {column}")
+    return out
 
 
 def _check_video(path: Path, vid: str, entry: object) -> tuple[float, list, list]:
@@ -56,7 +83,8 @@ def _check_video(path: Path, vid: str, entry: object) -> tuple[float, list, list
     return float(d), ts, ss
 
 
-def read_annotations(path: str | Path, rule: str = "clamp") -> tuple[list[QueryRecord], dict[str, int]]:
+def read_annotations(path: str | Path, rule: str = "clamp",
+                     dropped: dict[int, str] | None = None) -> tuple[list[QueryRecord], dict[str, int]]:
     """Parse one split's JSON and apply the defect rule.
 
     clamp (default): times clipped into [0, duration] (the real files have ends past the duration:
@@ -66,6 +94,7 @@ def read_annotations(path: str | Path, rule: str = "clamp") -> tuple[list[QueryR
     before the rule drops anything, so a query keeps its id under both rules (and prediction files of
     either rule name the same queries).  record.extra['sentence'] is the sentence's index in its video.
     Sentences keep their text; the leading space of the release is stripped (as the text encoder would).
+    `dropped`, when given, is filled with {query_id: the stats key of why the rule dropped it}.
     """
     if rule not in FILTERS:
         raise DataError(f"activitynet filter must be one of {FILTERS}, got {rule!r}")
@@ -89,27 +118,28 @@ def read_annotations(path: str | Path, rule: str = "clamp") -> tuple[list[QueryR
                 raise DataError(f"{where}: timestamp {t!r} is not finite")
             if not isinstance(sentence, str) or not sentence.strip():
                 raise DataError(f"{where}: empty or non-text sentence {sentence!r}")
-            if rule == "strict":
-                if not s < e:
-                    stats["dropped_start_ge_end"] += 1
-                    continue
-                if e > duration:
-                    stats["dropped_past_end"] += 1
-                    continue
-                if s < 0:
-                    stats["dropped_before_start"] += 1
-                    continue
-            else:
-                if e > duration or s < 0:
-                    s, e = max(s, 0.0), min(e, duration)
-                    stats["clamped"] += 1
-                if s >= e:
-                    stats["dropped_start_ge_end"] += 1
-                    continue
+            if rule == "clamp" and (e > duration or s < 0):
+                stats["clamped"] += 1
+            s, e, why = _defect(rule, s, e, duration)
+            if why is not None:
+                stats[why] += 1
+                if dropped is not None:
+                    dropped[qid] = why
+                continue
             out.append(QueryRecord(query_id=qid, video=vid, sentence=sentence.strip(), times=[[s, e]],
                                    duration=duration, extra={"sentence": k}))
     stats["kept"] = len(out)
     return out, stats
+
+
+def _defect(rule: str, s: float, e: float, duration: float) -> tuple[float, float, str | None]:
+    """(start, end after the rule, None or the stats key of why the rule drops the sentence)."""
+    if rule == "strict":
+        why = ("dropped_start_ge_end" if not s < e else "dropped_past_end" if e > duration
+               else "dropped_before_start" if s < 0 else None)
+        return s, e, why
+    s, e = max(s, 0.0), min(e, duration)
+    return s, e, ("dropped_start_ge_end" if s >= e else None)
 
 
 class C3DFeatures(SnippetFeatures):

@@ -3,55 +3,75 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 
 from .records import DataError, QueryRecord
+from .textio import read_text
 
 FILTERS = ("clamp", "strict")
 
 
 def read_durations(path: str | Path) -> dict[str, float]:
-    """`Charades_v1_{train,test}.csv`: column `length` in seconds, keyed by `id`."""
+    """`Charades_v1_{train,test}.csv`: column `length` in seconds, keyed by `id`.
+
+    An id listed twice with different lengths is refused naming both lines (the last row used to win
+    silently); the same length twice is accepted."""
     path = Path(path)
-    out = {}
-    try:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "id" not in reader.fieldnames or "length" not in reader.fieldnames:
-                raise DataError(f"{path}: needs columns 'id' and 'length', found {reader.fieldnames}")
-            for row in reader:
-                try:
-                    length = float(row["length"])
-                except (TypeError, ValueError):
-                    length = math.nan
-                if not (math.isfinite(length) and length > 0):  # NaN would reach the shards and the loss
-                    raise DataError(f"{path}: line {reader.line_num}: length {row.get('length')!r} of video "
-                                    f"{row.get('id')!r} is not a positive number of seconds")
-                out[row["id"]] = length
-    except OSError as e:
-        raise DataError(f"{path}: cannot read durations: {e}") from e
+    reader = csv.DictReader(io.StringIO(read_text(path, "durations"), newline=""))
+    out: dict[str, float] = {}
+    first_line: dict[str, int] = {}
+    for row in _csv_rows(path, reader):
+        vid, length = row["id"], _length(path, reader.line_num, row)
+        if vid in out and out[vid] != length:
+            raise DataError(f"{path}: lines {first_line[vid]} and {reader.line_num}: video {vid!r} is listed twice "
+                            f"with different lengths ({out[vid]:g} and {length:g} s); keep one row per video")
+        first_line.setdefault(vid, reader.line_num)
+        out[vid] = length
     return out
 
 
+def _csv_rows(path: Path, reader: csv.DictReader):
+    """The rows, after checking the columns; a row csv cannot parse (a NUL byte, a huge field) names its line."""
+    try:
+        if not reader.fieldnames or "id" not in reader.fieldnames or "length" not in reader.fieldnames:
+            raise DataError(f"{path}: needs columns 'id' and 'length', found {reader.fieldnames}")
+        yield from reader
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: not a readable csv row: {e}") from None
+
+
+def _length(path: Path, line: int, row: dict) -> float:
+    """The row's `length`, or DataError naming the line (NaN would reach the shards and the loss)."""
+    try:
+        length = float(row["length"])
+    except (TypeError, ValueError):
+        length = math.nan
+    if not (math.isfinite(length) and length > 0):
+        raise DataError(f"{path}: line {line}: length {row.get('length')!r} of video {row.get('id')!r} is not a "
+                        "positive number of seconds")
+    return length
+
+
 def read_annotations(
-    path: str | Path, durations: dict[str, float], rule: str = "clamp", durations_file: str = "durations"
+    path: str | Path, durations: dict[str, float], rule: str = "clamp", durations_file: str = "durations",
+    dropped: dict[int, str] | None = None,
 ) -> tuple[list[QueryRecord], dict[str, int]]:
     """Parse the annotation txt and apply the defect rule.
 
     clamp (2D-TAN, 3,720 test queries): end clamped to the length, start >= end dropped.
     strict (CPL/CNM/SCN, 3,158): only lines with start < end <= length.
     query_id is the 0-based line number, so predictions can name a query whatever the rule.
+    `dropped`, when given, is filled with {query_id: the stats key of why the rule dropped it} (evaluate skips
+    predictions of those queries instead of calling them unknown).
     """
     if rule not in FILTERS:
         raise DataError(f"charades filter must be one of {FILTERS}, got {rule!r}")
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read annotations: {e}") from e
+    lines = read_text(path, "annotations").splitlines()
     out: list[QueryRecord] = []
     stats = {"lines": 0, "clamped": 0, "dropped_start_ge_end": 0, "dropped_past_end": 0}
     for i, line in enumerate(lines):
@@ -76,23 +96,27 @@ def read_annotations(
         if vid not in durations:
             raise DataError(f"{path}: line {i + 1}: video {vid!r} has no duration in {durations_file}")
         length = durations[vid]
-        if rule == "strict":
-            if not s < e:
-                stats["dropped_start_ge_end"] += 1
-                continue
-            if e > length:
-                stats["dropped_past_end"] += 1
-                continue
-        else:
-            if e > length:
-                e = length
-                stats["clamped"] += 1
-            if s >= e:
-                stats["dropped_start_ge_end"] += 1
-                continue
+        if rule == "clamp" and e > length:
+            stats["clamped"] += 1
+        e, why = _defect(rule, s, e, length)
+        if why is not None:
+            stats[why] += 1
+            if dropped is not None:
+                dropped[i] = why
+            continue
         out.append(QueryRecord(query_id=i, video=vid, sentence=sentence.strip(), times=[[s, e]], duration=length))
     stats["kept"] = len(out)
     return out, stats
+
+
+def _defect(rule: str, s: float, e: float, length: float) -> tuple[float, str | None]:
+    """(end after the rule, None or the stats key of why the rule drops the line)."""
+    if rule == "strict":
+        if not s < e:
+            return e, "dropped_start_ge_end"
+        return e, ("dropped_past_end" if e > length else None)
+    e = min(e, length)
+    return e, ("dropped_start_ge_end" if s >= e else None)
 
 
 class SnippetFeatures:

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..geometry import DIDEMO_CANDIDATES
 from .records import DataError, QueryRecord
+from .textio import read_text
 
 KEYS = {"annotation_id": int, "description": str, "video": str, "num_segments": int, "times": list}
 
@@ -18,12 +19,12 @@ def read_annotations(path: str | Path) -> list[QueryRecord]:
     """Read `{train,val,test}_data.json`; every malformed record is an error naming file and index."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(read_text(path, "DiDeMo annotations"))
+    except json.JSONDecodeError as e:
         raise DataError(f"{path}: cannot read DiDeMo annotations: {e}") from e
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    out, seen = [], set()
+    out, seen = [], {}  # annotation_id -> record index, to name both records of a duplicate
     for i, r in enumerate(data):
         where = f"{path}: record {i}" + (f" (annotation_id {r.get('annotation_id')})" if isinstance(r, dict) else "")
         if not isinstance(r, dict):
@@ -34,8 +35,9 @@ def read_annotations(path: str | Path) -> list[QueryRecord]:
             if not isinstance(r[k], t) or (t is int and isinstance(r[k], bool)):
                 raise DataError(f"{where}: {k!r} should be {t.__name__}, got {r[k]!r}")
         if r["annotation_id"] in seen:
-            raise DataError(f"{where}: duplicate annotation_id {r['annotation_id']}")
-        seen.add(r["annotation_id"])
+            raise DataError(f"{path}: records {seen[r['annotation_id']]} and {i}: duplicate annotation_id "
+                            f"{r['annotation_id']} (an id names one query)")
+        seen[r["annotation_id"]] = i
         if not r["description"].strip():
             raise DataError(f"{where}: empty description")
         if not 1 <= r["num_segments"] <= 6:

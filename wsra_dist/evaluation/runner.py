@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ..data.records import DataError
-from . import scoring, tables
+from . import formats, scoring, tables
 from .metrics import check_iou_tolerance
 from .priors import Baselines, TrainingSet, baselines_for, training_from_annotations, training_from_run
 
@@ -239,29 +240,69 @@ def evaluate_predictions(
     check_iou_tolerance(iou_tolerance)
     _check_train_file(train_annotations, train_durations)
     preds, where = scoring.read_predictions_located(predictions, protocol, clip_predictions)
+    dropped: dict[int, str] = {}  # query_id -> why the defect rule dropped the query
     if protocol == "didemo":
         recs = didemo.read_annotations(annotations)
         truth = [{"query_id": r.query_id, "video": r.video, "times": r.times} for r in recs]
         extra = {}
     elif protocol == "activitynet":
-        recs, stats = activitynet.read_annotations(annotations, activitynet_filter)
+        recs, stats = activitynet.read_annotations(annotations, activitynet_filter, dropped)
         truth = [{"query_id": r.query_id, "video": r.video, "times": r.times, "duration": r.duration} for r in recs]
         extra = {"activitynet_filter": activitynet_filter, "filter_stats": stats}
     else:
         if not durations:
             raise DataError("--durations Charades_v1_test.csv is needed for the charades protocol")
         recs, stats = charades.read_annotations(annotations, charades.read_durations(durations), charades_filter,
-                                                durations_file=str(durations))
+                                                durations_file=str(durations), dropped=dropped)
         truth = [{"query_id": r.query_id, "video": r.video, "times": r.times, "duration": r.duration} for r in recs]
         extra = {"charades_filter": charades_filter, "filter_stats": stats}
     rule = charades_filter if protocol == "charades" else activitynet_filter
+    flag = f"--{protocol}-filter {rule}"
+    preds, skipped = skip_filtered(preds, dropped, protocol, flag)
+    if skipped:
+        extra["skipped_predictions"] = skipped
 
     def training() -> tuple[TrainingSet | None, str]:
         if not train_annotations:
             return None, "no --train-annotations"
         return training_from_annotations(protocol, train_annotations, train_durations, rule), ""
 
-    return _finish(protocol, preds, truth, out, strict, nms, 0, clip_predictions, iou_tolerance,
-                   run_name=Path(predictions).stem, feature="-", write_predictions=False,
-                   settings_extra={"predictions": str(predictions), "annotations": str(annotations), **extra},
-                   where=where, training=training)
+    result = _finish(protocol, preds, truth, out, strict, nms, 0, clip_predictions, iou_tolerance,
+                     run_name=Path(predictions).stem, feature="-", write_predictions=False,
+                     settings_extra={"predictions": str(predictions), "annotations": str(annotations), **extra},
+                     where=where, training=training)
+    if skipped:  # after scoring: a refusal stays the one line of the error path
+        from ..errors import print_warning
+
+        print_warning(skipped_warning(skipped, annotations, where))
+    return result
+
+
+# Why a defect rule drops a query (the stats keys of data.charades / data.activitynet), in words.
+DROP_REASONS = {"dropped_start_ge_end": "start >= end", "dropped_past_end": "end past the video's length",
+                "dropped_before_start": "start before 0"}
+
+
+def skip_filtered(preds: list[dict], dropped: dict[int, str], protocol: str, flag: str) -> tuple[list[dict], dict]:
+    """(the predictions of queries the defect rule kept, what was skipped or {}).
+
+    A full prediction file (every line of the annotation file) names queries the rule removed: those are
+    counted and skipped, not called unknown; ids the annotation file does not hold at all stay in the list,
+    so the scorer still refuses them as unknown.  The skipped dict: count, flag, reasons, a few ids."""
+    if not dropped:
+        return preds, {}
+    id_key = formats.protocol(protocol).id_key
+    gone = [p[id_key] for p in preds if p[id_key] in dropped]
+    if not gone:
+        return preds, {}
+    reasons = dict(Counter(DROP_REASONS[dropped[q]] for q in gone))
+    kept = [p for p in preds if p[id_key] not in dropped]
+    return kept, {"count": len(gone), "filter": flag, "reasons": reasons, "ids": gone[:5]}
+
+
+def skipped_warning(skipped: dict, annotations: str | Path, where: dict) -> str:
+    """The one warning line for skip_filtered's result, naming the filter and a few lines of the file."""
+    why = ", ".join(f"{n} {r}" for r, n in skipped["reasons"].items())
+    shown = ", ".join(f"query_id {q}" + (f" ({where[q]})" if q in where else "") for q in skipped["ids"][:3])
+    return (f"{skipped['count']} predictions are for queries that {skipped['filter']} drops from {annotations} "
+            f"({why}); they are skipped, not scored (e.g. {shown})")

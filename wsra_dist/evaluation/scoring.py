@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..data.records import DataError
+from ..data.textio import bounded_lines
 from . import formats
 from . import metrics as M
 
@@ -20,6 +21,10 @@ KEYS = {"didemo": DIDEMO_KEYS, "charades": CHARADES_KEYS, "activitynet": ACTIVIT
 # The protocols in seconds (one ground-truth span per query, R@n at IoU m): their thresholds and names.
 IOUS = {"charades": M.CHARADES_IOUS, "activitynet": M.ACTIVITYNET_IOUS}
 NAMES = {"didemo": "DiDeMo", "charades": "Charades-STA", "activitynet": "ActivityNet Captions"}
+# One prediction line may hold this many bytes (1 MiB, its line end included); `evaluate --help` states it.  The
+# longest real lines are moment_detr lines of a few hundred windows (~10 KB); a line over the cap is refused as soon
+# as that many bytes are read, so memory stays bounded (an unbounded read took 2.8 GB for a 190 MB line).
+MAX_LINE_BYTES = 1 << 20
 
 
 def read_predictions(path: str | Path, protocol: str, clip_predictions: bool = False) -> list[dict]:
@@ -72,13 +77,14 @@ def read_predictions_located(path: str | Path, protocol: str,
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed JSON) of every non-blank line."""
+    """(line number, parsed JSON) of every non-blank line; lines over MAX_LINE_BYTES and bytes that are not
+    UTF-8 are refused with the line (textio.bounded_lines: memory stays bounded by the cap)."""
     try:
-        f = path.open()
+        f = path.open("rb")
     except OSError as e:
-        raise DataError(f"{path}: cannot read predictions: {e}") from e
+        raise DataError(f"{path}: cannot read predictions: {e.strerror or e}") from None
     with f:
-        for i, line in enumerate(f, 1):
+        for i, line in bounded_lines(f, path, MAX_LINE_BYTES):
             if not line.strip():
                 continue
             try:
