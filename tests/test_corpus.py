@@ -181,7 +181,8 @@ def test_prediction_files_score_like_the_checkpoint_and_bad_lines_are_named(corp
     from wsra_dist.corpus.predictions import score_predictions
 
     root, out, res, _ = corpus_run
-    got, chance = score_predictions(out / "predictions_corpus.jsonl", str(root / "shards" / "test"))
+    got, chance, sizes = score_predictions(out / "predictions_corpus.jsonl", str(root / "shards" / "test"))
+    assert sizes == (res["queries"], res["videos"], res["candidates"])
     for k in VM.metric_keys():
         if k.startswith("video_R@10"):
             continue  # the file's top 100 moments may hold fewer than 10 distinct videos
@@ -196,3 +197,28 @@ def test_prediction_files_score_like_the_checkpoint_and_bad_lines_are_named(corp
         f.write_text("\n".join(bad) + "\n")
         with pytest.raises(DataError, match=want):
             score_predictions(f, str(root / "shards" / "test"))
+
+
+def test_cli_evaluate_corpus_index_search(corpus_run, tmp_path):
+    from .helpers import run_cli
+
+    root, out, res, _ = corpus_run
+    run, test = str(root / "run"), str(root / "shards" / "test")
+    p = run_cli("evaluate", "--corpus", "--checkpoint", run, "--shards", test, "--protocol", "didemo",
+                "--out", str(tmp_path / "ev"))
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["R@10,IoU=0.5"] == pytest.approx(res["R@10,IoU=0.5"]) and "Oracle video" in p.stdout
+    p = run_cli("evaluate", "--corpus", "--predictions", str(out / "predictions_corpus.jsonl"), "--shards", test,
+                "--protocol", "didemo", "--out", str(tmp_path / "ev2"))
+    assert json.loads((tmp_path / "ev2" / "metrics.json").read_text())["R@1,IoU=0.5"] == pytest.approx(res["R@1,IoU=0.5"])
+    p = run_cli("evaluate", "--corpus", "--checkpoint", run, "--shards", test, "--protocol", "charades",
+                "--out", str(tmp_path / "ev3"), check=False)
+    assert p.returncode == 2 and "not --protocol charades" in p.stderr
+    run_cli("index", "--checkpoint", run, "--shards", test, "--out", str(tmp_path / "idx"))
+    p = run_cli("search", str(tmp_path / "idx"), "a person opens a door", "--top-k", "3", "--json")
+    rows = [json.loads(x) for x in p.stdout.strip().splitlines()]
+    assert len(rows) == 3 and set(rows[0]) == {"video", "start", "end", "score"}
+    p = run_cli("search", str(tmp_path), "x", check=False)
+    assert p.returncode == 2 and "not an index" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = run_cli("search", str(tmp_path / "idx"), "  ", check=False)
+    assert p.returncode == 2 and "query is empty" in p.stderr

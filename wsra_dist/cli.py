@@ -334,12 +334,21 @@ def evaluate(
                                                                "candidates (k, k), s <= k <= e) / (1 + μ), μ this value "
                                                                "(0: φ alone, the paper).  Default: each checkpoint's "
                                                                "model.chunk_consistency."),
+    corpus: bool = typer.Option(False, "--corpus", help="Video-corpus moment retrieval: rank every query against "
+                                                         "every (video, moment) of the --shards split (one "
+                                                         "--checkpoint, or --predictions in the predictions_corpus.jsonl "
+                                                         "format). Writes metrics.json (R@1/R@10/R@100 at IoU 0.5 and 0.7, "
+                                                         "video_R@1, video_R@10), predictions_corpus.jsonl (top 100 per "
+                                                         "query: [video, start_s, end_s, score]) and table.md with the "
+                                                         "chance, prior, oracle-video and model rows."),
     out: Path = typer.Option(..., help="Folder for metrics.json, table.md, table.csv; with --checkpoint also "
                                          "predictions.jsonl, predictions_md.jsonl (moment_detr format) and "
                                          "report.html (table, learning curves, example groundings)."),
 ):
     """Score checkpoints on shards, or a prediction file, with the official protocol; write and print the table."""
     protocol, charades_filter, activitynet_filter = protocol.value, charades_filter.value, activitynet_filter.value
+    if corpus:
+        return _evaluate_corpus(checkpoint, shards, predictions, protocol, out)
     from .evaluation.runner import evaluate_checkpoints, evaluate_predictions
 
     if predictions is not None:
@@ -365,6 +374,108 @@ def evaluate(
         print(md)  # plain print: markdown rows must not be wrapped
         extra = ", predictions.jsonl, predictions_md.jsonl, report.html" if predictions is None else ""
         out_console.print(f"wrote {out}/metrics.json, table.md, table.csv{extra}")
+
+
+def _evaluate_corpus(checkpoint: list, shards: list, predictions, protocol: str, out: Path) -> None:
+    """evaluate --corpus: one checkpoint (or a prediction file) on one split."""
+    from .data.shards import load_manifest, manifest_path_for
+
+    if len(shards) != 1 or (predictions is None) == (len(checkpoint) != 1):
+        raise ValueError("--corpus needs --shards TEST_SPLIT with one --checkpoint RUN or --predictions FILE")
+    bench = load_manifest(manifest_path_for(shards[0])).get("benchmark")
+    if bench != protocol:
+        raise ValueError(f"--shards {shards[0]} holds {bench!r} shards, not --protocol {protocol}")
+    if predictions is not None:
+        from .corpus.predictions import score_predictions
+        from .corpus.protocol import table
+
+        got, chance, (nq, nv, nc) = score_predictions(predictions, shards[0])
+        rows = {"Chance (exact)": chance, f"{predictions.name}": got}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({**got, "protocol": protocol, "queries": nq, "videos": nv,
+                                                      "candidates": nc, "rows": rows}, indent=1))
+        md = table(rows, protocol, nq, nv, nc)
+        (out / "table.md").write_text(md + "\n")
+        print(md)
+        return
+    from .corpus.protocol import evaluate_corpus
+    from .evaluation.priors import training_from_run
+
+    train, why = training_from_run(checkpoint[0], protocol)
+    if train is None:
+        out_console.print(f"note: no prior row ({why})")
+    _, md = evaluate_corpus(str(checkpoint[0]), shards[0], out, train=train)
+    print(md)
+    out_console.print(f"wrote {out}/metrics.json, predictions_corpus.jsonl, table.md")
+
+
+@app.command()
+def index(
+    checkpoint: Path = typer.Option(..., help="Run folder (model.safetensors + wsra_model.json) whose φ projects the "
+                                              "candidates."),
+    shards: List[str] = typer.Option(..., help="Shard folder of the videos to index (repeatable)."),
+    out: Path = typer.Option(..., help="Index folder: created, or extended with new videos when it is an index of the "
+                                       "same checkpoint (written to a staging folder, swapped in when complete)."),
+    dtype: str = typer.Option("fp16", help="Storage of the projected candidates: fp16 (half the bytes) or fp32."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one)."),
+):
+    """Project every candidate moment of every video once, for search and serve."""
+    import torch
+
+    from .corpus.index import build_index
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    p = build_index(checkpoint, list(shards), out, dtype, dev, progress=out_console.print)
+    m = json.loads((p / "index.json").read_text())
+    out_console.print(f"{p}: {len(m['videos'])} videos, {m['candidates']} candidates ({m['dtype']})")
+
+
+@app.command()
+def search(
+    index: Path = typer.Argument(..., help="Index folder written by `wsra-dist index`."),
+    query: str = typer.Argument(..., help="The sentence to find, e.g. \"a man delivers a package\"."),
+    top_k: int = typer.Option(20, help="Moments to return (best first)."),
+    nms: float = typer.Option(0.3, help="Within a video, drop a moment overlapping a better one by IoU above this "
+                                        "(1: keep all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines {video, start, end, score} instead of a table."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one)."),
+):
+    """Find a sentence across every video of an index: moments (video, start, end in seconds, score), best first."""
+    from .corpus.index import CorpusIndex
+    from .corpus.search import Searcher
+
+    s = Searcher(CorpusIndex.load(index), device=device)
+    res = s.search(query, top_k=top_k, nms=nms)
+    if as_json:
+        for m in res:
+            print(json.dumps(m.json()))
+        return
+    for i, m in enumerate(res, 1):
+        out_console.print(f"{i:3d}  {m.video}  {m.start:8.1f} - {m.end:8.1f} s  {m.score:.4f}")
+
+
+@app.command()
+def serve(
+    index: Path = typer.Argument(..., help="Index folder written by `wsra-dist index`."),
+    videos: Optional[Path] = typer.Option(None, help="Folder of the raw videos (by the names the index holds; another "
+                                                     "container of the same name is found too): the page plays them."),
+    port: int = typer.Option(8000, help="Port (0: any free one)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one)."),
+):
+    """A local search page over an index: a query box, ranked moments, a player that starts at the moment."""
+    from .corpus.index import CorpusIndex
+    from .corpus.search import Searcher
+    from .corpus.serve import make_server
+
+    srv = make_server(Searcher(CorpusIndex.load(index), device=device), videos, host, port, str(index))
+    out_console.print(f"serving {index} on http://{srv.server_address[0]}:{srv.server_address[1]}/ (Ctrl-C stops)")
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.server_close()
 
 
 @app.command()

@@ -95,8 +95,8 @@ def read_predictions(path: str | Path, truth: dict) -> dict:
     return out
 
 
-def score_predictions(path: str | Path, shards: str) -> tuple[dict, dict]:
-    """(metrics of the file, the exact chance row) on the split's corpus."""
+def score_predictions(path: str | Path, shards: str) -> tuple[dict, dict, tuple[int, int, int]]:
+    """(metrics of the file, the exact chance row, (queries, videos, candidates)) on the split's corpus."""
     truth = truth_from_shards(shards)
     preds = read_predictions(path, truth)
     hit_ranks = {m: [] for m in VM.IOUS}
@@ -117,4 +117,5 @@ def score_predictions(path: str | Path, shards: str) -> tuple[dict, dict]:
         names = np.array([v for v, _, _ in ms], dtype=object)
         vranks.append(VM.video_rank(names, q["video"]) if ms else 0)
     n_cand = sum(len(v["windows"]) for v in truth["videos"].values())
-    return VM.metrics_from_ranks(hit_ranks, vranks), VM.chance_metrics(n_cand, n_hits, len(truth["videos"]))
+    sizes = (len(truth["queries"]), len(truth["videos"]), n_cand)
+    return VM.metrics_from_ranks(hit_ranks, vranks), VM.chance_metrics(n_cand, n_hits, len(truth["videos"])), sizes
