@@ -487,8 +487,12 @@ def demo(
 ):
     """The embedded default end to end: synth -> shard -> train -> evaluate on the planted DiDeMo profile."""
     from .demo import run_demo
+    from .stop_signals import Stopped
 
-    md = run_demo(out, videos, epochs, seed)
+    try:
+        md = run_demo(out, videos, epochs, seed)
+    except Stopped as e:  # its line is printed; exit as a signalled job
+        sys.exit(e.exit_code)
     print(md)
     out_console.print(f"results: {out / 'results' / 'table.md'}, {out / 'results' / 'metrics.json'}")
 

@@ -45,5 +45,16 @@ def run_demo(out: str | Path, videos: int = 1200, epochs: int = 6, seed: int = 0
     con.rule("4/4 evaluation (official DiDeMo protocol, test split)")
     _, md = evaluate_checkpoints([str(run_dir)], [str(out / "shards" / "test")], "didemo", out / "results",
                                  run_name="WSRA + cross-video variant (this toolkit, planted data)")
+    con.rule("+ video-corpus moment retrieval (every test query against every test video) and a search index")
+    from .corpus.index import build_index
+    from .corpus.protocol import evaluate_corpus
+    from .evaluation.priors import training_from_shards
+
+    _, corpus_md = evaluate_corpus(str(run_dir), str(out / "shards" / "test"), out / "results" / "corpus",
+                                   train=training_from_shards(str(out / "shards" / "train"), "didemo"))
+    con.print(corpus_md, markup=False, highlight=False, soft_wrap=True)
+    index = build_index(run_dir, [str(out / "shards" / "test")], out / "index")
+    con.print(f"corpus table: {out / 'results' / 'corpus' / 'table.md'}; search page: "
+              f"wsra-dist serve {index} --port 8000   (then open http://127.0.0.1:8000/)", markup=False)
     con.print(f"demo finished in {time.time() - t0:.0f} s")
     return md or ""

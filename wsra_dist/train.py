@@ -739,9 +739,10 @@ def _stop_if_asked(run: _Run) -> None:
     With several processes the flag is max-all-reduced, so every process stops after the same step."""
     sig = run.stop.signum if run.stop is not None else 0
     if run.world > 1:
-        flag = torch.tensor([sig], device=run.accelerator.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        sig = int(flag)
+        with peers.waiting("the stop-signal all-reduce", run.state.step):  # a lost peer is named here too
+            flag = torch.tensor([sig], device=run.accelerator.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            sig = int(flag)
     if not sig:
         return
     if run.last_checkpoint_step != run.state.step:
