@@ -152,8 +152,17 @@ def test_index_build_append_and_search(corpus_run, tmp_path):
     b = CorpusIndex.load(idx)
     assert len(b.corpus.videos) > len(a.corpus.videos) and not list(tmp_path.glob(".idx*"))
     s = Searcher(b)
-    res = s.search("a person opens a door", top_k=7)
-    assert 1 <= len(res) <= 7 and [r.score for r in res] == sorted([r.score for r in res], reverse=True)
+    res = s.search("a person opens a door", top_k=7, nms=1.0)
+    # the same ranking computed directly: relu(pv + pt) . w + c over every candidate of the (fp16) index
+    import torch
+
+    with torch.no_grad():
+        pt = b.model.scorer.project_text(torch.as_tensor(s.encoder.encode(["a person opens a door"])))
+        last = b.model.scorer.tail[-1]
+        direct = (torch.relu(b.corpus.pv.float() + pt) @ last.weight[0] + last.bias).double()
+    best = torch.topk(direct, 7).indices.numpy()
+    assert [(r.video, r.start) for r in res] == [(b.corpus.videos[b.corpus.video_of[i]], b.corpus.starts[i]) for i in best]
+    assert [r.score for r in res] == pytest.approx(torch.sigmoid(direct[best]).tolist(), abs=1e-6)
     assert all(r.video in b.corpus.videos and 0 <= r.start < r.end for r in res)
     for bad in ("", "   ", "x" * 5000):
         with pytest.raises(DataError):

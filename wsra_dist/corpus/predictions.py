@@ -8,7 +8,6 @@ DiDeMo the majority moment [5 s, 5 (e + 1)] on the grid, the same ratio as on ch
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import numpy as np
 
 from ..data.didemo import majority_candidate
 from ..data.records import DataError
-from ..data.textio import bounded_lines
 from ..geometry import DIDEMO_CANDIDATES, benchmark_windows
+from ..evaluation.scoring import json_lines
 from . import metrics as VM
 
 MAX_LINE_BYTES = 1 << 20
@@ -65,30 +64,19 @@ def read_predictions(path: str | Path, truth: dict) -> dict:
     """query id -> [(video, start, end), ...] best first; every problem names the file and line."""
     out: dict = {}
     ids = {str(k): k for k in truth["queries"]}
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the predictions: {e.strerror or e}") from None
-    with f:
-        for n, text in bounded_lines(f, path, MAX_LINE_BYTES):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except ValueError as e:
-                raise DataError(f"{path}: line {n}: not JSON ({e})") from None
-            if not isinstance(row, dict) or "query_id" not in row or not isinstance(row.get("moments"), list):
-                raise DataError(f'{path}: line {n}: expected {{"query_id": ..., "moments": [[video, start_s, end_s, score], ...]}}')
-            qid = ids.get(str(row["query_id"]))
-            if qid is None:
-                raise DataError(f"{path}: line {n}: query_id {row['query_id']!r} is not a query of the evaluated split")
-            if qid in out:
-                raise DataError(f"{path}: line {n}: query_id {row['query_id']!r} was already given")
-            ms = [_moment(x, path, n) for x in row["moments"]]
-            for v, _, _ in ms:
-                if v not in truth["videos"]:
-                    raise DataError(f"{path}: line {n}: video {v!r} is not in the evaluated split's corpus")
-            out[qid] = ms
+    for n, row in json_lines(Path(path)):  # bounded, UTF-8 checked, each bad line named
+        if not isinstance(row, dict) or "query_id" not in row or not isinstance(row.get("moments"), list):
+            raise DataError(f'{path}: line {n}: expected {{"query_id": ..., "moments": [[video, start_s, end_s, score], ...]}}')
+        qid = ids.get(str(row["query_id"]))
+        if qid is None:
+            raise DataError(f"{path}: line {n}: query_id {row['query_id']!r} is not a query of the evaluated split")
+        if qid in out:
+            raise DataError(f"{path}: line {n}: query_id {row['query_id']!r} was already given")
+        ms = [_moment(x, path, n) for x in row["moments"]]
+        for v, _, _ in ms:
+            if v not in truth["videos"]:
+                raise DataError(f"{path}: line {n}: video {v!r} is not in the evaluated split's corpus")
+        out[qid] = ms
     missing = [q for q in truth["queries"] if q not in out]
     if missing:
         raise DataError(f"{path}: {len(missing)} of {len(truth['queries'])} queries have no line (first: {missing[0]!r})")

@@ -48,7 +48,7 @@ def read_predictions_located(path: str | Path, protocol: str,
     id_key = formats.protocol(protocol).id_key
     out, lines, bad = [], {}, []
     first: tuple[str, int] | None = None  # (format, line) of the file's first prediction
-    for i, obj in _json_lines(path):
+    for i, obj in json_lines(path):
         fmt = _located(path, i, formats.detect, obj, protocol)
         if first is None:
             first = (fmt, i)
@@ -76,7 +76,7 @@ def read_predictions_located(path: str | Path, protocol: str,
     return out, where
 
 
-def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
+def json_lines(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed JSON) of every non-blank line; lines over MAX_LINE_BYTES and bytes that are not
     UTF-8 are refused with the line (textio.bounded_lines: memory stays bounded by the cap)."""
     try:
