@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from wsra_dist.corpus import metrics as VM
 from wsra_dist.data.records import DataError
@@ -74,6 +75,7 @@ def test_rank_queries_and_rows_match_the_slow_reference():
 
     from wsra_dist.corpus.candidates import Corpus, CorpusQueries
     from wsra_dist.corpus.protocol import model_rows, rank_queries
+    from wsra_dist.corpus.store import DenseStore
     from wsra_dist.model import WSRA
 
     rng = random.Random(0)
@@ -86,7 +88,7 @@ def test_rank_queries_and_rows_match_the_slow_reference():
     video_of = np.repeat(np.arange(V), C)
     starts = np.tile([0.0, 0.0, 10.0, 20.0], V)
     ends = np.tile([10.0, 30.0, 20.0, 30.0], V)
-    corpus = Corpus([f"v{i}" for i in range(V)], [30.0] * V, pv, video_of, starts, ends, False)
+    corpus = Corpus([f"v{i}" for i in range(V)], [30.0] * V, DenseStore(pv), video_of, starts, ends, False)
     qv = np.array([rng.randrange(V) for _ in range(Q)])
     qm = np.array([[0.0, 12.0] if rng.random() < 0.5 else [18.0, 30.0] for _ in range(Q)])
     queries = CorpusQueries(list(range(Q)), [""] * Q, np.random.RandomState(0).randn(Q, 6).astype(np.float32), qv, qm)
@@ -144,7 +146,8 @@ def test_index_build_append_and_search(corpus_run, tmp_path):
     idx = tmp_path / "idx"
     build_index(root / "run", [str(root / "shards" / "test")], idx, "fp16")
     a = CorpusIndex.load(idx)
-    assert a.manifest["dtype"] == "fp16" and a.corpus.pv.dtype.is_floating_point and a.corpus.size == 21 * len(a.corpus.videos)
+    assert a.manifest["dtype"] == "fp16" and a.manifest["layout"] == "didemo_chunks"
+    assert a.corpus.store.g.dtype == torch.float16 and a.corpus.size == 21 * len(a.corpus.videos)
     with pytest.raises(DataError, match="already holds video"):
         build_index(root / "run", [str(root / "shards" / "test")], idx, "fp16")
     assert CorpusIndex.load(idx).corpus.size == a.corpus.size  # the refused append left the index as it was
@@ -154,12 +157,11 @@ def test_index_build_append_and_search(corpus_run, tmp_path):
     s = Searcher(b)
     res = s.search("a person opens a door", top_k=7, nms=1.0)
     # the same ranking computed directly: relu(pv + pt) . w + c over every candidate of the (fp16) index
-    import torch
-
     with torch.no_grad():
         pt = b.model.scorer.project_text(torch.as_tensor(s.encoder.encode(["a person opens a door"])))
         last = b.model.scorer.tail[-1]
-        direct = (torch.relu(b.corpus.pv.float() + pt) @ last.weight[0] + last.bias).double()
+        pv = torch.cat([blk for _, blk in b.corpus.store.blocks(1 << 20)])
+        direct = (torch.relu(pv + pt) @ last.weight[0] + last.bias).double()
     best = torch.topk(direct, 7).indices.numpy()
     assert [(r.video, r.start) for r in res] == [(b.corpus.videos[b.corpus.video_of[i]], b.corpus.starts[i]) for i in best]
     assert [r.score for r in res] == pytest.approx(torch.sigmoid(direct[best]).tolist(), abs=1e-6)

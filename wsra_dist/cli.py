@@ -413,19 +413,28 @@ def _evaluate_corpus(checkpoint: list, shards: list, predictions, protocol: str,
 def index(
     checkpoint: Path = typer.Option(..., help="Run folder (model.safetensors + wsra_model.json) whose φ projects the "
                                               "candidates."),
-    shards: List[str] = typer.Option(..., help="Shard folder of the videos to index (repeatable)."),
+    shards: List[str] = typer.Option([], help="Shard folder of the videos to index (repeatable)."),
+    features: List[str] = typer.Option([], help="Features of the videos to index (repeatable), as `ground --features` "
+                                               "reads them: a folder of VIDEO.npy, or an HDF5 with one dataset per "
+                                               "video (DiDeMo chunks) or one group per video (ActivityNet v_ID/"
+                                               "c3d_features).  Snippet features need their time axis: the features "
+                                               "manifest of `wsra-dist features`, or --fps."),
+    fps: Optional[float] = typer.Option(None, help="Snippets per second of --features without a features manifest."),
     out: Path = typer.Option(..., help="Index folder: created, or extended with new videos when it is an index of the "
                                        "same checkpoint (written to a staging folder, swapped in when complete)."),
-    dtype: str = typer.Option("fp16", help="Storage of the projected candidates: fp16 (half the bytes) or fp32."),
+    dtype: str = typer.Option("fp16", help="Storage of the projections: fp16 (half the bytes) or fp32.  DiDeMo "
+                                           "indexes store each video's 6 projected chunks and global part (7 rows "
+                                           "per modality, not 21 candidates)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one)."),
 ):
-    """Project every candidate moment of every video once, for search and serve."""
+    """Project every candidate moment of every video once, for search and serve (from shards or features)."""
     import torch
 
     from .corpus.index import build_index
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    p = build_index(checkpoint, list(shards), out, dtype, dev, progress=out_console.print)
+    p = build_index(checkpoint, list(shards), out, dtype, dev, progress=out_console.print, features=list(features),
+                    fps=fps)
     m = json.loads((p / "index.json").read_text())
     out_console.print(f"{p}: {len(m['videos'])} videos, {m['candidates']} candidates ({m['dtype']})")
 

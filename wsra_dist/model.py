@@ -103,35 +103,52 @@ class Scorer(nn.Module):
         is the materialised reference (equal within 1e-5 in float64, values and gradients).
         LayerNorm input normalisation is not linear in the parts, so it uses the materialised path.
         """
-        from .geometry import didemo_candidates_from_chunks, didemo_pooling_matrix, didemo_tef
+        from .geometry import didemo_candidates_from_chunks
 
         if self.cfg.input_norm == "layernorm":
             return self.project_video(didemo_candidates_from_chunks(chunks, modality_dims, tef))
+        return self.didemo_from_parts(self.didemo_parts(chunks, modality_dims, tef))
+
+    def didemo_parts(self, chunks: torch.Tensor, modality_dims: tuple[int, ...], tef: bool) -> dict[str, torch.Tensor]:
+        """The query-independent pieces the 21 candidate projections are sums of (not for layernorm):
+        g (b, H): Σ over modalities of W_g · (mean chunk)/(|mean chunk|+ε); local (b, M, 6, H): W_l · chunk per
+        modality; den (b, 21, M): |candidate's local mean|+ε per modality; norm (b, 21): |x| for the l2 input
+        norm (1 without it); tef (21, H): W_tef · tef (zeros without TEF).  Divisions, not reciprocals: the
+        same arithmetic as before the split, so training is bit-for-bit unchanged.  7 rows of H per video and
+        modality instead of 21: what a search index stores (corpus/store.py)."""
+        from .geometry import didemo_pooling_matrix, didemo_tef
+
         W = self.proj_v.weight  # (H, 2ΣD [+2])
+        H = W.shape[0]
         A = didemo_pooling_matrix(chunks.dtype, chunks.device)  # (21, 6)
-        acc = None
-        sq = None  # squared norm of each candidate vector (for the l2 input norm)
+        g = 0
+        locs, dens = [], []
+        sq = 0  # squared norm of each candidate vector (for the l2 input norm)
         off = ow = 0
         for d in modality_dims:
             c = chunks[..., off : off + d]
             off += d
             p = c @ torch.cat([W[:, ow : ow + d], W[:, ow + d : ow + 2 * d]], 0).T  # (b, 6, 2H): global | local
-            pg, pl = p[..., : W.shape[0]], p[..., W.shape[0] :]
             ow += 2 * d
             G = c @ c.transpose(-1, -2)  # (b, 6, 6)
             gn = G.mean((-1, -2)).clamp_min(0).sqrt()  # |mean of the 6 chunks|
             ln = torch.einsum("ci,bij,cj->bc", A, G, A).clamp_min(0).sqrt()  # |mean of each candidate's chunks|
-            part = (pg.mean(-2) / (gn + 1e-5).unsqueeze(-1)).unsqueeze(-2) + (A @ pl) / (ln + 1e-5).unsqueeze(-1)
-            acc = part if acc is None else acc + part
-            s2 = (gn / (gn + 1e-5)).square().unsqueeze(-1) + (ln / (ln + 1e-5)).square()
-            sq = s2 if sq is None else sq + s2
+            g = g + p[..., :H].mean(-2) / (gn + 1e-5).unsqueeze(-1)
+            locs.append(p[..., H:])
+            dens.append(ln + 1e-5)
+            sq = sq + (gn / (gn + 1e-5)).square().unsqueeze(-1) + (ln / (ln + 1e-5)).square()
         if tef:
             t = didemo_tef(chunks.dtype, chunks.device)
-            acc = acc + t @ W[:, ow : ow + 2].T
+            tw = t @ W[:, ow : ow + 2].T
             sq = sq + t.square().sum(-1)
-        if self.cfg.input_norm == "l2":  # F.normalize: x / max(|x|, eps)
-            acc = acc / sq.sqrt().clamp_min(1e-6).unsqueeze(-1)
-        return acc + self.proj_v.bias
+        else:
+            tw = chunks.new_zeros(A.shape[0], H)
+        norm = sq.sqrt().clamp_min(1e-6) if self.cfg.input_norm == "l2" else torch.ones_like(sq)  # F.normalize
+        return {"g": g, "local": torch.stack(locs, -3), "den": torch.stack(dens, -1), "norm": norm, "tef": tw}
+
+    def didemo_from_parts(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(b, 21, H) candidate projections from didemo_parts."""
+        return didemo_from_parts(parts, self.proj_v.bias)
 
     def project_windows(self, snippets: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
         """project_video of window means: snippets (T, D), ranges (W, 2) [a, b) snippet indices -> (W, H).
@@ -223,6 +240,20 @@ class Scorer(nn.Module):
         )
         w = torch.cat([self.proj_v.weight, self.proj_t.weight], dim=1)
         return torch.sigmoid(self.logits_from_hidden(F.linear(x, w, self.proj_v.bias)))
+
+
+def didemo_from_parts(parts: dict[str, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+    """(b, 21, H) DiDeMo candidate projections from Scorer.didemo_parts and φ's first-layer bias, in the parts'
+    widest dtype (a search index stores them at fp16 and rebuilds candidates block by block in fp32)."""
+    from .geometry import didemo_pooling_matrix
+
+    loc = parts["local"]
+    dt = torch.promote_types(loc.dtype, parts["den"].dtype)
+    A = didemo_pooling_matrix(dt, loc.device)
+    # Σ_m (A @ local_m)[c] / den[c, m]: (b, M, 21, H) summed over M
+    acc = ((A @ loc.to(dt)) / parts["den"].to(dt).transpose(-1, -2).unsqueeze(-1)).sum(-3)
+    acc = parts["g"].to(dt).unsqueeze(-2) + acc + parts["tef"].to(dt)
+    return acc / parts["norm"].to(dt).unsqueeze(-1) + bias.to(dt)
 
 
 def _pair_logits(pv: torch.Tensor, pt: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -17,15 +17,16 @@ from ..data.didemo import majority_candidate
 from ..data.loader import ShardSource, expand_queries
 from ..data.shards import iter_shard
 from ..geometry import DIDEMO_CANDIDATES, benchmark_windows, window_snippet_range
+from .store import DenseStore, DidemoChunkStore
 
 
 @dataclass
 class Corpus:
-    """Candidates of many videos: projections (M, H) and, per candidate, its video and its interval."""
+    """Candidates of many videos: their projections (a store.py layout) and, per candidate, its video and interval."""
 
     videos: list[str]
     durations: list[float]
-    pv: torch.Tensor  # (M, H) W_v x + b of every candidate
+    store: DenseStore | DidemoChunkStore  # W_v x + b of every candidate, in video order
     video_of: np.ndarray  # (M,) int: index into videos
     starts: np.ndarray  # (M,) seconds
     ends: np.ndarray
@@ -40,6 +41,18 @@ class Corpus:
     @property
     def size(self) -> int:
         return len(self.video_of)
+
+    def to(self, device) -> "Corpus":
+        return Corpus(self.videos, self.durations, self.store.to(device), self.video_of, self.starts, self.ends,
+                      self.grid, self.iou_starts, self.iou_ends)
+
+    @classmethod
+    def didemo(cls, videos: list[str], durations: list[float], store) -> "Corpus":
+        """A DiDeMo corpus: 21 chunk spans per video, IoU on the chunk grid."""
+        secs, grid = didemo_intervals()
+        V = len(videos)
+        return cls(videos, durations, store, np.repeat(np.arange(V), len(secs)), np.tile(secs[:, 0], V),
+                   np.tile(secs[:, 1], V), True, np.tile(grid[:, 0], V), np.tile(grid[:, 1], V))
 
 
 @dataclass
@@ -59,11 +72,19 @@ def didemo_intervals() -> tuple[np.ndarray, np.ndarray]:
     return np.stack([5 * pairs[:, 0], 5 * (pairs[:, 1] + 1)], 1), np.stack([pairs[:, 0], pairs[:, 1] + 1], 1)
 
 
+def chunk_layout(model, protocol: str) -> bool:
+    """DiDeMo candidates are stored as per-video parts unless φ's input norm is LayerNorm (not linear in them)."""
+    return protocol == "didemo" and model.didemo is not None and model.scorer.cfg.input_norm != "layernorm"
+
+
 @torch.inference_mode()
-def video_candidates(model, video: np.ndarray, duration: float, protocol: str, device) -> tuple[torch.Tensor, np.ndarray]:
-    """(projections (C, H), seconds (C, 2)) of one video's candidates."""
+def video_candidates(model, video: np.ndarray, duration: float, protocol: str, device):
+    """(projections (C, H) or, for the chunk layout, didemo_parts of the one video, seconds (C, 2))."""
     v = torch.as_tensor(np.asarray(video, dtype=np.float32), device=device)
     if protocol == "didemo":
+        if chunk_layout(model, protocol):
+            return model.scorer.didemo_parts(v.unsqueeze(0), model.didemo.modality_dims, model.didemo.tef), \
+                didemo_intervals()[0]
         _, pv = model.candidates(v.unsqueeze(0))
         return pv[0], didemo_intervals()[0]
     wins = benchmark_windows(protocol, float(duration))
@@ -72,10 +93,47 @@ def video_candidates(model, video: np.ndarray, duration: float, protocol: str, d
     return model.scorer.project_windows(v, ranges), np.asarray(wins, dtype=np.float64)
 
 
+class CorpusBuilder:
+    """Accumulates videos' candidates (video_candidates) into a Corpus."""
+
+    def __init__(self, model, protocol: str):
+        self.model, self.protocol = model, protocol
+        self.videos: list[str] = []
+        self.durations: list[float] = []
+        self.pvs: list = []
+        self.secs: list[np.ndarray] = []
+
+    def add(self, name: str, duration: float, cand, secs: np.ndarray) -> None:
+        self.videos.append(name)
+        self.durations.append(float(duration))
+        self.pvs.append({k: x.float().cpu() for k, x in cand.items()} if isinstance(cand, dict) else cand.float().cpu())
+        self.secs.append(np.asarray(secs, dtype=np.float64))
+
+    def corpus(self) -> Corpus:
+        if chunk_layout(self.model, self.protocol):
+            H = self.model.scorer.cfg.hidden
+            M = len(self.model.didemo.modality_dims)
+            cat = (lambda k, shape: torch.cat([p[k] for p in self.pvs]) if self.pvs else torch.zeros(shape))
+            parts = {"g": cat("g", (0, H)), "local": cat("local", (0, M, 6, H)), "den": cat("den", (0, 21, M)),
+                     "norm": cat("norm", (0, 21)),
+                     "tef": self.pvs[0]["tef"] if self.pvs else torch.zeros(21, H)}
+            store = DidemoChunkStore.from_parts(parts, self.model.scorer.proj_v.bias.detach().float().cpu())
+            return Corpus.didemo(self.videos, self.durations, store)
+        sec = np.concatenate(self.secs) if self.secs else np.zeros((0, 2))
+        vidx = [np.full(len(s), i) for i, s in enumerate(self.secs)]
+        store = DenseStore(torch.cat(self.pvs) if self.pvs else torch.zeros(0, self.model.scorer.cfg.hidden))
+        corpus = Corpus(self.videos, self.durations, store, np.concatenate(vidx) if vidx else np.zeros(0, int),
+                        sec[:, 0], sec[:, 1], self.protocol == "didemo")
+        if self.protocol == "didemo" and len(sec):
+            grid = np.tile(didemo_intervals()[1], (len(self.videos), 1))
+            corpus.iou_starts, corpus.iou_ends = grid[:, 0], grid[:, 1]
+        return corpus
+
+
 def read_split(model, source: ShardSource, protocol: str, device, verify: bool = True,
                skip_videos: set | None = None) -> tuple[Corpus, CorpusQueries]:
     """Every video of the shards projected into a Corpus, and every query's truth (videos in shard order)."""
-    videos, durations, pvs, vidx, secs = [], [], [], [], []
+    build = CorpusBuilder(model, protocol)
     ids, sentences, texts, qvideo, moments = [], [], [], [], []
     last, skipping = None, False
     for url, sha in zip(source.urls, source.shas):
@@ -86,29 +144,18 @@ def read_split(model, source: ShardSource, protocol: str, device, verify: bool =
                 skipping = skip_videos is not None and m["video"] in skip_videos
                 if skipping:
                     continue
-                pv, s = video_candidates(model, q["video"], m["duration"], protocol, device)
-                videos.append(m["video"])
-                durations.append(float(m["duration"]))
-                pvs.append(pv.float().cpu())
-                vidx.append(np.full(len(s), len(videos) - 1))
-                secs.append(s)
+                build.add(m["video"], m["duration"], *video_candidates(model, q["video"], m["duration"], protocol, device))
             if skipping:
                 continue
             ids.append(m["query_id"])
             sentences.append(m.get("query", ""))
             texts.append(np.asarray(q["text"], dtype=np.float32))
-            qvideo.append(len(videos) - 1)
+            qvideo.append(len(build.videos) - 1)
             if protocol == "didemo":
                 s, e = DIDEMO_CANDIDATES[majority_candidate(m["times"])]
                 moments.append((s, e + 1))
             else:
                 moments.append(tuple(float(x) for x in m["times"][0]))  # [[start, end]] in seconds
-    sec = np.concatenate(secs) if secs else np.zeros((0, 2))
-    corpus = Corpus(videos, durations, torch.cat(pvs) if pvs else torch.zeros(0, 0), np.concatenate(vidx) if vidx
-                    else np.zeros(0, int), sec[:, 0], sec[:, 1], protocol == "didemo")
-    if protocol == "didemo" and len(sec):
-        grid = np.tile(didemo_intervals()[1], (len(videos), 1))
-        corpus.iou_starts, corpus.iou_ends = grid[:, 0], grid[:, 1]
     queries = CorpusQueries(ids, sentences, np.stack(texts) if texts else np.zeros((0, 0), np.float32),
                             np.asarray(qvideo, dtype=np.int64), np.asarray(moments, dtype=np.float64).reshape(-1, 2))
-    return corpus, queries
+    return build.corpus(), queries

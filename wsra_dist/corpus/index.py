@@ -1,10 +1,14 @@
 """`wsra-dist index`: a collection's projected candidates on disk, built once, searched many times.
 
 INDEX/ holds `index.json` (format, the model's identity: sha256 of its weights and its config, the protocol, the
-features' provenance, the dtype, every video with its first candidate and count), `candidates.safetensors`
-(pv (M, H) in fp16 or fp32, intervals in seconds and in IoU units, each candidate's video) and the model itself
-(`model/`: save_pretrained, 10 MB), so searching needs the index and the text encoder only.  Written like shards:
-into a staging folder, swapped in when complete; appending new videos writes a new index and swaps it in.
+features' provenance, the dtype, the candidate layout, the sha256 of the tensors file, every video with its first
+candidate and count), `candidates.safetensors` and the model itself (`model/`: save_pretrained), so searching needs
+the index and the text encoder only.  The tensors (store.py): DiDeMo's per-video parts ("didemo_chunks": the
+global part and the 6 projected chunks per modality at --dtype, 21 denominators and norms in fp32; the 21 spans
+are implied), or one projection per candidate with its interval and video ("candidates": Charades-STA and
+ActivityNet windows, LayerNorm models).  Written like shards: into a staging folder, swapped in when complete;
+appending new videos writes a new index and swaps it in.  Loading checks the sha256 and that every value is
+finite, so a damaged file is refused instead of ranking NaN scores.
 """
 
 from __future__ import annotations
@@ -20,17 +24,22 @@ import torch
 
 from ..data.records import DataError
 from .candidates import Corpus
+from .store import DenseStore, cat_stores, store_from_tensors
 
-INDEX_FORMAT = "wsra-dist-index/1"
+INDEX_FORMAT = "wsra-dist-index/2"  # /1: dense candidates, no checksum (still read)
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
-def weights_sha256(run_dir: str | Path) -> str:
+def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
-    with open(Path(run_dir) / "model.safetensors", "rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def weights_sha256(run_dir: str | Path) -> str:
+    return file_sha256(Path(run_dir) / "model.safetensors")
 
 
 class CorpusIndex:
@@ -43,9 +52,15 @@ class CorpusIndex:
     def protocol(self) -> str:
         return self.manifest["protocol"]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the candidates file (what the index costs on disk and, loaded, in memory)."""
+        return (self.path / "candidates.safetensors").stat().st_size
+
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "CorpusIndex":
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError
+        from safetensors.torch import load as safetensors_load
 
         from ..model import WSRA
 
@@ -59,17 +74,32 @@ class CorpusIndex:
             raise DataError(f"{mf}: unreadable ({e})") from None
         if not isinstance(manifest, dict) or str(manifest.get("format", "")).split("/")[0] != INDEX_FORMAT.split("/")[0]:
             raise DataError(f"{mf}: not a wsra-dist index (format {manifest.get('format') if isinstance(manifest, dict) else '?'})")
+        tf = path / "candidates.safetensors"
         try:
-            t = load_file(str(path / "candidates.safetensors"))
+            raw = tf.read_bytes()
+            if manifest.get("sha256") and hashlib.sha256(raw).hexdigest() != manifest["sha256"]:
+                raise DataError(f"{tf}: damaged (its sha256 differs from index.json's); rebuild the index")
+            t = safetensors_load(raw)
+            del raw
             model = WSRA.from_pretrained(path / "model", device)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: incomplete or damaged index ({e})") from None
-        vids = manifest["videos"]
-        corpus = Corpus([v["video"] for v in vids], [float(v["duration"]) for v in vids], t["pv"],
-                        t["video_of"].numpy().astype(np.int64), t["starts"].numpy(), t["ends"].numpy(),
-                        manifest["protocol"] == "didemo", t["iou_starts"].numpy(), t["iou_ends"].numpy())
-        if corpus.pv.shape[0] != corpus.size or corpus.size != sum(v["count"] for v in vids):
+            vids = manifest["videos"]
+            layout = manifest.get("layout", "candidates")
+            store = store_from_tensors(layout, t, len(vids))
+        except DataError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:  # e.g. cut short
+            raise DataError(f"{path}: incomplete or damaged index ({type(e).__name__}: {e})") from None
+        names, durs = [v["video"] for v in vids], [float(v["duration"]) for v in vids]
+        if layout == "didemo_chunks":
+            corpus = Corpus.didemo(names, durs, store)
+        else:
+            corpus = Corpus(names, durs, store, t["video_of"].numpy().astype(np.int64), t["starts"].numpy(),
+                            t["ends"].numpy(), manifest["protocol"] == "didemo", t["iou_starts"].numpy(),
+                            t["iou_ends"].numpy())
+        if store.rows != corpus.size or corpus.size != sum(v["count"] for v in vids):
             raise DataError(f"{path}: candidates.safetensors does not match index.json (damaged index)")
+        if not store.check_finite():
+            raise DataError(f"{tf}: holds NaN or infinite values (damaged index); rebuild it")
         return cls(path, manifest, corpus, model)
 
 
@@ -87,35 +117,45 @@ def merge(a: Corpus | None, b: Corpus) -> Corpus:
         raise DataError(f"the index already holds video {sorted(shared)[0]!r} ({len(shared)} in all); "
                         "give only new videos to append")
     n = len(a.videos)
-    return Corpus(a.videos + b.videos, a.durations + b.durations, torch.cat([a.pv.float(), b.pv.float()]),
+    return Corpus(a.videos + b.videos, a.durations + b.durations, cat_stores(a.store, b.store),
                   np.concatenate([a.video_of, b.video_of + n]), np.concatenate([a.starts, b.starts]),
                   np.concatenate([a.ends, b.ends]), a.grid, np.concatenate([a.iou_starts, b.iou_starts]),
                   np.concatenate([a.iou_ends, b.iou_ends]))
+
+
+def check_out(out: str | Path) -> Path:
+    """--out must be a new folder, an empty one, or an index to append to (checked before any projecting)."""
+    out = Path(out)
+    if out.exists() and not (out / "index.json").is_file():
+        if not out.is_dir() or any(out.iterdir()):
+            raise DataError(f"--out {out} exists and is not an index: give a new folder or an index to append to")
+    if not out.parent.is_dir():
+        raise DataError(f"--out {out}: the folder {out.parent} does not exist")
+    return out
 
 
 def write_index(out: str | Path, corpus: Corpus, model, manifest: dict, dtype: str) -> Path:
     """Write the index to a staging folder and swap it in (an existing index is replaced only when complete)."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.exists() and not (out / "index.json").is_file():
-        if not out.is_dir() or any(out.iterdir()):
-            raise DataError(f"--out {out} exists and is not an index: give a new folder or an index to append to")
+    out = check_out(out)
     stage = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
         counts = np.bincount(corpus.video_of, minlength=len(corpus.videos))
         first = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, int)
-        manifest = {**manifest, "format": INDEX_FORMAT, "dtype": dtype, "candidates": corpus.size,
-                    "hidden": int(corpus.pv.shape[1]) if corpus.size else 0,
+        tensors = corpus.store.tensors(DTYPES[dtype])
+        if isinstance(corpus.store, DenseStore):  # the didemo_chunks layout implies its 21 spans
+            tensors.update({"video_of": torch.as_tensor(corpus.video_of, dtype=torch.int32),
+                            **{k: torch.as_tensor(np.ascontiguousarray(getattr(corpus, k), dtype=np.float64))
+                               for k in ("starts", "ends", "iou_starts", "iou_ends")}})
+        tf = stage / "candidates.safetensors"
+        save_file(tensors, str(tf))
+        manifest = {**manifest, "format": INDEX_FORMAT, "dtype": dtype, "layout": corpus.store.layout,
+                    "candidates": corpus.size, "hidden": corpus.store.hidden, "sha256": file_sha256(tf),
                     "videos": [{"video": v, "duration": d, "first": int(f), "count": int(c)}
                                for v, d, f, c in zip(corpus.videos, corpus.durations, first, counts)]}
-        save_file({"pv": corpus.pv.to(DTYPES[dtype]).contiguous(),
-                   "video_of": torch.as_tensor(corpus.video_of, dtype=torch.int32),
-                   **{k: torch.as_tensor(np.ascontiguousarray(getattr(corpus, k), dtype=np.float64))
-                      for k in ("starts", "ends", "iou_starts", "iou_ends")}},
-                  str(stage / "candidates.safetensors"))
         model.save_pretrained(stage / "model")
         (stage / "index.json").write_text(json.dumps(manifest, indent=1))
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -130,40 +170,82 @@ def write_index(out: str | Path, corpus: Corpus, model, manifest: dict, dtype: s
 
 
 def build_index(checkpoint: str | Path, sources: list[str], out: str | Path, dtype: str = "fp16",
-                device: str | torch.device = "cpu", progress=None) -> Path:
-    """Project every video of `sources` (shard folders) with the checkpoint's φ and write (or extend) the index."""
-    from ..data.loader import ShardSource
-    from ..evaluation.predict import check_compatible, load_run
-    from .candidates import read_split
+                device: str | torch.device = "cpu", progress=None, features: list[str] | None = None,
+                fps: float | None = None) -> Path:
+    """Project every video of `sources` (shard folders) and `features` (features files or folders, see
+    features_source.py) with the checkpoint's φ and write (or extend) the index at `out`."""
+    from ..evaluation.predict import load_run
 
     if dtype not in DTYPES:
         raise DataError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not sources and not features:
+        raise DataError("give the videos to index: --shards DIR or --features FILE_OR_DIR")
+    out = check_out(out)
     model, info = load_run(checkpoint, device)
     sha = weights_sha256(checkpoint)
-    out = Path(out)
     existing = CorpusIndex.load(out) if (out / "index.json").is_file() else None
     if existing is not None:
         check_same_model(existing.manifest, sha, str(out))
         if existing.manifest["dtype"] != dtype:
             raise DataError(f"{out}: the index is {existing.manifest['dtype']}; append with --dtype {existing.manifest['dtype']}")
-    corpus = existing.corpus if existing else None
-    feats = list(existing.manifest["features"]) if existing else []
-    protocol = existing.protocol if existing else None
+    state = {"corpus": existing.corpus if existing else None,
+             "feats": list(existing.manifest["features"]) if existing else [],
+             "protocol": existing.protocol if existing else None}
     for src in sources:
-        source = ShardSource.open(src)
-        check_compatible(info, source.manifest, src)
-        p = source.manifest.get("benchmark")
-        if protocol is not None and p != protocol:
-            raise DataError(f"{src}: {p!r} shards cannot join a {protocol!r} index")
-        protocol = p
-        part, _ = read_split(model, source, p, torch.device(device))
-        corpus = merge(corpus, part)
-        feats.append({"source": str(src), "videos": len(part.videos), "extractor": source.manifest.get("extractor"),
-                      "text": source.manifest.get("text", {}).get("model"),
-                      "shards_sha256": hashlib.sha256("".join(source.shas).encode()).hexdigest()})
-        if progress:
-            progress(f"{src}: {len(part.videos)} videos, {part.size} candidates")
-    manifest = {"protocol": protocol, "model": {"sha256": sha, "checkpoint": str(checkpoint),
-                                                "recipe": info.get("recipe_name"), "text": info.get("text", {})},
-                "features": feats}
-    return write_index(out, corpus, model, manifest, dtype)
+        _add_shards(state, model, info, src, torch.device(device), progress)
+    for spec in features or []:
+        _add_features(state, model, info, spec, torch.device(device), fps, progress)
+    manifest = {"protocol": state["protocol"], "model": {"sha256": sha, "checkpoint": str(checkpoint),
+                                                         "recipe": info.get("recipe_name"), "text": info.get("text", {})},
+                "features": state["feats"]}
+    return write_index(out, state["corpus"], model, manifest, dtype)
+
+
+def _join(state: dict, part: Corpus, protocol: str, where: str, provenance: dict, progress) -> None:
+    if state["protocol"] is not None and protocol != state["protocol"]:
+        raise DataError(f"{where}: {protocol!r} videos cannot join a {state['protocol']!r} index")
+    state["protocol"] = protocol
+    state["corpus"] = merge(state["corpus"], part)
+    state["feats"].append({"source": where, "videos": len(part.videos), **provenance})
+    if progress:
+        progress(f"{where}: {len(part.videos)} videos, {part.size} candidates")
+
+
+def _add_shards(state: dict, model, info: dict, src: str, device, progress) -> None:
+    from ..data.loader import ShardSource
+    from ..evaluation.predict import check_compatible
+    from .candidates import read_split
+
+    source = ShardSource.open(src)
+    check_compatible(info, source.manifest, src)
+    p = source.manifest.get("benchmark")
+    if state["protocol"] is not None and p != state["protocol"]:
+        raise DataError(f"{src}: {p!r} shards cannot join a {state['protocol']!r} index")
+    part, _ = read_split(model, source, p, device)
+    _join(state, part, p, str(src), {"extractor": source.manifest.get("extractor"),
+                                     "text": source.manifest.get("text", {}).get("model"),
+                                     "shards_sha256": hashlib.sha256("".join(source.shas).encode()).hexdigest()},
+          progress)
+
+
+def _add_features(state: dict, model, info: dict, spec: str, device, fps, progress) -> None:
+    from ..data.features_manifest import read_manifest
+    from .features_source import read_features_corpus
+
+    p = Path(spec)
+    part = read_features_corpus(model, info, spec, device, fps)
+    made = read_manifest(p) if p.exists() else None
+    _join(state, part, info.get("benchmark"), str(spec),
+          {"extractor": (made or {}).get("extractor") or info.get("extractor"), "fps": fps,
+           "features_sha256": _features_sha(p)}, progress)
+
+
+def _features_sha(p: Path) -> str:
+    """sha256 over the features' file names, sizes and modification times (provenance, not a content hash:
+    hashing a 100 GB feature release would dominate indexing)."""
+    files = sorted(p.glob("*.npy")) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)};".encode())
+    return h.hexdigest()

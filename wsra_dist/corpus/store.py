@@ -1,0 +1,145 @@
+"""How a corpus holds its candidates' first-layer projections: densely, or as DiDeMo's per-video parts.
+
+φ's first layer is linear, so a candidate's projection W_v x + b is fixed once the video is known.  Two layouts:
+
+* `DenseStore` ("candidates"): pv (M, H), one row per candidate.  Any protocol (Charades-STA / ActivityNet
+  windows, or DiDeMo with LayerNorm inputs, which is not linear in the parts).
+* `DidemoChunkStore` ("didemo_chunks"): per video the 6 projected chunks of each modality and the global
+  part, plus 21 denominators per modality and 21 norms (model.Scorer.didemo_parts): 7 rows of H for a
+  one-modality video instead of 21, so an index is 3x smaller and reading it from memory costs a third.
+  The 21 candidates are rebuilt block by block when scored (`model.didemo_from_parts`, the training
+  arithmetic), never all at once.
+
+Both give `blocks(rows, device)`: float32 projections of consecutive candidates, whole videos per block.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..data.records import DataError
+
+LAYOUTS = ("candidates", "didemo_chunks")
+N_DIDEMO = 21
+
+
+class DenseStore:
+    layout = "candidates"
+
+    def __init__(self, pv: torch.Tensor):
+        self.pv = pv
+
+    @property
+    def rows(self) -> int:
+        return int(self.pv.shape[0])
+
+    @property
+    def hidden(self) -> int:
+        return int(self.pv.shape[1]) if self.pv.dim() == 2 else 0
+
+    def to(self, device) -> "DenseStore":
+        return DenseStore(self.pv.to(device))
+
+    def blocks(self, rows: int, device=None) -> Iterator[tuple[int, torch.Tensor]]:
+        for s in range(0, self.rows, rows):
+            yield s, self.pv[s : s + rows].to(device or self.pv.device, torch.float32)
+
+    def cat(self, other: "DenseStore") -> "DenseStore":
+        return DenseStore(torch.cat([self.pv.float(), other.pv.float()]))
+
+    def tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {"pv": self.pv.to(dtype).contiguous()}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], videos: int) -> "DenseStore":
+        return cls(t["pv"])
+
+    def check_finite(self) -> bool:
+        return all(bool(torch.isfinite(b).all()) for _, b in self.blocks(1 << 16))
+
+
+class DidemoChunkStore:
+    """Per-video parts (Scorer.didemo_parts) of V DiDeMo videos, and the shared TEF term and bias."""
+
+    layout = "didemo_chunks"
+
+    def __init__(self, g: torch.Tensor, local: torch.Tensor, den: torch.Tensor, norm: torch.Tensor,
+                 tef: torch.Tensor, bias: torch.Tensor):
+        self.g, self.local, self.den, self.norm, self.tef, self.bias = g, local, den, norm, tef, bias
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, torch.Tensor], bias: torch.Tensor) -> "DidemoChunkStore":
+        return cls(parts["g"], parts["local"], parts["den"], parts["norm"], parts["tef"], bias.detach())
+
+    @property
+    def videos(self) -> int:
+        return int(self.g.shape[0])
+
+    @property
+    def rows(self) -> int:
+        return N_DIDEMO * self.videos
+
+    @property
+    def hidden(self) -> int:
+        return int(self.g.shape[1])
+
+    def to(self, device) -> "DidemoChunkStore":
+        return DidemoChunkStore(*(x.to(device) for x in (self.g, self.local, self.den, self.norm, self.tef, self.bias)))
+
+    def blocks(self, rows: int, device=None) -> Iterator[tuple[int, torch.Tensor]]:
+        from ..model import didemo_from_parts
+
+        dev = device or self.g.device
+        step = max(1, rows // N_DIDEMO)
+        tef, bias = self.tef.to(dev, torch.float32), self.bias.to(dev, torch.float32)
+        for v in range(0, self.videos, step):
+            sl = slice(v, v + step)
+            parts = {"g": self.g[sl].to(dev, torch.float32), "local": self.local[sl].to(dev, torch.float32),
+                     "den": self.den[sl].to(dev, torch.float32), "norm": self.norm[sl].to(dev, torch.float32),
+                     "tef": tef}
+            yield N_DIDEMO * v, didemo_from_parts(parts, bias).reshape(-1, self.hidden)
+
+    def cat(self, other: "DidemoChunkStore") -> "DidemoChunkStore":
+        if self.local.shape[1:] != other.local.shape[1:]:
+            raise DataError("the videos to append have another feature layout than the index's")
+        return DidemoChunkStore(torch.cat([self.g.float(), other.g.float()]),
+                                torch.cat([self.local.float(), other.local.float()]),
+                                torch.cat([self.den, other.den]), torch.cat([self.norm, other.norm]),
+                                self.tef, self.bias)
+
+    def tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The projections at the index dtype; denominators, norms, TEF and bias (21 scalars a video) in fp32."""
+        return {"g": self.g.to(dtype).contiguous(), "local": self.local.to(dtype).contiguous(),
+                "den": self.den.float().contiguous(), "norm": self.norm.float().contiguous(),
+                "tef": self.tef.float().contiguous(), "bias": self.bias.float().contiguous()}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], videos: int) -> "DidemoChunkStore":
+        s = cls(t["g"], t["local"], t["den"], t["norm"], t["tef"], t["bias"])
+        H = s.hidden
+        ok = (s.g.shape == (videos, H) and s.local.dim() == 4 and s.local.shape[0] == videos
+              and s.local.shape[2:] == (6, H) and s.den.shape == (videos, N_DIDEMO, s.local.shape[1])
+              and s.norm.shape == (videos, N_DIDEMO) and s.tef.shape == (N_DIDEMO, H) and s.bias.shape == (H,))
+        if not ok:
+            raise ValueError("the stored parts' shapes do not fit together")
+        return s
+
+    def check_finite(self) -> bool:
+        return all(bool(torch.isfinite(x.float()).all()) for x in (self.g, self.local, self.den, self.norm,
+                                                                   self.tef, self.bias))
+
+
+def store_from_tensors(layout: str, t: dict[str, torch.Tensor], videos: int):
+    if layout == "candidates":
+        return DenseStore.from_tensors(t, videos)
+    if layout == "didemo_chunks":
+        return DidemoChunkStore.from_tensors(t, videos)
+    raise ValueError(f"unknown candidate layout {layout!r} (known: {', '.join(LAYOUTS)})")
+
+
+def cat_stores(a, b):
+    if a.layout != b.layout:
+        raise DataError(f"cannot append {b.layout!r} candidates to an index of {a.layout!r} candidates")
+    return a.cat(b)
