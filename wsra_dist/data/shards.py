@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -377,6 +378,12 @@ def _local_version(url: str, sha: str) -> tuple:
     return (os.path.abspath(url), st.st_size, st.st_mtime_ns, sha)
 
 
+def _without_stream(msg: str) -> str:
+    """webdataset's tar reader appends " @ <repr of the file object>" to a message (tariterators.tar_file_iterator);
+    the shard is already named, so the object's repr is noise."""
+    return re.sub(r" @ <[^<>]*>$", "", msg.strip())
+
+
 def iter_shard(url: str, manifest: dict, expected_sha256: str | None = None,
                read_timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[dict]:
     """Decoded, checked video samples of one shard, in order, through webdataset's tar stages.
@@ -415,10 +422,11 @@ def iter_shard(url: str, manifest: dict, expected_sha256: str | None = None,
             _VERIFIED.add((url, expected_sha256))
     except DataError as e:
         # webdataset's tar stage re-raises with (stream, url) appended to the args: keep the message only
-        msg = str(e.args[0]) if e.args else str(e)
+        msg = _without_stream(str(e.args[0]) if e.args else str(e))
         raise DataError(msg if url in msg else f"{url}: {msg}") from None
     except (tarfile.TarError, ValueError, OSError) as e:
-        raise DataError(f"{url}: unreadable shard: {e.args[0] if e.args and isinstance(e.args[0], str) else e}") from e
+        msg = _without_stream(e.args[0] if e.args and isinstance(e.args[0], str) else str(e))
+        raise DataError(f"{url}: unreadable shard: {msg}") from e
     finally:
         if raw is not None:
             raw.close()
@@ -515,7 +523,17 @@ def manifest_path_for(source: str) -> str:
         return str(p / MANIFEST)
     if source.startswith("pipe:") or "://" in source:
         raise DataError(f"{source}: a remote shard pattern needs its manifest given explicitly (data.*_manifest)")
-    return str(Path(source.split("{", 1)[0]).parent / MANIFEST)
+    # A folder that is not there must be named as such: looking for its parent's manifest.json would
+    # report a missing manifest of another folder (shards/nope/train -> "shards/nope/manifest.json: ...").
+    pattern = "{" in source
+    folder = Path(source.split("{", 1)[0]).parent if pattern else p.parent
+    if not pattern and not p.exists():
+        if p.name.endswith((".tar", ".tar.gz")) and folder.is_dir():
+            raise DataError(f"{source}: no such shard file")
+        raise DataError(f"{source}: the shard folder does not exist")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: the shard folder does not exist (from the pattern {source})")
+    return str(folder / MANIFEST)
 
 
 def shard_name(url: str) -> str:

@@ -1,0 +1,55 @@
+"""Issue #24 QA defects: every bad input or fault ends in one line naming the file / URL / option, and nothing
+the user had is lost (shard folders, loader-worker errors, failed starts, resume=latest, device options)."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from wsra_dist.data.records import DataError
+
+from .helpers import run_checked
+from .test_train import RECIPE, _overrides, exact_shards  # noqa: F401 (fixture)
+
+
+def _train_cmd() -> list[str]:
+    return [sys.executable, "-m", "wsra_dist.train", str(RECIPE)]
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------- (e) shard folders
+def test_a_missing_shard_folder_is_named_not_its_parents_manifest(exact_shards, tmp_path):
+    from wsra_dist.data.loader import ShardSource
+
+    nope = tmp_path / "nope" / "train"
+    with pytest.raises(DataError, match=r"nope/train: the shard folder does not exist"):
+        ShardSource.open(str(nope))
+    with pytest.raises(DataError, match=r"nope: the shard folder does not exist \(from the pattern"):
+        ShardSource.open(str(tmp_path / "nope" / "shard-{000000..000001}.tar"))
+    with pytest.raises(DataError, match=r"shard-000099.tar: no such shard file"):
+        ShardSource.open(str(exact_shards / "shard-000099.tar"))
+    assert len(ShardSource.open(str(exact_shards / "shard-000000.tar")).urls) == 1  # a single shard file still works
+
+
+def test_a_truncated_shard_names_the_file_without_the_stream_object(exact_shards, tmp_path):
+    from wsra_dist.data.shards import iter_shard, load_manifest
+
+    m = load_manifest(exact_shards)
+    bad = tmp_path / "shard-000000.tar"
+    data = (exact_shards / "shard-000000.tar").read_bytes()
+    bad.write_bytes(data[: len(data) // 2 + 77])
+    with pytest.raises(DataError) as e:
+        list(iter_shard(str(bad), m, None))
+    text = str(e.value)
+    assert text.startswith(str(bad)) and "unexpected end of data" in text
+    assert " @ " not in text and "BufferedReader" not in text  # webdataset's appended file-object repr
