@@ -203,11 +203,21 @@ def test_prediction_files_score_like_the_checkpoint_and_bad_lines_are_named(corp
     for bad, want in ((lines[:-1], "have no line"), (lines + lines[:1], "already given"),
                       (["{oops"] + lines[1:], "line 1: not JSON"),
                       ([lines[0].replace('"moments": [["', '"moments": [["nope')] + lines[1:], "not in the evaluated split"),
-                      ([json.dumps({"query_id": "x", "moments": []})] + lines[1:], "not a query of the evaluated")):
+                      ([json.dumps({"query_id": "x", "moments": []})] + lines[1:], "not a query of the evaluated"),
+                      ([_first_moment(lines[0], 2, "+2.5")] + lines[1:], "chunk spans"),
+                      ([_first_moment(lines[0], 2, 35.0)] + lines[1:], "chunk spans"),
+                      ([_first_moment(lines[0], 1, -5.0)] + lines[1:], "0 <= start"),
+                      ([_first_moment(lines[0], 3, "high")] + lines[1:], "finite score")):
         f = tmp_path / "p.jsonl"
         f.write_text("\n".join(bad) + "\n")
         with pytest.raises(DataError, match=want):
             score_predictions(f, str(root / "shards" / "test"))
+
+
+def _first_moment(line: str, field: int, value) -> str:
+    row = json.loads(line)
+    row["moments"][0][field] = row["moments"][0][1] + 2.5 if value == "+2.5" else value  # "+2.5": off the 5-s grid
+    return json.dumps(row)
 
 
 def test_cli_evaluate_corpus_index_search(corpus_run, tmp_path):

@@ -11,6 +11,8 @@ import urllib.request
 
 import pytest
 
+from wsra_dist.data.records import DataError
+
 from .test_corpus import corpus_run  # noqa: F401 (fixture)
 
 
@@ -56,6 +58,26 @@ def test_api_and_page_answer_and_bad_requests_are_clear(server):
     assert st == 400 and b"at most" in body and b"Traceback" not in body and h["Content-Type"].startswith("text/html")
     st, body, _ = _get(f"{base}/?q=a+dog")
     assert st == 200 and body.count(b"<li ") == 20 and b"<script src" not in body and b"http" not in body.split(b"<body>")[1]
+
+
+def test_the_servers_own_refusals_are_one_line(server):
+    """http.server's 414 / 501 / 400 come as one line of text, never its HTML error page."""
+    import http.client
+
+    base, searcher, _ = server
+    host, port = base.split("//")[1].split(":")
+    for method, path, want in (("POST", "/api/search", 501), ("GET", "/?q=" + "z" * 70_000, 414),
+                               ("DELETE", "/", 501)):
+        c = http.client.HTTPConnection(host, int(port), timeout=60)
+        c.request(method, path)
+        r = c.getresponse()
+        body = r.read()
+        c.close()
+        assert r.status == want and r.getheader("Content-Type").startswith("text/plain")
+        assert len(body.decode().strip().splitlines()) == 1 and b"<html" not in body.lower(), body
+    for bad, want in (({"nms": 1.5}, "--nms"), ({"nms": float("nan")}, "--nms"), ({"top_k": 10**6}, "--top-k")):
+        with pytest.raises(DataError, match=want):
+            searcher.search("a dog", **bad)
 
 
 def test_video_paths_are_confined_and_ranges_served(server):

@@ -48,16 +48,30 @@ def truth_from_shards(shards: str) -> dict:
 
 
 def _moment(x, path, n) -> tuple[str, float, float]:
-    ok = isinstance(x, list) and len(x) >= 3 and isinstance(x[0], str)
+    ok = isinstance(x, list) and len(x) in (3, 4) and isinstance(x[0], str)
     if ok:
         try:
             s, e = float(x[1]), float(x[2])
-            ok = math.isfinite(s) and math.isfinite(e) and s < e
+            ok = math.isfinite(s) and math.isfinite(e) and 0 <= s < e
+            if len(x) == 4:  # the score: only the order ranks, but a non-number is a broken writer
+                ok = ok and not isinstance(x[3], bool) and math.isfinite(float(x[3]))
         except (TypeError, ValueError):
             ok = False
     if not ok:
-        raise DataError(f"{path}: line {n}: a moment must be [video, start_s, end_s, score] with start < end, got {x!r:.120}")
+        raise DataError(f"{path}: line {n}: a moment must be [video, start_s, end_s, score] with 0 <= start < end "
+                        f"and a finite score, got {x!r:.120}")
     return x[0], s, e
+
+
+def _check_range(path, n: int, v: str, s: float, e: float, video: dict, protocol: str) -> None:
+    """A moment must lie in its video; DiDeMo's must be chunk spans (the protocol's IoU is on the 5-s grid)."""
+    if protocol == "didemo":
+        on_grid = abs(s / 5.0 - round(s / 5.0)) < 1e-6 and abs(e / 5.0 - round(e / 5.0)) < 1e-6
+        if not on_grid or e > 30.0 + 1e-6:
+            raise DataError(f"{path}: line {n}: DiDeMo moments are chunk spans (start and end multiples of 5 s, "
+                            f"end <= 30), got [{v!r}, {s:g}, {e:g}]")
+    elif e > video["duration"] + 1e-3:
+        raise DataError(f"{path}: line {n}: moment [{v!r}, {s:g}, {e:g}] ends after the video ({video['duration']:g} s)")
 
 
 def read_predictions(path: str | Path, truth: dict) -> dict:
@@ -73,9 +87,10 @@ def read_predictions(path: str | Path, truth: dict) -> dict:
         if qid in out:
             raise DataError(f"{path}: line {n}: query_id {row['query_id']!r} was already given")
         ms = [_moment(x, path, n) for x in row["moments"]]
-        for v, _, _ in ms:
+        for v, s, e in ms:
             if v not in truth["videos"]:
                 raise DataError(f"{path}: line {n}: video {v!r} is not in the evaluated split's corpus")
+            _check_range(path, n, v, s, e, truth["videos"][v], truth["protocol"])
         out[qid] = ms
     missing = [q for q in truth["queries"] if q not in out]
     if missing:

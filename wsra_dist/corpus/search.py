@@ -18,6 +18,7 @@ from ..data.records import DataError
 
 CHUNK = 1 << 14  # candidates per scoring chunk (the eager kernel holds chunk x H activations per query)
 MAX_QUERY_CHARS = 2000
+MAX_TOP_K = 10_000
 NMS = 0.3  # default: within a video, drop a moment overlapping a better one by IoU > 0.3 (DiDeMo's spans nest)
 
 
@@ -92,8 +93,10 @@ class Searcher:
 
     @torch.inference_mode()
     def search(self, query: str, top_k: int = 20, nms: float = NMS) -> list[Moment]:
-        if top_k < 1:
-            raise DataError(f"--top-k must be >= 1, got {top_k}")
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise DataError(f"--top-k must be between 1 and {MAX_TOP_K}, got {top_k}")
+        if not 0.0 <= nms <= 1.0:  # also NaN
+            raise DataError(f"--nms must be an IoU between 0 and 1 (1: keep every moment), got {nms}")
         q = check_query(query)
         t = torch.as_tensor(self.encoder.encode([q]), device=self.device)
         logits = corpus_logits(self.model, self._corpus, self.model.scorer.project_text(t))[0].double()

@@ -95,6 +95,18 @@ class _Handler(BaseHTTPRequestHandler):
     def _error_text(self, status: int, text: str) -> None:
         self._send(status, (text + "\n").encode(), "text/plain; charset=utf-8")
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (414 URI too long, 400 bad request line, 501 unknown method): one line of
+        text like every other error here, not its HTML error page."""
+        self.close_connection = True
+        short = message or self.responses.get(code, ("error",))[0]
+        hint = {414: f" (a query has at most {MAX_QUERY_CHARS} characters)",
+                501: " (this server answers GET and HEAD)"}.get(int(code), "")
+        try:
+            self._error_text(int(code), f"{int(code)} {short}{hint}")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
     # ------------------------------------------------------------------------------- routes
     def do_HEAD(self) -> None:
         self.do_GET()
