@@ -53,3 +53,27 @@ def test_a_truncated_shard_names_the_file_without_the_stream_object(exact_shards
     text = str(e.value)
     assert text.startswith(str(bad)) and "unexpected end of data" in text
     assert " @ " not in text and "BufferedReader" not in text  # webdataset's appended file-object repr
+
+
+# ------------------------------------------------------------------------------------ (a) loader-worker errors
+def _corrupt_copy(shards: Path, dst: Path) -> Path:
+    """A copy of the shard set whose second shard has the manifest's size but other bytes (sha256 mismatch)."""
+    import shutil
+
+    shutil.copytree(shards, dst)
+    victim = dst / "shard-000001.tar"
+    data = bytearray(victim.read_bytes())
+    rnd = random.Random(1)
+    data[:4096] = bytes(rnd.randrange(256) for _ in range(4096))
+    victim.write_bytes(bytes(data))
+    return victim
+
+
+def test_a_shard_error_in_a_loader_worker_is_the_one_line_of_num_workers_0(exact_shards, tmp_path):
+    victim = _corrupt_copy(exact_shards, tmp_path / "shards")
+    ov = _overrides(tmp_path / "shards", tmp_path / "run", 8, 6)
+    ov[ov.index("data.num_workers=0")] = "data.num_workers=2"
+    p = run_checked([*_train_cmd(), *ov], check=False)
+    assert p.returncode == 2
+    line = _one_error_line(p.stderr)  # was "Caught DataError in DataLoader worker process 1." + 21 traceback lines
+    assert line.startswith(f"error: {victim}: sha256 ") and "does not match the manifest" in line

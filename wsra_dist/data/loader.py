@@ -165,7 +165,42 @@ class _Queries(torch.utils.data.IterableDataset):
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(((self.seed * 7919 + epoch) * 131 + self.rank) * 64 + wid)
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
-        return iter(wds.DataPipeline(*stages))
+        it = iter(wds.DataPipeline(*stages))
+        return _passed_to_trainer(it) if info is not None else it
+
+
+class WorkerFailure:
+    """An exception of a DataLoader worker, sent to the trainer as an item and raised there as it was.
+
+    torch re-raises a worker's exception as a *new* one of the same type whose message is the worker's whole
+    traceback ("Caught DataError in DataLoader worker process 1. Original Traceback ..."), so the one-line
+    error of data.num_workers=0 became ~22 lines with workers.  The original object keeps its message; the
+    worker's traceback travels along for --debug."""
+
+    def __init__(self, exc: BaseException, trace: str):
+        self.exc, self.trace = exc, trace
+
+    def reraise(self) -> None:
+        raise self.exc from _WorkerTraceback(self.trace)
+
+
+class _WorkerTraceback(Exception):
+    """The cause shown by --debug: the traceback of the worker process the error happened in."""
+
+
+def _passed_to_trainer(it: Iterator[dict]) -> Iterator:
+    """Worker side of WorkerFailure: the failure becomes the worker's last item."""
+    import pickle
+    import traceback
+
+    try:
+        yield from it
+    except Exception as e:  # noqa: BLE001 - handed to the trainer, which raises it (or torch's wrapper below)
+        try:
+            pickle.dumps(e)
+        except Exception:  # noqa: BLE001 - cannot cross the process boundary: torch's wrapper carries its text
+            raise e from None
+        yield WorkerFailure(e, traceback.format_exc())
 
 
 def _target(meta: dict, T: int) -> np.ndarray:
@@ -318,6 +353,8 @@ class EpochLoader:
             want = plan.last[self.rank] if b == n_batches - 1 else self.batch_size
             samples = []
             for s in it:
+                if isinstance(s, WorkerFailure):
+                    s.reraise()
                 samples.append(s)
                 if len(samples) == want:
                     break
