@@ -77,3 +77,26 @@ def test_a_shard_error_in_a_loader_worker_is_the_one_line_of_num_workers_0(exact
     assert p.returncode == 2
     line = _one_error_line(p.stderr)  # was "Caught DataError in DataLoader worker process 1." + 21 traceback lines
     assert line.startswith(f"error: {victim}: sha256 ") and "does not match the manifest" in line
+
+
+# ------------------------------------------------------------------------------------------- (c) failed starts
+def test_a_failed_start_does_not_block_the_next_run_into_its_folder(exact_shards, tmp_path):
+    out = tmp_path / "run"
+    # a setting this machine cannot serve is found before anything is written (was an "internal error" at step 1)
+    p = run_checked([*_train_cmd(), *_overrides(exact_shards, out, 8, 2), "model.pair_kernel=triton"], check=False)
+    assert p.returncode == 2 and "model.pair_kernel=triton needs triton and a CUDA device" in _one_error_line(p.stderr)
+    assert not (out / "recipe.yaml").exists() and not (out / "tensorboard").exists()
+    # a failure after the folder is prepared (a corrupt second shard): recipe.yaml and TensorBoard events are left
+    _corrupt_copy(exact_shards, tmp_path / "bad")
+    p = run_checked([*_train_cmd(), *_overrides(tmp_path / "bad", out, 8, 6)], check=False)
+    assert p.returncode == 2 and (out / "recipe.yaml").is_file() and not (out / "model.safetensors").exists()
+    events = sorted(x.name for x in (out / "tensorboard").iterdir())
+    # the next run into the folder trains without overwrite=true; the failed start's files are kept aside
+    p = run_checked([*_train_cmd(), *_overrides(exact_shards, out, 8, 2)])
+    assert (out / "model.safetensors").is_file() and "an earlier start there failed" in p.stdout + p.stderr
+    aside = list(out.glob("failed-start-*"))
+    assert len(aside) == 1 and (aside[0] / "recipe.yaml").is_file()
+    assert sorted(x.name for x in (aside[0] / "tensorboard").iterdir()) == events
+    # a finished run is still protected
+    p = run_checked([*_train_cmd(), *_overrides(exact_shards, out, 8, 2)], check=False)
+    assert p.returncode == 2 and "holds an earlier run" in _one_error_line(p.stderr)

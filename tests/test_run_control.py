@@ -41,10 +41,13 @@ def test_lock_names_its_holder_and_takes_over_a_stale_one(tmp_path):
 
 def test_reuse_of_a_run_folder_needs_resume_or_overwrite(tmp_path):
     assert check_reuse(tmp_path / "new", "", False) == []
-    (tmp_path / "recipe.yaml").write_text("x")  # a partial run (started, nothing else)
-    with pytest.raises(ConfigError, match=r"holds an earlier run \(recipe.yaml\); continue it with resume=latest"):
+    (tmp_path / "recipe.yaml").write_text("x")  # a start that failed before its first checkpoint: reusable
+    assert check_reuse(tmp_path, "", False) == ["recipe.yaml"]
+    (tmp_path / "history.json").write_text("{}")  # a run that got further
+    with pytest.raises(ConfigError, match=r"holds an earlier run \(history.json, recipe.yaml\); continue it with "
+                                          r"resume=latest"):
         check_reuse(tmp_path, "", False)
-    assert check_reuse(tmp_path, "latest", False) == ["recipe.yaml"]
+    assert check_reuse(tmp_path, "latest", False) == ["history.json", "recipe.yaml"]
     with pytest.raises(ConfigError, match="contradict"):
         check_reuse(tmp_path, "latest", True)
 

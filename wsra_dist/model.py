@@ -219,9 +219,10 @@ class Scorer(nn.Module):
 
         if triton_pair_mlp_available(device):
             return True
-        if kind == "triton":
-            raise RuntimeError(f"model.pair_kernel=triton needs triton and a CUDA device (or TRITON_INTERPRET=1), "
-                               f"not {device}: install triton or set model.pair_kernel=auto")
+        if kind == "triton":  # a setting this machine cannot serve: one line, not an "internal error"
+            from .config import ConfigError
+
+            raise ConfigError(pair_kernel_unavailable(device))
         return False  # auto on CUDA without triton: the eager kernel computes the same thing
 
     def _chunk_logits(self, pv: torch.Tensor, ptc: torch.Tensor) -> torch.Tensor:
@@ -240,6 +241,12 @@ class Scorer(nn.Module):
         )
         w = torch.cat([self.proj_v.weight, self.proj_t.weight], dim=1)
         return torch.sigmoid(self.logits_from_hidden(F.linear(x, w, self.proj_v.bias)))
+
+
+def pair_kernel_unavailable(device: torch.device | str) -> str:
+    """Why model.pair_kernel=triton cannot run on `device` (the trainer checks it before writing anything)."""
+    return (f"model.pair_kernel=triton needs triton and a CUDA device (or TRITON_INTERPRET=1), not {device}: "
+            "install triton or set model.pair_kernel=auto")
 
 
 def didemo_from_parts(parts: dict[str, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,9 @@
   host cannot be checked from here and is refused with the file to delete when the user knows it is stale.
 * `previous_run`: what in the folder shows an earlier run (its model, history, recipe, checkpoints).  Training
   there needs `resume=latest|auto|PATH` (continue it) or `overwrite=true` (`clear_previous_run` removes exactly
-  those files first); otherwise the trainer refuses before touching anything.
+  those files first); otherwise the trainer refuses before touching anything.  A start that failed before its
+  first checkpoint (only recipe.yaml and TensorBoard events) does not block the folder: `set_aside_failed_start`
+  moves its files into `failed-start-<time>/` once the new run's start-up checks have passed.
 """
 
 from __future__ import annotations
@@ -131,6 +133,35 @@ def previous_run(folder: str | Path) -> list[str]:
     return found
 
 
+# What a start that failed before its first checkpoint leaves (the recipe and TensorBoard are written just before
+# the first step): no model, no history, no checkpoint, so nothing to continue and nothing finished to protect.
+FAILED_START = ("recipe.yaml", "tensorboard/")
+
+
+def is_failed_start(found: list[str]) -> bool:
+    return bool(found) and set(found) <= set(FAILED_START)
+
+
+def set_aside_failed_start(folder: str | Path) -> Path | None:
+    """A failed start's files are moved (not deleted) into `folder/failed-start-<time>/`, so the next run into the
+    folder starts clean and TensorBoard shows the failed attempt as a run of its own; None when there are none."""
+    folder = Path(folder)
+    found = previous_run(folder)
+    if not is_failed_start(found):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime((folder / "recipe.yaml").stat().st_mtime
+                                                          if (folder / "recipe.yaml").exists() else time.time()))
+    dest, n = folder / f"failed-start-{stamp}", 1
+    while dest.exists():
+        n += 1
+        dest = folder / f"failed-start-{stamp}-{n}"
+    dest.mkdir()
+    for name in ("recipe.yaml", "tensorboard"):
+        if (folder / name).exists():
+            os.replace(folder / name, dest / name)
+    return dest
+
+
 def clear_previous_run(folder: str | Path) -> None:
     """overwrite=true: remove what `previous_run` lists (nothing else the folder holds)."""
     folder = Path(folder)
@@ -146,7 +177,7 @@ def check_reuse(folder: str | Path, resume: str, overwrite: bool) -> list[str]:
         raise ConfigError(f"resume={resume} and overwrite=true contradict each other: resume continues the run in "
                           f"{folder}, overwrite replaces it; set one")
     found = previous_run(folder)
-    if found and not resume and not overwrite:
+    if found and not resume and not overwrite and not is_failed_start(found):
         raise ConfigError(f"output_dir {folder} holds an earlier run ({', '.join(found)}); continue it with "
                           "resume=latest, replace it with overwrite=true, or train into another output_dir")
     return found

@@ -50,7 +50,7 @@ from . import peers
 from .lifetime import die_with_parent, launched_worker
 from .evaluation.predict import model_from_info, predict
 from .model import RUN_CONFIG_FILE as INFO_FILE, WEIGHTS_FILE as MODEL_FILE
-from .run_folder import RunLock, check_reuse, clear_previous_run, previous_run
+from .run_folder import RunLock, check_reuse, clear_previous_run, previous_run, set_aside_failed_start
 from .stop_signals import Stopped, StopSignals
 
 CKPT_DIR = "checkpoints"
@@ -553,6 +553,12 @@ def _train(recipe: Recipe, accelerator, stop: StopSignals | None = None) -> Path
             clear_previous_run(recipe.output_dir)
             accelerator.print(f"overwrite=true: removed the earlier run in {recipe.output_dir} ({', '.join(found)})")
         accelerator.wait_for_everyone()
+    else:  # a start that failed before its first checkpoint: its files are kept, out of this run's way
+        if accelerator.is_main_process and (aside := set_aside_failed_start(recipe.output_dir)):
+            accelerator.print(f"warning: output_dir {recipe.output_dir}: an earlier start there failed before its "
+                              f"first checkpoint (no model, no checkpoint); its files "
+                              f"({', '.join(sorted(p.name for p in aside.iterdir()))}) were moved to {aside}")
+        accelerator.wait_for_everyone()
     _make_model(run)
     _start_outputs(run)
     _train_epochs(run)
@@ -579,6 +585,12 @@ def _open_data(recipe: Recipe, accelerator) -> _Run:
             from .evaluation.predict import check_compatible
 
             check_compatible(info, src.manifest, f"data.{name}_shards")
+    if recipe.model.pair_kernel == "triton":  # found at the first step otherwise, after the run folder is written
+        from .kernels import triton_pair_mlp_available
+        from .model import pair_kernel_unavailable
+
+        if not triton_pair_mlp_available(accelerator.device):
+            raise ConfigError(pair_kernel_unavailable(accelerator.device))
     need = min_global_batch(recipe.loss)
     if need > 1 and isinstance(train_src.manifest.get("num_videos"), int) and train_src.manifest["num_videos"] < 2:
         raise DataError(f"data.train_shards={recipe.data.train_shards}: all queries are of "
