@@ -156,16 +156,43 @@ def test_real_files_all_three_profiles_and_the_cli(tmp_path):
     info = synth_real("charades-real", [SHARED / "charades-sta"], tmp_path / "c", videos=20, eval_videos=10)
     assert info["splits"]["train"]["videos"] == 20 and info["splits"]["test"]["videos"] == 10
     kept = {ln.split(" ")[0] for ln in (tmp_path / "c" / "charades_sta_train.txt").read_text().splitlines()}
-    assert len(kept) == 20 and len(list((tmp_path / "c" / "features").glob("*.npy"))) == 30
+    val = {ln.split(" ")[0] for ln in (tmp_path / "c" / "charades_sta_val.txt").read_text().splitlines()}
+    test = {ln.split(" ")[0] for ln in (tmp_path / "c" / "charades_sta_test.txt").read_text().splitlines()}
+    real_train = {ln.split(" ")[0] for ln in (SHARED / "charades-sta" / "charades_sta_train.txt").read_text().splitlines() if ln.strip()}
+    # validation: a seeded fifth of the kept training videos' count, from training videos --videos left out
+    assert len(val) == 4 == info["splits"]["val"]["videos"] and val <= real_train and not val & (kept | test)
+    assert {ln.split(",")[0] for ln in (tmp_path / "c" / "Charades_v1_val.csv").read_text().splitlines()[1:]} == val
+    assert len(kept) == 20 and len(list((tmp_path / "c" / "features").glob("*.npy"))) == 34
     info = synth_real("activitynet-real", [SHARED / "activitynet"], tmp_path / "a", videos=20, eval_videos=10)
     v1 = json.loads((tmp_path / "a" / "val_1.json").read_text())
     v2 = json.loads((tmp_path / "a" / "val_2.json").read_text())
     real_v1 = json.loads((SHARED / "activitynet" / "val_1.json").read_text())
     assert all(v1[k] == real_v1[k] for k in v1)
+    tr, va = (json.loads((tmp_path / "a" / f"{n}.json").read_text()) for n in ("train", "val"))
+    real_tr = json.loads((SHARED / "activitynet" / "train.json").read_text())
+    assert len(va) == 4 and not set(va) & (set(tr) | set(v1) | set(v2)) and all(va[k] == real_tr[k] for k in va)
     with h5py.File(tmp_path / "a" / "sub_activitynet_v1-3.c3d.hdf5") as h5:
-        assert set(v1) | set(v2) | set(json.loads((tmp_path / "a" / "train.json").read_text())) <= set(h5)
+        assert set(v1) | set(v2) | set(tr) | set(va) <= set(h5)
         x = h5[next(iter(v1))]["c3d_features"][()]
         assert x.shape[1] == 500 and 8 <= x.shape[0] <= 200
+
+
+def test_charades_validation_split_carved_from_train_when_nothing_is_left_out(tmp_path):
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    vids = {"train": [f"T{i:04d}" for i in range(10)], "test": ["E0001", "E0002"]}
+    for split, vs in vids.items():
+        (ann / f"charades_sta_{split}.txt").write_text("".join(f"{v} 1.0 5.0##a person opens the door.\n" for v in vs))
+        (ann / f"Charades_v1_{split}.csv").write_text("id,length\n" + "".join(f"{v},20.0\n" for v in vs))
+    d = Difficulty(noise=0.0, smooth=0.5, distractors=0, invisible=0.0)
+    info = write_charades_real([ann], tmp_path / "a", 0, d)
+    read = lambda o, n: {ln.split(" ")[0] for ln in (tmp_path / o / f"charades_sta_{n}.txt").read_text().splitlines()}  # noqa: E731
+    assert len(read("a", "val")) == 2 and len(read("a", "train")) == 8 and not read("a", "val") & read("a", "train")
+    assert info["splits"]["val"] == {"videos": 2, "queries": 2} and read("a", "test") == set(vids["test"])
+    write_charades_real([ann], tmp_path / "b", 0, d, videos=5)  # 5 kept, the val videos from the other 5
+    assert len(read("b", "train")) == 5 and len(read("b", "val")) == 1 and not read("b", "val") & read("b", "train")
+    write_charades_real([ann], tmp_path / "c", 0, d)
+    assert read("c", "val") == read("a", "val")  # seeded
 
 
 def test_evaluation_subset_does_not_depend_on_the_training_cap(tmp_path):

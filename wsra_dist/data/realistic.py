@@ -156,6 +156,22 @@ def _subset(rng, items: list, n: int | None) -> list:
     return [x for i, x in enumerate(items) if i in keep]  # file order kept
 
 
+def _held_out(seed: int, all_train: list, train_keep: list, eval_videos: int | None) -> tuple[list, list]:
+    """(train, val) videos for the snippet benchmarks' validation split: a seeded part of the official training
+    file's videos (a fifth of the kept training videos, at most --eval-videos).  Taken from the training videos
+    that --videos left out when there are enough, so the train split (and its features) stays as without it;
+    otherwise carved out of the kept ones (train then loses them).  The test split is never touched."""
+    n = max(1, round(0.2 * len(train_keep)))
+    if eval_videos is not None:
+        n = min(n, eval_videos)
+    kept = set(train_keep)
+    rest = [v for v in all_train if v not in kept]
+    if len(rest) >= n:
+        return train_keep, _subset(_split_rng(seed, "val"), rest, n)
+    val = set(_subset(_split_rng(seed, "val"), list(train_keep), n))
+    return [v for v in train_keep if v not in val], [v for v in train_keep if v in val]
+
+
 def _find(annotations: Sequence[str | Path], names: Sequence[str]) -> dict[str, Path]:
     """Map official file names to paths: each argument is a file or a folder holding them."""
     found: dict[str, Path] = {}
@@ -305,8 +321,10 @@ def write_didemo_real(annotations: Sequence[str | Path], out: Path, seed: int = 
 def write_charades_real(annotations: Sequence[str | Path], out: Path, seed: int = 0, d: Difficulty | None = None,
                         videos: int | None = None, eval_videos: int | None = None, dim: int = 1024,
                         snippets_per_second: float = 1.0) -> dict:
-    """charades_sta_{train,test}.txt + Charades_v1_{train,test}.csv (real lines and rows of the kept videos,
-    unchanged) + features/{vid}.npy (T, dim), T = round(duration × snippets_per_second)."""
+    """charades_sta_{train,val,test}.txt + Charades_v1_{train,val,test}.csv (real lines and rows of the kept videos,
+    unchanged) + features/{vid}.npy (T, dim), T = round(duration × snippets_per_second).  Charades-STA has no
+    validation split: val is a seeded part of the training file's videos (`_held_out`), written last so the
+    train and test features are those written without it."""
     from . import charades
 
     d = d or DEFAULTS["charades-real"]
@@ -329,6 +347,10 @@ def write_charades_real(annotations: Sequence[str | Path], out: Path, seed: int 
         keep = (_subset(rng, list(by_vid), videos) if split == "train"
                 else _subset(_split_rng(seed, split), list(by_vid), eval_videos))
         plan[split] = (durations, by_vid, keep, lines)
+    durations, by_vid, keep, lines = plan["train"]
+    train_keep, val_keep = _held_out(seed, list(by_vid), keep, eval_videos)
+    plan["train"] = (durations, by_vid, train_keep, lines)
+    plan["val"] = (durations, by_vid, val_keep, lines)
     pool = [mapping.signature(r.sentence) for v in plan["train"][2] for r in plan["train"][1][v]]
     pool = [p for p in pool if p.any()]
     out.mkdir(parents=True, exist_ok=True)
@@ -347,7 +369,7 @@ def write_charades_real(annotations: Sequence[str | Path], out: Path, seed: int 
             # Lines of kept videos (defective ones too: the shard reader applies its rule); CSV rows of kept videos.
             (stage / f"charades_sta_{split}.txt").write_text("".join(
                 ln for ln in lines if ln.strip() and ln.split(" ", 1)[0] in kept))
-            src = files[f"Charades_v1_{split}.csv"].read_text().splitlines(keepends=True)
+            src = files[f"Charades_v1_{'train' if split == 'val' else split}.csv"].read_text().splitlines(keepends=True)
             (stage / f"Charades_v1_{split}.csv").write_text(src[0] + "".join(
                 ln for ln in src[1:] if ln.split(",", 1)[0] in kept))
             sizes[split] = {"videos": len(keep), "queries": sum(len(by_vid[v]) for v in keep)}
@@ -360,8 +382,10 @@ def write_charades_real(annotations: Sequence[str | Path], out: Path, seed: int 
 def write_activitynet_real(annotations: Sequence[str | Path], out: Path, seed: int = 0, d: Difficulty | None = None,
                            videos: int | None = None, eval_videos: int | None = None, dim: int = 500,
                            snippets_per_second: float = 0.5, max_snippets: int = 200) -> dict:
-    """{train,val_1,val_2}.json (the real entries of the kept videos, unchanged) + sub_activitynet_v1-3.c3d.hdf5.
-    val_1 and val_2 describe the same videos: one feature set carries both files' sentences."""
+    """{train,val,val_1,val_2}.json (the real entries of the kept videos, unchanged) + sub_activitynet_v1-3.c3d.hdf5.
+    val_1 and val_2 describe the same videos: one feature set carries both files' sentences, so choosing on val_1
+    is choosing on val_2's videos.  val.json is a validation split of the method's own: a seeded part of
+    train.json's videos (`_held_out`), its features written last (train's and val_1/2's stay as without it)."""
     import h5py
 
     from . import activitynet
@@ -374,6 +398,9 @@ def write_activitynet_real(annotations: Sequence[str | Path], out: Path, seed: i
     recs = {n: activitynet.read_annotations(p, "clamp")[0] for n, p in files.items()}
     raw = {n: json.loads(p.read_text()) for n, p in files.items()}
     train_keep = _subset(_split_rng(seed, "train"), list(raw["train.json"]), videos)
+    ids_before = [v for v in train_keep]
+    train_keep, val_keep = _held_out(seed, list(raw["train.json"]), train_keep, eval_videos)
+    kept_val = set(val_keep)
     eval_ids = list(dict.fromkeys(v for n in raw if n != "train.json" for v in raw[n]))
     eval_keep = _subset(_split_rng(seed, "eval"), eval_ids, eval_videos)
     rng = _split_rng(seed, "features")
@@ -384,7 +411,7 @@ def write_activitynet_real(annotations: Sequence[str | Path], out: Path, seed: i
     moments: dict[str, list] = {}
     durations: dict[str, float] = {}
     for n, rs in recs.items():
-        keep = kept_train if n == "train.json" else set(eval_keep)
+        keep = (kept_train | kept_val) if n == "train.json" else set(eval_keep)
         for r in rs:
             if r.video in keep:
                 moments.setdefault(r.video, []).append(r)
@@ -394,7 +421,9 @@ def write_activitynet_real(annotations: Sequence[str | Path], out: Path, seed: i
 
     with _Staging(out, "activitynet-real") as stage:
         with h5py.File(stage / ACTIVITYNET_FEATURES, "w") as h5:
-            for vid in list(train_keep) + [v for v in eval_keep if v not in kept_train]:
+            # the features' generator runs in the order written before val existed: train (as drawn), eval, val
+            for vid in ([v for v in ids_before if v in kept_train] + [v for v in eval_keep if v not in kept_train]
+                        + [v for v in val_keep if v not in eval_keep]):
                 if vid not in moments:  # every moment of the video was a defect
                     continue
                 dur = durations[vid]
@@ -404,11 +433,11 @@ def write_activitynet_real(annotations: Sequence[str | Path], out: Path, seed: i
                 x = _plant(rng, cover, sigs, dim, d, pool, lambda rg, T: int(np.clip(round(rg.uniform(0.1, 0.3) * T), 2, T)))
                 h5.create_group(vid).create_dataset("c3d_features", data=x.astype(np.float32))
         sizes = {}
-        for n in raw:
-            keep = train_keep if n == "train.json" else [v for v in eval_keep if v in raw[n]]
-            (stage / n).write_text(json.dumps({v: raw[n][v] for v in keep if v in moments}))
+        for n, src, keep in [(n, n, train_keep if n == "train.json" else [v for v in eval_keep if v in raw[n]])
+                             for n in raw] + [("val.json", "train.json", val_keep)]:
+            (stage / n).write_text(json.dumps({v: raw[src][v] for v in keep if v in moments}))
             sizes[n[:-5]] = {"videos": sum(v in moments for v in keep),
-                             "queries": sum(len(raw[n][v]["sentences"]) for v in keep if v in moments)}
+                             "queries": sum(len(raw[src][v]["sentences"]) for v in keep if v in moments)}
         _provenance(stage.dir, "activitynet-real", seed, d, sizes, {n: str(p) for n, p in files.items()})
         stage.commit()
     return {"splits": sizes, "features": str(out / ACTIVITYNET_FEATURES)}

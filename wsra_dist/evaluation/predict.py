@@ -28,8 +28,13 @@ def model_from_info(info: dict, manifest: dict | None = None) -> WSRA:
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[WSRA, dict]:
-    """A trained run folder (model.safetensors + wsra_model.json) -> model in eval mode and its info."""
+    """A trained run folder (model.safetensors + wsra_model.json) -> model in eval mode and its info.  With
+    model.scale_calibration on, the training statistics are attached (read from, or first written beside the
+    weights: evaluation/calibration.py)."""
+    from .calibration import attach
+
     model = WSRA.from_pretrained(run_dir, device)
+    attach(model, run_dir, device)
     return model, model.info
 
 
@@ -49,31 +54,58 @@ def check_compatible(info: dict, manifest: dict, where: str) -> None:
 
 
 @torch.inference_mode()
-def rank_batch(model: WSRA, batch, protocol: str, device: torch.device) -> list[dict]:
+def ranking_logits(model: WSRA, batch, protocol: str, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, np.ndarray | None]]:
+    """Per query of the batch: (the logits its candidates are ranked by before any scale calibration, float64 (W,)
+    on the CPU (DiDeMo: WSRA.candidate_logits, -inf past the video's end), the window size of each candidate
+    (scale_calibration.window_groups), the windows in seconds (W, 2) or None for DiDeMo's 21 candidates).
+    With model.scale_calibration "contrast" (snippet benchmarks) the values are scale_calibration.inside_outside
+    of the snippets' logits instead of the window logits."""
+    from ..scale_calibration import DIDEMO_GROUPS, inside_outside, window_groups
+
     video, mask, text = batch.video.to(device), batch.mask.to(device), batch.text.to(device)
-    out = []
-    # Order by logits and report sigmoid in float64: a float32 sigmoid saturates to 1 above a logit of ~17, and
-    # the tied candidates would be ordered by their position instead of their score.
     if protocol == "didemo":
-        logits = model.candidate_logits(video, text).double().masked_fill(~mask, float("-inf"))
-        scores = torch.sigmoid(logits).masked_fill(~mask, float("-inf")).cpu().numpy()
-        for m, lg, s in zip(batch.meta, logits.cpu().numpy(), scores):
-            order = np.argsort(-lg, kind="stable")
-            out.append({"annotation_id": m["query_id"], "moments": [list(DIDEMO_CANDIDATES[i]) for i in order],
-                        "scores": [float(s[i]) for i in order]})
-        return out
+        logits = model.candidate_logits(video, text).double().masked_fill(~mask, float("-inf")).cpu()
+        groups = torch.tensor(DIDEMO_GROUPS, dtype=torch.long)
+        return [(lg, groups, None) for lg in logits]
+    contrast = getattr(model, "scale_calibration", "none") == "contrast"
+    out = []
     for i, m in enumerate(batch.meta):
         T = int(mask[i].sum())
         dur = float(m["duration"])
         wins = benchmark_windows(protocol, dur)  # the protocol's windows (Charades-STA's, ActivityNet's)
         ranges = torch.tensor([window_snippet_range(a, b, dur, T) for a, b in wins], device=device)
-        pv = model.scorer.project_windows(video[i, :T], ranges)  # windows pooled from projected snippets
-        lg = model.scorer.logits_from_hidden(pv + model.scorer.project_text(text[i])).double().cpu()
+        if contrast:  # φ of each snippet, then inside vs outside each window
+            sl = model.scorer.logits_from_hidden(model.scorer.project_video(video[i, :T]) + model.scorer.project_text(text[i]))
+            lg = inside_outside(sl, ranges, getattr(model, "contrast_weight", 1.0)).cpu()
+        else:
+            pv = model.scorer.project_windows(video[i, :T], ranges)  # windows pooled from projected snippets
+            lg = model.scorer.logits_from_hidden(pv + model.scorer.project_text(text[i])).double().cpu()
+        out.append((lg, window_groups(protocol, dur), wins))
+    return out
+
+
+@torch.inference_mode()
+def rank_batch(model: WSRA, batch, protocol: str, device: torch.device) -> list[dict]:
+    from ..scale_calibration import calibrate
+
+    # Order by logits and report sigmoid in float64: a float32 sigmoid saturates to 1 above a logit of ~17, and
+    # the tied candidates would be ordered by their position instead of their score.  With
+    # model.scale_calibration (attached by evaluation/calibration.py) the logits are first calibrated per window size.
+    mode, stats = getattr(model, "scale_calibration", "none"), getattr(model, "scale_stats", None)
+    out = []
+    for m, (lg, groups, wins) in zip(batch.meta, ranking_logits(model, batch, protocol, device)):
+        lg = calibrate(mode, lg, groups, stats)
         s = torch.sigmoid(lg).numpy()
-        order = np.argsort(-lg.numpy(), kind="stable")
-        out.append({"query_id": m["query_id"], "video": m["video"],
-                    "moments": [[round(float(wins[j, 0]), 4), round(float(wins[j, 1]), 4)] for j in order],
-                    "scores": [float(s[j]) for j in order]})
+        lg = lg.numpy()
+        order = np.argsort(-lg, kind="stable")
+        if protocol == "didemo":
+            s = np.where(np.isfinite(lg), s, -np.inf)
+            out.append({"annotation_id": m["query_id"], "moments": [list(DIDEMO_CANDIDATES[i]) for i in order],
+                        "scores": [float(s[i]) for i in order]})
+        else:
+            out.append({"query_id": m["query_id"], "video": m["video"],
+                        "moments": [[round(float(wins[j, 0]), 4), round(float(wins[j, 1]), 4)] for j in order],
+                        "scores": [float(s[j]) for j in order]})
     return out
 
 

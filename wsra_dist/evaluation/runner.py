@@ -75,10 +75,12 @@ def evaluate_checkpoints(
     nms: float | None = None, device: str | None = None, run_name: str | None = None,
     clip_predictions: bool = False, iou_tolerance: float = 0.0,
     train_annotations: str | Path | None = None, train_durations: str | Path | None = None,
-    chunk_consistency: float | None = None,
+    chunk_consistency: float | None = None, scale_calibration: str | None = None,
+    contrast_weight: float | None = None,
 ) -> tuple[dict, str | None]:
     """Score one checkpoint (or several, late-fused with weights) on their shards.  `chunk_consistency` (DiDeMo)
     replaces each checkpoint's own model.chunk_consistency ranking weight (WSRA.rank_logits); None keeps theirs.
+    `scale_calibration` likewise replaces model.scale_calibration (evaluation/calibration.py; None keeps theirs).
     The predictions pass the same checks as a prediction file (scoring.score_didemo / score_charades).  The prior rows are learnt on
     `train_annotations` (the official training file) when given, else on the truth in the first run's
     data.train_shards (its recipe.yaml) that can be read; without either the table says how to add them."""
@@ -113,12 +115,20 @@ def evaluate_checkpoints(
     truth_all: list[dict] = []
     reader: dict = {}
     id_key = "annotation_id" if protocol == "didemo" else "query_id"
-    used_mu = []
+    used_mu, used_cal = [], []
     for ck, sh, w in zip(checkpoints, shards, weights):
         model, info = load_run(ck, dev)
         if chunk_consistency is not None:
             model.chunk_consistency = chunk_consistency
+        if chunk_consistency is not None or scale_calibration is not None or contrast_weight is not None:
+            from .calibration import attach  # the statistics of the ranking used
+
+            try:
+                attach(model, ck, dev, mode=scale_calibration, contrast_weight=contrast_weight)
+            except ValueError as e:
+                raise DataError(str(e)) from None
         used_mu.append(model.chunk_consistency)
+        used_cal.append(model.scale_calibration)
         src = ShardSource.open(sh)
         reader = src.manifest.get("reader", {})
         if src.manifest.get("benchmark") != protocol:
@@ -163,7 +173,7 @@ def evaluate_checkpoints(
                           run_name=run_name or " + ".join(Path(c).name for c in checkpoints),
                           feature=" & ".join(_feature_name(s) for s in shards), write_predictions=True,
                           settings_extra={"checkpoints": list(checkpoints), "shards": list(shards),
-                                          "fusion_weights": weights,
+                                          "fusion_weights": weights, "scale_calibration": used_cal,
                                           **({"chunk_consistency": used_mu} if protocol == "didemo" else {}),
                                           **({"charades_filter": reader.get("charades_filter", "clamp")}
                                              if protocol == "charades" else {}),
