@@ -100,3 +100,26 @@ def test_a_failed_start_does_not_block_the_next_run_into_its_folder(exact_shards
     # a finished run is still protected
     p = run_checked([*_train_cmd(), *_overrides(exact_shards, out, 8, 2)], check=False)
     assert p.returncode == 2 and "holds an earlier run" in _one_error_line(p.stderr)
+
+
+# ------------------------------------------------------------------------------------------ (d) resume=latest
+def test_resume_latest_without_a_checkpoint_refuses_to_replace_a_finished_model(exact_shards, tmp_path):
+    from wsra_dist.config import ConfigError
+    from wsra_dist.run_folder import check_reuse
+
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"resume=latest: .* holds a finished run \(model.safetensors\) but no "
+                                          r"checkpoint to continue from; nothing was changed. .*overwrite=true"):
+        check_reuse(tmp_path / "f", "latest", False)
+    assert check_reuse(tmp_path / "f", "auto", False) == ["model.safetensors"]  # auto: from scratch when nothing
+    assert check_reuse(tmp_path / "new", "latest", False) == []  # nothing there: latest starts a new run
+    out = tmp_path / "run"
+    run_checked([*_train_cmd(), *_overrides(exact_shards, out, 8, 2)])  # 2 steps: no checkpoint is written
+    assert not (out / "checkpoints").exists()
+    before = (out / "model.safetensors").read_bytes()
+    p = run_checked([*_train_cmd(), *_overrides(exact_shards, out, 8, 3), "resume=latest"], check=False)
+    assert p.returncode == 2 and "no checkpoint to continue from" in _one_error_line(p.stderr)
+    assert (out / "model.safetensors").read_bytes() == before  # was silently retrained from scratch and replaced
+    p = run_checked([*_train_cmd(), *_overrides(exact_shards, out, 8, 3), "resume=auto"])
+    assert "resume=auto: no complete checkpoint yet, starting from scratch (this replaces" in p.stdout

@@ -43,11 +43,11 @@ def test_reuse_of_a_run_folder_needs_resume_or_overwrite(tmp_path):
     assert check_reuse(tmp_path / "new", "", False) == []
     (tmp_path / "recipe.yaml").write_text("x")  # a start that failed before its first checkpoint: reusable
     assert check_reuse(tmp_path, "", False) == ["recipe.yaml"]
-    (tmp_path / "history.json").write_text("{}")  # a run that got further
-    with pytest.raises(ConfigError, match=r"holds an earlier run \(history.json, recipe.yaml\); continue it with "
+    (tmp_path / "checkpoints" / "step-00000002").mkdir(parents=True)  # a run that got further
+    with pytest.raises(ConfigError, match=r"holds an earlier run \(recipe.yaml, checkpoints/\); continue it with "
                                           r"resume=latest"):
         check_reuse(tmp_path, "", False)
-    assert check_reuse(tmp_path, "latest", False) == ["history.json", "recipe.yaml"]
+    assert check_reuse(tmp_path, "latest", False) == ["recipe.yaml", "checkpoints/"]
     with pytest.raises(ConfigError, match="contradict"):
         check_reuse(tmp_path, "latest", True)
 

@@ -180,4 +180,11 @@ def check_reuse(folder: str | Path, resume: str, overwrite: bool) -> list[str]:
     if found and not resume and not overwrite and not is_failed_start(found):
         raise ConfigError(f"output_dir {folder} holds an earlier run ({', '.join(found)}); continue it with "
                           "resume=latest, replace it with overwrite=true, or train into another output_dir")
+    finished = [n for n in ("model.safetensors", "history.json") if n in found]
+    if resume == "latest" and finished and "checkpoints/" not in found:
+        # latest means "continue": starting over here would silently replace the finished model (auto, by its
+        # contract, starts from scratch when there is nothing to resume, and says so)
+        raise ConfigError(f"resume=latest: output_dir {folder} holds a finished run ({', '.join(finished)}) but no "
+                          "checkpoint to continue from; nothing was changed. Replace the run with overwrite=true "
+                          "(without resume=), or train into another output_dir")
     return found

@@ -632,7 +632,9 @@ def _make_model(run: _Run) -> None:
     model = model_from_info(run.info)
     resume = find_resume(recipe, warn=lambda t: accelerator.print(f"warning: {t}"))
     if resume is None and recipe.resume == "auto":
-        accelerator.print("resume=auto: no complete checkpoint yet, starting from scratch")
+        earlier = [n for n in (MODEL_FILE, "history.json") if (Path(recipe.output_dir) / n).exists()]
+        accelerator.print("resume=auto: no complete checkpoint yet, starting from scratch" + (
+            f" (this replaces the earlier run's {', '.join(earlier)} in {recipe.output_dir})" if earlier else ""))
     resumed = None
     if resume is not None:  # everything checked before any state is loaded
         where = f"resume={resume}"
