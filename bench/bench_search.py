@@ -10,8 +10,10 @@ sentence with the run's text model, scoring every candidate, top-k and NMS, i.e.
 1. the shards' split as it is;
 2. that split tiled to 1,004 videos (the size of the realistic DiDeMo test corpus, 21,084 candidates), when smaller;
 3. a planted corpus of --videos videos: the split's own videos, at random places among distractors whose chunks
-   are drawn from the split's videos (other videos' chunks, reordered, rescaled, with noise), so they hold the
-   same events and scenes.  Searched through an index written to disk and loaded back (fp16 by default).
+   are the split's chunks (drawn across videos, reordered, rescaled, with noise) under one fixed random rotation
+   of feature space: the same norms, chunk structure and statistics, but none of the events the queries
+   describe (unrotated, every distractor would hold real events, and "the right video" would be one of
+   hundreds that show the moment).  Searched through an index written to disk and loaded back (fp16 default).
 
 The baseline, in the same process: the same 100k corpus with every candidate's projection stored (the
 "candidates" layout, 21 rows per video).  Printed: JSON lines (one per measurement, `"kind"`), then a summary
@@ -96,7 +98,7 @@ def tiled(corpus, videos: int):
 
     s, V = corpus.store, len(corpus.videos)
     idx = torch.arange(videos) % V
-    store = DidemoChunkStore(s.g[idx], s.local[idx], s.den[idx], s.norm[idx], s.tef, s.bias)
+    store = DidemoChunkStore(s.g[idx], s.local[:, :, idx], s.den[idx], s.norm[idx], s.tef, s.bias)
     names = [f"{corpus.videos[i % V]}#{i // V}" for i in range(videos)]
     return Corpus.didemo(names, [corpus.durations[i % V] for i in range(videos)], store)
 
@@ -113,6 +115,8 @@ def planted(model, chunks: dict, videos: int, seed: int, batch: int = 2048):
     names = list(chunks)
     X = np.stack([chunks[n] for n in names])  # (S, 6, D)
     S, D = X.shape[0], X.shape[2]
+    Q, _ = np.linalg.qr(rng.standard_normal((D, D)))  # the distractors' rotation
+    XR = (X.reshape(-1, D) @ Q).reshape(X.shape).astype(np.float32)
     place = rng.choice(videos, size=min(S, videos), replace=False)
     real_at = dict(zip(place.tolist(), range(len(place))))
     dims, tef = model.didemo.modality_dims, model.didemo.tef
@@ -122,7 +126,7 @@ def planted(model, chunks: dict, videos: int, seed: int, batch: int = 2048):
         n = min(batch, videos - b0)
         src = rng.integers(0, S, size=(n, 6))
         slot = np.stack([rng.permutation(6) for _ in range(n)])
-        x = X[src, slot] * rng.uniform(0.8, 1.2, size=(n, 6, 1)) + rng.standard_normal((n, 6, D)) * (0.3 / np.sqrt(D))
+        x = XR[src, slot] * rng.uniform(0.8, 1.2, size=(n, 6, 1)) + rng.standard_normal((n, 6, D)) * (0.3 / np.sqrt(D))
         x[rng.random(n) < 0.2, 5] = 0.0  # a fifth of DiDeMo's videos have 5 chunks
         for i in range(n):
             if b0 + i in real_at:
@@ -136,8 +140,8 @@ def planted(model, chunks: dict, videos: int, seed: int, batch: int = 2048):
             r = real_at.get(b0 + i)
             out_names.append(names[r] if r is not None else f"distractor_{b0 + i:06d}.mp4")
             durs.append(30.0)
-    store = DidemoChunkStore(*(torch.cat(parts[k]) for k in ("g", "local", "den", "norm")), tef_part,
-                             model.scorer.proj_v.bias.detach().float())
+    store = DidemoChunkStore.from_parts({**{k: torch.cat(v) for k, v in parts.items()}, "tef": tef_part},
+                                        model.scorer.proj_v.bias.detach().float())
     return Corpus.didemo(out_names, durs, store)
 
 
@@ -231,7 +235,7 @@ def main() -> None:
         hit_big = hit_at_10(bs, queries, big.videos, min(args.hit_queries, len(sentences)))
         emit("hit@10", queries=min(args.hit_queries, len(sentences)), split=hit_split, planted=hit_big)
         # baseline: the same corpus with every candidate stored (21 rows a video), same dtype, same process
-        dense_pv = torch.cat([b.to(torch.float16 if args.dtype == "fp16" else torch.float32)
+        dense_pv = torch.cat([b.transpose(0, 1).reshape(-1, H).to(torch.float16 if args.dtype == "fp16" else torch.float32)
                               for _, b in bidx.corpus.store.blocks(1 << 16)])
         dense = Corpus(big.videos, big.durations, DenseStore(dense_pv), big.video_of, big.starts, big.ends, True,
                        big.iou_starts, big.iou_ends)

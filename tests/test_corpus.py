@@ -160,7 +160,7 @@ def test_index_build_append_and_search(corpus_run, tmp_path):
     with torch.no_grad():
         pt = b.model.scorer.project_text(torch.as_tensor(s.encoder.encode(["a person opens a door"])))
         last = b.model.scorer.tail[-1]
-        pv = torch.cat([blk for _, blk in b.corpus.store.blocks(1 << 20)])
+        pv = b.corpus.store.flat()
         direct = (torch.relu(pv + pt) @ last.weight[0] + last.bias).double()
     best = torch.topk(direct, 7).indices.numpy()
     assert [(r.video, r.start) for r in res] == [(b.corpus.videos[b.corpus.video_of[i]], b.corpus.starts[i]) for i in best]

@@ -27,12 +27,13 @@ def test_chunk_store_rebuilds_the_models_candidate_projections(norm, dims, tef):
     want = model.scorer.project_video(didemo_candidates_from_chunks(chunks, dims, tef))
     parts = model.scorer.didemo_parts(chunks, dims, tef)
     store = DidemoChunkStore.from_parts(parts, model.scorer.proj_v.bias)
-    got = torch.cat([b.double() for _, b in store.blocks(2 * 21)])  # blocks of two videos
+    got = store.flat().double()
     assert torch.allclose(got, want.reshape(-1, 6).float().double(), atol=1e-5)
     # the stored rows: 1 global + 6 per modality, against 21 candidates
-    assert store.g.shape == (5, 6) and store.local.shape == (5, len(dims), 6, 6)
-    starts = [s for s, _ in store.blocks(2 * 21)]
-    assert starts == [0, 42, 84]
+    assert store.g.shape == (5, 6) and store.local.shape == (len(dims), 6, 5, 6)
+    blocks = list(store.blocks(2 * 21))  # two videos a block: (21, 2, H), candidate c of video v at [c, v]
+    assert [s for s, _ in blocks] == [0, 42, 84] and blocks[0][1].shape == (21, 2, 6)
+    assert torch.allclose(blocks[1][1][:, 1].double(), want[3].float().double(), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,8 @@ def test_features_index_equals_the_shards_index(index_pair):
     root, out = index_pair
     a, b = CorpusIndex.load(out / "shards"), CorpusIndex.load(out / "features")
     assert set(a.corpus.videos) < set(b.corpus.videos)  # the .h5 holds every split's videos
-    pa = torch.cat([x for _, x in a.corpus.store.blocks(1 << 20)]).view(len(a.corpus.videos), 21, -1)
-    pb = torch.cat([x for _, x in b.corpus.store.blocks(1 << 20)]).view(len(b.corpus.videos), 21, -1)
+    pa = a.corpus.store.flat().view(len(a.corpus.videos), 21, -1)
+    pb = b.corpus.store.flat().view(len(b.corpus.videos), 21, -1)
     where = {v: i for i, v in enumerate(b.corpus.videos)}
     idx = torch.tensor([where[v] for v in a.corpus.videos])
     assert torch.allclose(pa, pb[idx], atol=1e-5)
@@ -131,7 +132,7 @@ def test_window_features_index_matches_direct_projection(tmp_path):
         read_features_corpus(model, info, str(tmp_path), "cpu")
     c = read_features_corpus(model, info, str(tmp_path), "cpu", fps=2.0)
     assert c.videos == ["AAA01", "BBB02"] and c.durations == [15.5, 6.0]
-    pv = torch.cat([b for _, b in c.store.blocks(1 << 10)])
+    pv = c.store.flat()
     for i, (name, T) in enumerate(lengths.items()):
         x = torch.as_tensor(np.load(tmp_path / f"{name}.npy"))
         wins = benchmark_windows("charades", T / 2.0)

@@ -16,7 +16,9 @@ import torch
 from .candidates import Corpus
 from ..data.records import DataError
 
-CHUNK = 1 << 14  # candidates per scoring chunk (the eager kernel holds chunk x H activations per query)
+# candidates per scoring block: 64 DiDeMo videos (1.3 MB of float32 at H 256) stay in cache while they are
+# rebuilt from their parts and scored; 64-256 videos are equally fast, 1,024 is 1.8x slower (bench_search.py)
+CHUNK = 64 * 21
 MAX_QUERY_CHARS = 2000
 MAX_TOP_K = 10_000
 NMS = 0.3  # default: within a video, drop a moment overlapping a better one by IoU > 0.3 (DiDeMo's spans nest)
@@ -37,9 +39,18 @@ class Moment:
 def corpus_logits(model, corpus: Corpus, pt: torch.Tensor) -> torch.Tensor:
     """(N, M) ranking logits of N projected queries pt (N, H) against every candidate, float32 on pt's device."""
     sc = model.scorer
+    pt = pt.float()
+    last = sc.tail[-1]
+    one = pt.shape[0] == 1 and sc.cfg.depth == 1
     out = []
-    for _, pv in corpus.store.blocks(CHUNK, pt.device):  # whole videos per block (float32)
-        out.append(sc.all_pairs_logits_projected(pv.unsqueeze(0), pt.float())[0].T)  # (N, block)
+    # (K, Vb, H): K candidates of Vb whole videos; one query (search) is added as the block is built, then ReLU
+    # and the product run in place over a block that is still in cache
+    for _, pv in corpus.store.blocks(CHUNK, pt.device, shift=pt[0] if one else None):
+        if one:
+            lg = (pv.clamp_min_(0) @ last.weight[0] + last.bias[0]).unsqueeze(-1)  # (K, Vb, 1)
+        else:
+            lg = sc.all_pairs_logits_projected(pv, pt)  # (K, Vb, N)
+        out.append(lg.permute(2, 1, 0).reshape(pt.shape[0], -1))  # (N, Vb K): video-major
     logits = torch.cat(out, 1) if out else pt.new_zeros(pt.shape[0], 0)
     if corpus.grid and getattr(model, "chunk_consistency", 0):  # per video's 21 candidates
         n = logits.shape[0]

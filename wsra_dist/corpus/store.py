@@ -10,7 +10,11 @@
   The 21 candidates are rebuilt block by block when scored (`model.didemo_from_parts`, the training
   arithmetic), never all at once.
 
-Both give `blocks(rows, device)`: float32 projections of consecutive candidates, whole videos per block.
+Both give `blocks(rows, device, shift)`: new float32 buffers (the caller may overwrite them) of projections (K, Vb, H) of Vb consecutive videos' K candidates each
+(candidate c of the block's video v at [c, v]; the dense layout yields K = 1 and Vb = rows).  The parts are kept
+chunk-major in memory, local (M, 6, V, H), so a block's 21 x Vb candidates are one (21, 6) x (6, Vb H) GEMM
+per modality and a few in-place passes over a block small enough to stay in cache: 6x faster than
+materialising the block by batched per-video products (bench/bench_search.py).
 """
 
 from __future__ import annotations
@@ -42,9 +46,10 @@ class DenseStore:
     def to(self, device) -> "DenseStore":
         return DenseStore(self.pv.to(device))
 
-    def blocks(self, rows: int, device=None) -> Iterator[tuple[int, torch.Tensor]]:
+    def blocks(self, rows: int, device=None, shift: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         for s in range(0, self.rows, rows):
-            yield s, self.pv[s : s + rows].to(device or self.pv.device, torch.float32)
+            b = self.pv[s : s + rows].to(device or self.pv.device, torch.float32, copy=True).unsqueeze(0)
+            yield s, b if shift is None else b.add_(shift)
 
     def cat(self, other: "DenseStore") -> "DenseStore":
         return DenseStore(torch.cat([self.pv.float(), other.pv.float()]))
@@ -59,9 +64,15 @@ class DenseStore:
     def check_finite(self) -> bool:
         return all(bool(torch.isfinite(b).all()) for _, b in self.blocks(1 << 16))
 
+    def flat(self) -> torch.Tensor:
+        """(M, H) float32 projections, video-major (tests and tools; scoring goes through blocks)."""
+        return self.pv.float()
+
 
 class DidemoChunkStore:
-    """Per-video parts (Scorer.didemo_parts) of V DiDeMo videos, and the shared TEF term and bias."""
+    """Per-video parts (Scorer.didemo_parts) of V DiDeMo videos, and the shared TEF term and bias.
+
+    g (V, H), local (M, 6, V, H) chunk-major, den (V, 21, M), norm (V, 21), tef (21, H), bias (H)."""
 
     layout = "didemo_chunks"
 
@@ -71,7 +82,9 @@ class DidemoChunkStore:
 
     @classmethod
     def from_parts(cls, parts: dict[str, torch.Tensor], bias: torch.Tensor) -> "DidemoChunkStore":
-        return cls(parts["g"], parts["local"], parts["den"], parts["norm"], parts["tef"], bias.detach())
+        """From Scorer.didemo_parts (local (V, M, 6, H))."""
+        return cls(parts["g"], parts["local"].permute(1, 2, 0, 3).contiguous(), parts["den"], parts["norm"],
+                   parts["tef"], bias.detach())
 
     @property
     def videos(self) -> int:
@@ -88,24 +101,44 @@ class DidemoChunkStore:
     def to(self, device) -> "DidemoChunkStore":
         return DidemoChunkStore(*(x.to(device) for x in (self.g, self.local, self.den, self.norm, self.tef, self.bias)))
 
-    def blocks(self, rows: int, device=None) -> Iterator[tuple[int, torch.Tensor]]:
-        from ..model import didemo_from_parts
+    def blocks(self, rows: int, device=None, shift: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """pv_c = (g + tef_c + Σ_m (A @ local_m)[c] / den_cm) / norm_c + bias, as model.didemo_from_parts
+        (the same value up to float rounding; tests hold them within 1e-5); + shift (H) when given, in the
+        same pass (search adds the query's projection here)."""
+        from ..geometry import didemo_pooling_matrix
 
         dev = device or self.g.device
         step = max(1, rows // N_DIDEMO)
+        A = didemo_pooling_matrix(torch.float32, dev)
         tef, bias = self.tef.to(dev, torch.float32), self.bias.to(dev, torch.float32)
-        for v in range(0, self.videos, step):
-            sl = slice(v, v + step)
-            parts = {"g": self.g[sl].to(dev, torch.float32), "local": self.local[sl].to(dev, torch.float32),
-                     "den": self.den[sl].to(dev, torch.float32), "norm": self.norm[sl].to(dev, torch.float32),
-                     "tef": tef}
-            yield N_DIDEMO * v, didemo_from_parts(parts, bias).reshape(-1, self.hidden)
+        if shift is not None:
+            bias = bias + shift.to(dev, torch.float32)
+        has_tef = bool(tef.any())
+        H = self.hidden
+        for v0 in range(0, self.videos, step):
+            v1 = min(self.videos, v0 + step)
+            n = v1 - v0
+            k = self.norm[v0:v1].to(dev, torch.float32).reciprocal().T.unsqueeze(-1)  # (21, n, 1)
+            den = self.den[v0:v1].to(dev, torch.float32)
+            y = None
+            for m in range(self.local.shape[0]):
+                t = (A @ self.local[m, :, v0:v1].to(dev, torch.float32).reshape(6, -1)).view(N_DIDEMO, n, H)
+                t.mul_(k / den[:, :, m].T.unsqueeze(-1))
+                y = t if y is None else y.add_(t)
+            y.addcmul_(self.g[v0:v1].to(dev, torch.float32).unsqueeze(0), k)
+            if has_tef:
+                y.addcmul_(tef.unsqueeze(1), k)
+            yield N_DIDEMO * v0, y.add_(bias)
+
+    def flat(self) -> torch.Tensor:
+        """(21 V, H) float32 projections, video-major (tests and tools; scoring goes through blocks)."""
+        return torch.cat([b.transpose(0, 1).reshape(-1, self.hidden) for _, b in self.blocks(1 << 16)])
 
     def cat(self, other: "DidemoChunkStore") -> "DidemoChunkStore":
-        if self.local.shape[1:] != other.local.shape[1:]:
+        if self.local.shape[:2] != other.local.shape[:2] or self.hidden != other.hidden:
             raise DataError("the videos to append have another feature layout than the index's")
         return DidemoChunkStore(torch.cat([self.g.float(), other.g.float()]),
-                                torch.cat([self.local.float(), other.local.float()]),
+                                torch.cat([self.local.float(), other.local.float()], 2),
                                 torch.cat([self.den, other.den]), torch.cat([self.norm, other.norm]),
                                 self.tef, self.bias)
 
@@ -119,8 +152,8 @@ class DidemoChunkStore:
     def from_tensors(cls, t: dict[str, torch.Tensor], videos: int) -> "DidemoChunkStore":
         s = cls(t["g"], t["local"], t["den"], t["norm"], t["tef"], t["bias"])
         H = s.hidden
-        ok = (s.g.shape == (videos, H) and s.local.dim() == 4 and s.local.shape[0] == videos
-              and s.local.shape[2:] == (6, H) and s.den.shape == (videos, N_DIDEMO, s.local.shape[1])
+        ok = (s.g.shape == (videos, H) and s.local.dim() == 4 and s.local.shape[1:] == (6, videos, H)
+              and s.den.shape == (videos, N_DIDEMO, s.local.shape[0])
               and s.norm.shape == (videos, N_DIDEMO) and s.tef.shape == (N_DIDEMO, H) and s.bias.shape == (H,))
         if not ok:
             raise ValueError("the stored parts' shapes do not fit together")
