@@ -232,7 +232,7 @@ def main() -> None:
                               bytes_ratio=round(bidx.nbytes / chunk_bytes, 3),
                               bytes_per_video=round(bidx.nbytes / args.videos, 1),
                               **time_search(bs, sentences, args.queries, device))
-        hit_big = hit_at_10(bs, queries, big.videos, min(args.hit_queries, len(sentences)))
+        hit_big = hit_at_10(bs, queries, corpus.videos, min(args.hit_queries, len(sentences)))
         emit("hit@10", queries=min(args.hit_queries, len(sentences)), split=hit_split, planted=hit_big)
         # baseline: the same corpus with every candidate stored (21 rows a video), same dtype, same process
         dense_pv = torch.cat([b.transpose(0, 1).reshape(-1, H).to(torch.float16 if args.dtype == "fp16" else torch.float32)

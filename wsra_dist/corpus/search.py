@@ -19,6 +19,8 @@ from ..data.records import DataError
 # candidates per scoring block: 64 DiDeMo videos (1.3 MB of float32 at H 256) stay in cache while they are
 # rebuilt from their parts and scored; 64-256 videos are equally fast, 1,024 is 1.8x slower (bench_search.py)
 CHUNK = 64 * 21
+# on a GPU a block is launch-bound, not cache-bound: ~1 M candidates (1 GB of float32 at H 256) per block
+CUDA_CHUNK = 1 << 20
 MAX_QUERY_CHARS = 2000
 MAX_TOP_K = 10_000
 NMS = 0.3  # default: within a video, drop a moment overlapping a better one by IoU > 0.3 (DiDeMo's spans nest)
@@ -45,7 +47,8 @@ def corpus_logits(model, corpus: Corpus, pt: torch.Tensor) -> torch.Tensor:
     out = []
     # (K, Vb, H): K candidates of Vb whole videos; one query (search) is added as the block is built, then ReLU
     # and the product run in place over a block that is still in cache
-    for _, pv in corpus.store.blocks(CHUNK, pt.device, shift=pt[0] if one else None):
+    rows = CUDA_CHUNK if pt.device.type == "cuda" else CHUNK
+    for _, pv in corpus.store.blocks(rows, pt.device, shift=pt[0] if one else None):
         if one:
             lg = (pv.clamp_min_(0) @ last.weight[0] + last.bias[0]).unsqueeze(-1)  # (K, Vb, 1)
         else:
