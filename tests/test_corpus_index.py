@@ -143,3 +143,15 @@ def test_window_features_index_matches_direct_projection(tmp_path):
     np.save(tmp_path / "CCC03.npy", rng.standard_normal((5, 9)).astype(np.float32))
     with pytest.raises(DataError, match="CCC03.npy: 9-d features"):
         read_features_corpus(model, info, str(tmp_path), "cpu", fps=2.0)
+
+
+def test_python_api_load_index(index_pair):
+    from wsra_dist.corpus import load_index
+    from wsra_dist.corpus.index import CorpusIndex
+    from wsra_dist.corpus.search import Searcher
+
+    _, out = index_pair
+    s = load_index(out / "features", device="cpu")
+    got = s.search("a person opens a door", top_k=5)
+    want = Searcher(CorpusIndex.load(out / "features"), encoder=s.encoder, device="cpu").search("a person opens a door", top_k=5)
+    assert [m.json() for m in got] == [m.json() for m in want] and len(got) == 5

@@ -121,3 +121,16 @@ class Searcher:
         c = self._corpus
         return [Moment(c.videos[int(c.video_of[i])], float(c.starts[i]), float(c.ends[i]), float(s))
                 for i, s in zip(keep, sc)]
+
+
+def load_index(path, device: str | torch.device | None = None) -> Searcher:
+    """The Python API of `wsra-dist search`, beside `ground.load_model`:
+
+        from wsra_dist.corpus import load_index
+        for m in load_index("INDEX").search("a man delivers a package", top_k=20):
+            print(m.video, m.start, m.end, m.score)
+    """
+    from .index import CorpusIndex
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Searcher(CorpusIndex.load(path, dev), device=dev)
