@@ -118,7 +118,7 @@ def test_ablate_k_grid_writes_table_and_plot(planted_didemo, tmp_path):
                for r in results)
     assert " ± " in p.stdout and ("within the spread" in p.stdout or "beyond the spread" in p.stdout)
     # the prior baseline (training annotations, scored on the validation queries) sits in the same table
-    assert "| Prior: moment frequency (train annotations; baseline) | |" in p.stdout and "baseline (no video)" in p.stdout
+    assert "| Prior: moment frequency (uses training timestamps; baseline) | |" in p.stdout and "baseline (no video)" in p.stdout
 
 
 def test_spread_rule_and_y_range():

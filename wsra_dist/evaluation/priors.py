@@ -34,9 +34,9 @@ from ..data.records import DataError
 from ..geometry import DIDEMO_CANDIDATES, benchmark_windows
 from . import metrics as M
 
-PRIOR_FREQUENCY = "Prior: moment frequency (train annotations; baseline)"
-PRIOR_FIXED = "Prior: best fixed window (train; baseline)"
-PRIOR_LENGTH = "Prior: length/position (train; baseline)"
+PRIOR_FREQUENCY = "Prior: moment frequency (uses training timestamps; baseline)"
+PRIOR_FIXED = "Prior: best fixed window (uses training timestamps; baseline)"
+PRIOR_LENGTH = "Prior: length/position (uses training timestamps; baseline)"
 PRIOR_LABELS = (PRIOR_FREQUENCY, PRIOR_FIXED, PRIOR_LENGTH)
 
 GRID_STEP = 0.01  # fixed-window search grid (fraction of the video)
