@@ -123,3 +123,68 @@ def test_resume_latest_without_a_checkpoint_refuses_to_replace_a_finished_model(
     assert (out / "model.safetensors").read_bytes() == before  # was silently retrained from scratch and replaced
     p = run_checked([*_train_cmd(), *_overrides(exact_shards, out, 8, 3), "resume=auto"])
     assert "resume=auto: no complete checkpoint yet, starting from scratch (this replaces" in p.stdout
+
+
+# ------------------------------------------------------------------------- (b) a stop signal during a stalled read
+def _procs(marker: str) -> list[str]:
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [ln for ln in out.splitlines() if marker in ln and "ps -eo" not in ln]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_during_a_stalled_remote_read_stops_within_seconds(exact_shards, tmp_path, workers):
+    """The third shard stalls (its command sends 5 kB, then nothing, connection open): SIGTERM ends the run in
+    seconds (was: at data.read_timeout_s, exit 2, no checkpoint), exit 143, a checkpoint of the last completed step
+    from which resume=latest continues exactly, and no process of the shard command left (ps)."""
+    import signal
+    import subprocess
+    import time
+
+    from .helpers import load_weights, max_weight_diff
+
+    marker = f"sleep 300.{workers}7"
+    script = tmp_path / "serve.sh"
+    script.write_text(f'case "$1" in *000002*) head -c 5000 "$1"; {marker};; *) cat "$1";; esac\n')
+    pattern = str(exact_shards / "shard-{000000..000005}.tar")
+    extra = [f"data.train_manifest={exact_shards / 'manifest.json'}", "data.read_timeout_s=300"]
+
+    def overrides(out, source):
+        ov = _overrides(exact_shards, out, 8, 5, "adam", extra)
+        ov[0] = f"data.train_shards={source}"
+        ov[ov.index("data.num_workers=0")] = f"data.num_workers={workers}"
+        return ov
+
+    cut = tmp_path / "cut"
+    p = subprocess.Popen([*_train_cmd(), *overrides(cut, f"pipe:sh {script} {pattern}")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        end = time.time() + 300
+        while not _procs(marker) and p.poll() is None and time.time() < end:
+            time.sleep(0.2)
+        assert _procs(marker), "the stalling command did not start"
+        time.sleep(3)  # the reader is now blocked on the stalled source
+        t = time.time()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+        took = time.time() - t
+    finally:
+        p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert took < 20, took  # 1 s grace + the checkpoint + interpreter exit; was data.read_timeout_s (300 s here)
+    text = out + err
+    assert "stopped by SIGTERM at step " in text and "while waiting for shard data from pipe:sh" in text, text[-2000:]
+    assert "error" not in err.lower(), err[-2000:]
+    step = int(text.split("stopped by SIGTERM at step ")[1].split()[0])
+    assert step >= 1 and (cut / "checkpoints" / f"step-{step:08d}").is_dir()
+    end = time.time() + 10
+    while _procs(marker) and time.time() < end:
+        time.sleep(0.2)
+    assert not _procs(marker), _procs(marker)  # no sh / sleep of the shard command survives
+    if workers:
+        return
+    full = tmp_path / "full"
+    run_checked([*_train_cmd(), *overrides(full, f"pipe:cat {pattern}")])
+    run_checked([*_train_cmd(), *overrides(cut, f"pipe:cat {pattern}"), "resume=latest"])
+    assert max_weight_diff(load_weights(full), load_weights(cut)) <= 1e-7

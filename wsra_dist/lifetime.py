@@ -48,8 +48,12 @@ def _poll_parent(parent: int) -> None:
 
 def loader_worker_init(_worker_id: int) -> None:
     """DataLoader worker_init_fn: the worker ends with the trainer that forked it, and leaves Ctrl-C (SIGINT to the
-    whole foreground group) to the trainer, which stops cleanly after its step (wsra_dist/stop_signals.py)."""
+    whole foreground group) and SIGTERM (Slurm signals every process of a job step) to the trainer, which stops
+    cleanly after its step (wsra_dist/stop_signals.py).  torch's worker handler would end the worker on a SIGTERM
+    from anyone but its parent, and the trainer's next batch would fail with "DataLoader worker exited
+    unexpectedly".  The trainer ends its workers itself (torch's shutdown; SIGKILL when they are stuck)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent()
 
 

@@ -51,7 +51,7 @@ from .lifetime import die_with_parent, launched_worker
 from .evaluation.predict import model_from_info, predict
 from .model import RUN_CONFIG_FILE as INFO_FILE, WEIGHTS_FILE as MODEL_FILE
 from .run_folder import RunLock, check_reuse, clear_previous_run, previous_run, set_aside_failed_start
-from .stop_signals import Stopped, StopSignals
+from .stop_signals import STALL_S, StopDuringRead, Stopped, StopSignals
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "train_state.json"  # TrainState, written by rank 0 into every checkpoint folder (JSON: no pickle)
@@ -531,6 +531,7 @@ class _Run:
     ep_sums: dict = field(default_factory=dict)  # loss terms summed over the epoch's steps, on the device
     ep_steps: int = 0
     stop: object = None  # StopSignals: the signal that asked the run to stop (0: none)
+    fetching: bool = False  # waiting for the next training batch between steps (a stop there can checkpoint)
     last_checkpoint_step: int = -1
 
     def plan_of(self, e: int):
@@ -547,6 +548,14 @@ def _train(recipe: Recipe, accelerator, stop: StopSignals | None = None) -> Path
         torch.use_deterministic_algorithms(True)
     run = _open_data(recipe, accelerator)
     run.stop = stop
+    try:
+        return _train_run(run)
+    except StopDuringRead as e:  # a signal while shard data did not come: the step cannot finish
+        raise _stopped_in_read(run, e) from None
+
+
+def _train_run(run: _Run) -> Path:
+    recipe, accelerator = run.recipe, run.accelerator
     _make_loader(run)
     if recipe.overwrite:  # every check has passed: only now is the earlier run removed
         if accelerator.is_main_process and (found := previous_run(recipe.output_dir)):
@@ -718,9 +727,12 @@ def _train_epoch(run: _Run, progress, task) -> bool:
         accelerator.print(f"epoch {state.epoch + 1}: the last {plan.folded} queries are folded into batch "
                           f"{plan.batches} (a global batch needs at least {run.need} for top/last-K sampling)")
     seen, skipped = plan.batches - state.batch_in_epoch, 0  # batches of this epoch run here / skipped
+    run.fetching = True  # waiting for the next batch, between steps: a stop there can checkpoint the state
     for batch in run.loader.epoch(state.epoch, skip=state.batch_in_epoch):
+        run.fetching = False
         if not _train_step(run, batch, progress, task):
             skipped += 1
+            run.fetching = True
             continue
         if recipe.train.checkpoint_every and state.step % recipe.train.checkpoint_every == 0:
             _checkpoint_now(run)
@@ -731,6 +743,8 @@ def _train_epoch(run: _Run, progress, task) -> bool:
         _stop_if_asked(run)
         if recipe.train.max_steps and state.step >= recipe.train.max_steps:
             return True
+        run.fetching = True
+    run.fetching = False
     if seen > 0 and skipped == seen:
         raise DataError(f"data.train_shards={recipe.data.train_shards}: no global batch of epoch {state.epoch + 1} "
                         "has enough queries of other videos for top/last-K sampling, and no other loss term is "
@@ -765,6 +779,29 @@ def _stop_if_asked(run: _Run) -> None:
     run.accelerator.print(str(stopped))
     run.accelerator.end_training()
     raise stopped
+
+
+def _stopped_in_read(run: _Run, e: StopDuringRead) -> Stopped:
+    """SIGTERM/SIGINT while shard data does not come (stop_signals.data_wait): checkpoint the last completed step
+    where that is possible, end the loader's workers and their commands, and say where the run stands."""
+    state, accelerator = run.state, run.accelerator
+    note = f" while waiting for shard data from {e.what} " + (
+        f"(none came within {STALL_S:g} s of the signal)" if e.stalled else "(the signal stopped its source too)")
+    if isinstance(run.loader, EpochLoader):
+        run.loader.abandon()  # workers blocked in the stalled read; their pipe: commands end with them
+    can_save = run.world == 1 and run.fetching and run.model is not None and state.step > 0
+    if can_save and run.last_checkpoint_step != state.step:
+        _checkpoint_now(run)  # between steps: the state is whole, resume=latest continues exactly here
+    resume = "resume with resume=latest"
+    if run.last_checkpoint_step != state.step:
+        last = ckpts.latest_complete(Path(run.recipe.output_dir) / CKPT_DIR)
+        why = ("several processes cannot write one while this one waits" if run.world > 1 and state.step else
+               "no step was completed" if not state.step else "the wait was not between training steps")
+        note += f"; no checkpoint of step {state.step} was written ({why})"
+        resume = f"resume with resume=latest (from {last.name})" if last else "no checkpoint to resume from"
+    stopped = Stopped(e.signum, state.step, note, resume)
+    (accelerator.print if run.world == 1 else print)(str(stopped))  # with several, the rank that stopped says so
+    return stopped
 
 
 def _host_video_ids(run: _Run, batch, g: Gatherer) -> torch.Tensor:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import stat
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -35,6 +36,7 @@ import torch
 
 from ..geometry import DIDEMO_CANDIDATES
 from ..lifetime import loader_worker_init
+from ..stop_signals import StopDuringRead, data_wait, pending
 from .batch import Batch
 from .records import DataError
 from .remote import DEFAULT_TIMEOUT_S
@@ -342,6 +344,29 @@ class EpochLoader:
                                                    worker_init_fn=loader_worker_init if nw else None)
         return self._dl
 
+    def abandon(self) -> None:
+        """End the loader workers now (SIGKILL), when the run stops while they may be blocked in a stalled read:
+        torch's own shutdown waits 5 s for each and then sends SIGTERM, which a worker in a read does not act on.
+        Their `pipe:` commands end with them (the guard dies with its parent, data/remote.py)."""
+        it = getattr(self._dl, "_iterator", None) if self._dl is not None else None
+        workers = [w for w in (getattr(it, "_workers", None) or []) if w.is_alive()]
+        if not workers or getattr(it, "_shutdown", True):
+            return
+        from torch.utils.data._utils import signal_handling
+
+        it._shutdown = True  # torch's shutdown would wait on the killed workers again
+        try:  # before the kill: torch's SIGCHLD handler would otherwise report the killed workers as a failure
+            signal_handling._remove_worker_pids(id(it))
+        except (RuntimeError, AttributeError):
+            pass
+        for w in workers:
+            try:
+                os.kill(w.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for w in workers:
+            w.join(timeout=5)
+
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         """This process's batches of `epoch`, after skipping the first `skip` (mid-epoch resume)."""
         plan = self.plan(epoch)
@@ -349,15 +374,22 @@ class EpochLoader:
         self._epoch.set(epoch)  # before iter(): persistent workers read it when their iterator restarts
         it = iter(self._dataloader())
         layout = self.source.layout
+        waiting_on = (f"{self.source.name or 'the training shards'}" +
+                      (f" (through {self.num_workers} loader workers)" if self.num_workers else ""))
+        end = object()
         for b in range(n_batches):
             want = plan.last[self.rank] if b == n_batches - 1 else self.batch_size
             samples = []
-            for s in it:
+            while len(samples) < want:
+                with data_wait(waiting_on):  # a stop signal ends a stalled wait for the next sample
+                    s = next(it, end)
+                if s is end:
+                    break
                 if isinstance(s, WorkerFailure):
+                    if pending():  # the worker's source died of the stop signal sent to the whole group
+                        raise StopDuringRead(pending(), waiting_on, stalled=False)
                     s.reraise()
                 samples.append(s)
-                if len(samples) == want:
-                    break
             if not samples:
                 break
             if b >= skip:

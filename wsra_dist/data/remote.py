@@ -7,7 +7,8 @@ a killed reader.  Here:
 * the command runs under a small guard process (`GUARD`, plain Python, no project import) that starts it in a
   session (process group) of its own and kills that whole group when it is told to stop (SIGTERM) or when the
   process that started it dies (Linux PR_SET_PDEATHSIG on the guard): no `sh`/`curl` survives the reader, a
-  SIGTERM of the trainer, a SIGKILL of it, or a failure;
+  SIGTERM of the trainer, a SIGKILL of it, or a failure.  The guard ignores SIGINT: Ctrl-C reaches the whole
+  foreground group, and the trainer, which stops cleanly on it, ends the command itself;
 * the reader waits at most `timeout_s` (`data.read_timeout_s`) for each next byte; a stall fails with one line
   naming the URL;
 * a command that exits non-zero fails with one line naming the URL, the command's exit status and, for curl,
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import weakref
 
+from ..stop_signals import StopDuringRead, data_wait, pending
 from .records import DataError
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -41,8 +43,9 @@ def stop(signum, frame):
     except ProcessLookupError:
         pass
     os._exit(128 + signum)
-for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+for s in (signal.SIGTERM, signal.SIGHUP):
     signal.signal(s, stop)
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the reader's: it stops the command when it stops
 rc = child.wait()
 try:
     os.killpg(child.pid, signal.SIGKILL)  # what the command left running in its group
@@ -97,7 +100,8 @@ class PipeStream(io.RawIOBase):
     def readinto(self, b) -> int:
         if self.done:
             return 0
-        ready, _, _ = select.select([self.fd], [], [], self.timeout_s)
+        with data_wait(self.url):  # a SIGTERM/SIGINT of the trainer ends a stalled wait (stop_signals.py)
+            ready, _, _ = select.select([self.fd], [], [], self.timeout_s)
         if not ready:
             self.close()
             raise DataError(f"{self.url}: no data for {self.timeout_s:g} s (data.read_timeout_s): the shard source "
@@ -118,6 +122,8 @@ class PipeStream(io.RawIOBase):
             raise DataError(f"{self.url}: the command closed its output but did not exit within "
                             f"{self.timeout_s:g} s (data.read_timeout_s); it was stopped") from None
         if rc != 0:
+            if pending():  # the stop signal reached the command too (sent to the whole group): not a data error
+                raise StopDuringRead(pending(), self.url, stalled=False)
             raise DataError(f"{self.url}: {self._describe(rc)}")
 
     def _describe(self, rc: int) -> str:
