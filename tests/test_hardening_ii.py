@@ -188,3 +188,54 @@ def test_sigterm_during_a_stalled_remote_read_stops_within_seconds(exact_shards,
     run_checked([*_train_cmd(), *overrides(full, f"pipe:cat {pattern}")])
     run_checked([*_train_cmd(), *overrides(cut, f"pipe:cat {pattern}"), "resume=latest"])
     assert max_weight_diff(load_weights(full), load_weights(cut)) <= 1e-7
+
+
+# ------------------------------------------------------------------------------- (f) device options and lines
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["search", "{idx}", "a man", "--device", "cuda:7x"], "--device cuda:7x: not a device name (use cpu, cuda, cuda:N)"),
+    (["index", "--checkpoint", "{idx}", "--shards", "{idx}", "--out", "{idx}", "--device", "bogus"],
+     "--device bogus: not a device name"),
+    (["serve", "{idx}", "--port", "70000"], "--port 70000: a port is a number from 0 to 65535 (0: any free one)"),
+    (["serve", "{idx}", "--port", "-1"], "--port -1: a port is a number from 0 to 65535"),
+    pytest.param(["search", "{idx}", "a man", "--device", "cuda"], "--device cuda: no CUDA device on this machine",
+                 marks=pytest.mark.skipif(not _no_cuda(), reason="this machine has CUDA")),
+    pytest.param(["features", "--videos", "{idx}", "--model", "pixels", "--fps", "1", "--layout", "charades",
+                  "--out", "{idx}", "--device", "cuda:1"], "--device cuda:1: no CUDA device on this machine",
+                 marks=pytest.mark.skipif(not _no_cuda(), reason="this machine has CUDA")),
+])
+def test_device_and_port_options_are_one_usage_line(tmp_path, args, says):
+    from .helpers import run_cli
+
+    p = run_cli(*[a.replace("{idx}", str(tmp_path / "nothing")) for a in args], check=False)
+    assert p.returncode == 2
+    line = _one_error_line(p.stderr)  # was "internal error (AssertionError): Torch not compiled with CUDA enabled"
+    assert says in line and "internal error" not in line
+
+
+@pytest.mark.skipif(not _no_cuda(), reason="this machine has CUDA")
+def test_train_device_cuda_without_a_gpu_is_a_recipe_error(exact_shards, tmp_path):
+    from wsra_dist.config import ConfigError, load_recipe
+    from wsra_dist.train import train
+
+    r = load_recipe(RECIPE, [*_overrides(exact_shards, tmp_path / "run", 8, 1), "train.device=cuda"])
+    with pytest.raises(ConfigError, match=r"train.device=cuda: no GPU is visible on this machine"):
+        train(r)
+    assert not (tmp_path / "run" / "recipe.yaml").exists()
+
+
+@pytest.mark.skipif(not _no_cuda(), reason="this machine has CUDA")
+def test_cuda_graph_true_on_cpu_and_the_device_cache_say_one_clear_line_each(exact_shards, tmp_path):
+    p = run_checked([*_train_cmd(), *_overrides(exact_shards, tmp_path / "run", 8, 2), "train.cuda_graph=true",
+                     "data.device_cache=true"])
+    lines = (p.stdout + p.stderr).splitlines()
+    graph = [ln for ln in lines if "cuda_graph" in ln or "RuntimeWarning" in ln or "make_step(" in ln]
+    assert graph == ["warning: train.cuda_graph=true cannot be served here (not on a GPU); the step runs eagerly"]
+    cache = [ln for ln in lines if "device_cache" in ln]
+    assert len(cache) == 1 and cache[0].startswith("data.device_cache: the 48 training queries are held on cpu, ")
+    assert cache[0].endswith(" MiB (data.device_cache=true)"), cache[0]  # was "... MiB; data.device_cache=true (~N MiB))"

@@ -156,7 +156,28 @@ POOLING = typer.Option(Pooling.layers_mean, help="Text pooling: layers_mean (the
                                                   "mean over layers), last_mean, embed_layers_mean, cls.")
 SKIP_MISSING = typer.Option(False, help="Skip (and count) queries whose video has no features instead of failing.")
 CACHE_DIR = typer.Option(None, help="Text-feature cache (default ~/.cache/wsra-dist/text).")
-DEVICE = typer.Option("cpu", help="Device for the text model.")
+
+
+def _device(value: Optional[str]) -> Optional[str]:
+    """--device callback: a device this machine lacks is one usage line, before any work (wsra_dist/devices.py)."""
+    from .devices import check_device
+
+    return check_device(value)
+
+
+def _device_or_auto(value: str) -> str:
+    from .devices import check_device
+
+    return check_device(value, words=("auto",))
+
+
+def _port(value: int) -> int:
+    from .devices import check_port
+
+    return check_port(value)
+
+
+DEVICE = typer.Option("cpu", help="Device for the text model.", callback=_device)
 QUIET = typer.Option(False, help="No progress bars.")
 COMPRESS = typer.Option(False, help="Write shard-NNNNNN.tar.gz (gzip level 1; stock WebDataset and tar read it as is): "
                                     "~0.8-0.9 of the plain tar's bytes, tar framing mostly gone, at ~0.7x reading rate.")
@@ -425,7 +446,7 @@ def index(
     dtype: str = typer.Option("fp16", help="Storage of the projections: fp16 (half the bytes) or fp32.  DiDeMo "
                                            "indexes store each video's 6 projected chunks and global part (7 rows "
                                            "per modality, not 21 candidates)."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one).", callback=_device),
 ):
     """Project every candidate moment of every video once, for search and serve (from shards or features)."""
     import torch
@@ -447,7 +468,7 @@ def search(
     nms: float = typer.Option(0.3, help="Within a video, drop a moment overlapping a better one by IoU above this "
                                         "(1: keep all)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines {video, start, end, score} instead of a table."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one).", callback=_device),
 ):
     """Find a sentence across every video of an index: moments (video, start, end in seconds, score), best first."""
     from .corpus.index import CorpusIndex
@@ -468,9 +489,9 @@ def serve(
     index: Path = typer.Argument(..., help="Index folder written by `wsra-dist index`."),
     videos: Optional[Path] = typer.Option(None, help="Folder of the raw videos (by the names the index holds; another "
                                                      "container of the same name is found too): the page plays them."),
-    port: int = typer.Option(8000, help="Port (0: any free one)."),
+    port: int = typer.Option(8000, help="Port (0: any free one).", callback=_port),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one).", callback=_device),
 ):
     """A local search page over an index: a query box, ranked moments, a player that starts at the moment."""
     from .corpus.index import CorpusIndex
@@ -551,7 +572,8 @@ def features(
                                        "extracts only the videos not written yet."),
     batch_size: int = typer.Option(32, help="Frames per extraction batch (the model's batch size)."),
     device: str = typer.Option("auto", help="Device of a Hugging Face model: auto (this process's GPU under "
-                                            "accelerate launch, else the CPU), cpu, cuda, cuda:1, ..."),
+                                            "accelerate launch, else the CPU), cpu, cuda, cuda:1, ...",
+                                callback=_device_or_auto),
     frames_per_snippet: int = typer.Option(0, help="K > 0: a snippet is the mean of the K frames nearest to K evenly "
                                                    "spaced times in it (only those go through the model); 0: the "
                                                    "mean of every frame in it."),

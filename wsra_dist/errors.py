@@ -25,6 +25,11 @@ class WsraError(ValueError):
     """Base of the errors users can act on (bad input, bad recipe, a lost peer)."""
 
 
+class UsageError(WsraError):
+    """A command-line option value this command or machine cannot use (a device it does not have, a port out of
+    range): one line naming the option, exit 2, like click's own usage errors."""
+
+
 def debug_enabled() -> bool:
     return os.environ.get("WSRA_DEBUG", "").lower() not in ("", "0", "false", "no")
 

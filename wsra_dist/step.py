@@ -217,10 +217,8 @@ def graph_blockers(recipe, accelerator, world: int) -> list[str]:
 def make_step(model, optimizer, accelerator, recipe, blockers: list[str]) -> tuple[EagerStep, str]:
     """The step for `recipe.train.cuda_graph` (auto | true | false) given `graph_blockers`, and a line saying which."""
     clip = recipe.optim.grad_clip
-    if blockers:
-        if recipe.train.cuda_graph == "true":
-            warnings.warn("train.cuda_graph=true: " + ", ".join(blockers) + "; the step runs eagerly",
-                          RuntimeWarning, stacklevel=2)
+    if blockers:  # train.cuda_graph=true that cannot be served: the trainer prints one warning line (not a
+        # RuntimeWarning, which printed its file:line and source line, once per process)
         return EagerStep(model, optimizer, accelerator, clip), "eager step (" + ", ".join(blockers) + ")"
     step = GraphedStep(model, optimizer, accelerator, clip, recipe.loss, emulate=_emulate())
     return step, "steady-state step replayed from a CUDA graph" + (" (emulated for a test)" if _emulate() else "")

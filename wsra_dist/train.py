@@ -93,7 +93,8 @@ def make_accelerator(recipe: Recipe):
 
     has_gpu = torch.cuda.is_available()
     if recipe.train.device == "cuda" and not has_gpu:
-        raise RuntimeError("the recipe asks for train.device=cuda but no GPU is visible (torch.cuda.is_available() is False)")
+        raise ConfigError("train.device=cuda: no GPU is visible on this machine (torch.cuda.is_available() is False); "
+                          "set train.device=auto or cpu")  # a setting, not an internal error
     use_cpu = recipe.train.device == "cpu" or not has_gpu
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     pg = InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.train.process_group_timeout_s),
@@ -619,12 +620,12 @@ def _make_loader(run: _Run) -> None:
     if cached:
         cache = SplitCache(run.train_src, device, d.verify_checksums)
         run.loader = CachedEpochLoader(run.train_src, cache, *args, min_global_batch=run.need)
-        run.accelerator.print(f"data.device_cache: {cache.num_queries} training queries held on {device} "
-                              f"({cache.nbytes / 2**20:.1f} MiB; {why})")
+        run.accelerator.print(f"data.device_cache: the {cache.num_queries} training queries are held on {device}, "
+                              f"{cache.nbytes / 2**20:.1f} MiB ({why})")
     else:
         run.loader = EpochLoader(run.train_src, *args, min_global_batch=run.need)
         if d.device_cache != "auto" or device.type == "cuda":
-            run.accelerator.print(f"data.device_cache: streaming ({why})")
+            run.accelerator.print(f"data.device_cache: the training shards are streamed ({why})")
     for e in range(r.train.epochs):  # batch plans of every epoch the run can reach: one that cannot work fails now
         run.total += run.plan_of(e).batches
         if r.train.max_steps and run.total >= r.train.max_steps:
@@ -669,7 +670,10 @@ def _make_model(run: _Run) -> None:
                           f"batch {run.state.batch_in_epoch})")
     run.state.world, run.state.batch_size = world, recipe.train.batch_size
     run.step_fn, how = make_step(run.model, run.optimizer, accelerator, recipe, blockers)
-    if accelerator.device.type == "cuda" or recipe.train.cuda_graph == "true" or run.step_fn.graphed:
+    if recipe.train.cuda_graph == "true" and blockers:  # asked for and impossible here: one line, once
+        accelerator.print(f"warning: train.cuda_graph=true cannot be served here ({', '.join(blockers)}); "
+                          "the step runs eagerly")
+    elif accelerator.device.type == "cuda" or run.step_fn.graphed:
         accelerator.print(f"train.cuda_graph: {how}")
 
 

@@ -49,15 +49,17 @@ def use_cache(setting: str, source: ShardSource, device: torch.device, fraction:
     need = estimated_bytes(source)
     if setting == "false":
         return False, "data.device_cache=false"
+    # `why` is printed inside parentheses after the outcome: no parentheses of its own, no repeated outcome
     if setting == "true":
-        return True, f"data.device_cache=true (~{need / 2**20:.0f} MiB)"
+        return True, "data.device_cache=true"
     if device.type != "cuda":
-        return False, "auto: not a GPU (the streaming loader keeps host memory flat)"
+        return False, "data.device_cache=auto, and this is not a GPU: the streaming loader keeps host memory flat"
     total = torch.cuda.get_device_properties(device).total_memory
+    est = f"the manifest's bound ~{need / 2**20:.0f} MiB"
+    limit = f"{fraction:g} x {total / 2**30:.0f} GiB of GPU memory"
     if need <= fraction * total:
-        return True, f"auto: ~{need / 2**20:.0f} MiB <= {fraction:g} x {total / 2**30:.0f} GiB of GPU memory"
-    return False, (f"auto: ~{need / 2**20:.0f} MiB > {fraction:g} x {total / 2**30:.0f} GiB of GPU memory "
-                   "(data.device_cache_max_fraction): streaming")
+        return True, f"data.device_cache=auto: {est} fits in {limit}"
+    return False, f"data.device_cache=auto: {est} exceeds {limit}, data.device_cache_max_fraction"
 
 
 class SplitCache:
