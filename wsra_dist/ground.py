@@ -20,7 +20,7 @@ import torch
 
 from .data.features_manifest import describe_extractor, manifest_path, read_manifest, same_extractor
 from .data.records import DataError
-from .geometry import DIDEMO_CANDIDATES, benchmark_windows, window_features
+from .geometry import DIDEMO_CANDIDATES, benchmark_windows, window_features, window_snippet_range
 from .evaluation.formats import scored_windows
 from .evaluation.predict import load_run
 
@@ -254,6 +254,24 @@ class Grounder:
         times = np.stack([np.arange(T) * length / T, (np.arange(T) + 1) * length / T], 1)
         return window_features(feats, wins, length), wins, feats, times
 
+    def _calibrated(self, rank_l: torch.Tensor, text: torch.Tensor, snippets: np.ndarray, moments: np.ndarray,
+                    times: np.ndarray) -> torch.Tensor:
+        """rank_l (Q, C) under the checkpoint's model.scale_calibration, as evaluate ranks (evaluation/predict.py)."""
+        from .scale_calibration import DIDEMO_GROUPS, calibrate, inside_outside, window_groups
+
+        mode = getattr(self.model, "scale_calibration", "none")
+        if mode == "none":
+            return rank_l
+        bench = self.info.get("benchmark")
+        length = float(times[-1, 1])
+        if mode == "contrast":  # φ of each snippet, then inside vs outside each window
+            sn = torch.from_numpy(np.ascontiguousarray(snippets)).to(self.device)
+            sl = self.model.scorer.pair_logits(sn.unsqueeze(0), text.unsqueeze(1))  # (Q, T)
+            ranges = torch.tensor([window_snippet_range(a, b, length, sn.shape[0]) for a, b in moments])
+            return torch.stack([inside_outside(q, ranges, self.model.contrast_weight) for q in sl]).to(rank_l.device)
+        groups = torch.tensor(DIDEMO_GROUPS) if bench == "didemo" else window_groups(bench, length)
+        return calibrate(mode, rank_l, groups, self.model.scale_stats)
+
     @torch.inference_mode()
     def ground(self, features: np.ndarray, queries: Sequence[str], duration: float | None = None,
                top_k: int = 5, fps: float | None = None) -> list[dict]:
@@ -281,7 +299,7 @@ class Grounder:
         scores_t = torch.sigmoid(logits_t)
         # what evaluate ranks by (DiDeMo with model.chunk_consistency: WSRA.rank_logits; else φ itself), ordered by
         # the logits: a float32 sigmoid saturates at 1 for confident candidates
-        rank_l = self.model.rank_logits(logits_t).double()
+        rank_l = self._calibrated(self.model.rank_logits(logits_t).double(), text, snippets, moments, times)
         scores, keys = torch.sigmoid(rank_l).cpu().numpy(), rank_l.cpu().numpy()
         if self.info.get("benchmark") == "didemo":  # Eq. 2 over the 6 single-chunk candidates
             phi = scores_t[:, :6].cpu().numpy()  # φ per chunk: the single-chunk candidates' scores
