@@ -239,3 +239,17 @@ def test_cuda_graph_true_on_cpu_and_the_device_cache_say_one_clear_line_each(exa
     cache = [ln for ln in lines if "device_cache" in ln]
     assert len(cache) == 1 and cache[0].startswith("data.device_cache: the 48 training queries are held on cpu, ")
     assert cache[0].endswith(" MiB (data.device_cache=true)"), cache[0]  # was "... MiB; data.device_cache=true (~N MiB))"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["evaluate", "--device", "cuda", "--protocol", "didemo", "--out", "x"],
+     "error: No such option: --device (see wsra-dist evaluate --help)"),
+    (["evaluate", "--out", "x"],
+     "error: Missing option '--protocol'. Choose from: didemo, charades, activitynet (see wsra-dist evaluate --help)"),
+    (["nosuch"], "error: No such command 'nosuch'. (see wsra-dist --help)"),
+])
+def test_click_usage_errors_are_one_line(args, says):
+    from .helpers import run_cli
+
+    p = run_cli(*args, check=False)
+    assert p.returncode == 2 and _one_error_line(p.stderr) == says  # was click's block: Usage, Try, blank, Error

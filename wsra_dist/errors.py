@@ -131,11 +131,30 @@ def errors_exit(debug: bool | None = None) -> Iterator[None]:
 
 
 def run_typer(app: Callable, args: list[str] | None = None) -> NoReturn:
-    """Run a typer app with the one error path; click keeps its own usage errors (exit 2)."""
+    """Run a typer app with the one error path.  click's usage errors (an unknown option, a missing one, a bad
+    choice) are one line too, `error: No such option: --device (see wsra-dist evaluate --help)`, exit 2: in its
+    standalone mode click prints a block of four lines (usage, "Try ... --help", a blank line, "Error: ...")."""
+    import typer  # its click (typer 0.29 vendors one: typer._click) raises TyperExceptions
+
     argv = list(sys.argv[1:] if args is None else args)
     if "--debug" in argv:  # global flag, accepted anywhere on the line
         argv.remove("--debug")
         os.environ["WSRA_DEBUG"] = "1"
     with errors_exit():
-        app(args=argv, prog_name="wsra-dist")  # standalone: usage errors and typer.Exit become SystemExit
-    sys.exit(0)
+        try:  # not standalone: click raises its errors here; typer.Exit(n) returns n
+            rv = app(args=argv, prog_name="wsra-dist", standalone_mode=False)
+        except typer.TyperException as e:
+            kinds = {c.__name__ for c in type(e).__mro__}  # by name: the classes live in typer's private module
+            if "NoArgsIsHelpError" in kinds:  # `wsra-dist shard` alone: its help, as before
+                e.show()
+            elif "UsageError" in kinds:
+                ctx = getattr(e, "ctx", None)
+                msg = " ".join(e.format_message().split())  # "Choose from:\n\tdidemo,\n\t..." on one line
+                print_error(msg + (f" (see {ctx.command_path} --help)" if ctx is not None else ""))
+            else:
+                print_error(" ".join(e.format_message().split()))
+            sys.exit(getattr(e, "exit_code", EXIT_ERROR))
+        except typer.Abort:
+            print_error("aborted", label="stopped")
+            sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
