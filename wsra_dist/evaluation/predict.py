@@ -116,6 +116,11 @@ def predict(model: WSRA, source: ShardSource, protocol: str, batch_size: int = 6
     was_training = model.training
     model.eval()
     preds, truth = [], []
+    m = (getattr(model, "info", None) or {}).get("model", {})
+    if not hasattr(model, "scale_calibration") and m.get("scale_calibration") == "contrast":
+        # a model not loaded through load_run (training's validation): the contrast needs no statistics
+        model.scale_calibration, model.scale_stats = "contrast", None
+        model.contrast_weight = float(m.get("contrast_weight", 16.0))
     if getattr(model, "didemo", None) is None and source.layout == "didemo_chunks":
         model.didemo = DidemoLayout.from_dict(layout_of(source.manifest))
     for batch in iter_eval_batches(source, batch_size, world, rank, verify):
