@@ -253,3 +253,30 @@ def test_click_usage_errors_are_one_line(args, says):
 
     p = run_cli(*args, check=False)
     assert p.returncode == 2 and _one_error_line(p.stderr) == says  # was click's block: Usage, Try, blank, Error
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers_stops_cleanly(exact_shards, tmp_path):
+    """Slurm signals every process of a job step: the loader workers must leave the stop to the trainer (was:
+    torch's worker handler ended them and the run failed with "internal error (RuntimeError): DataLoader worker
+    (pid N) is killed by signal: Terminated")."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    ov = _overrides(exact_shards, out, 8, 5000, "adam", ["train.epochs=1000"])
+    ov[ov.index("data.num_workers=0")] = "data.num_workers=2"
+    p = subprocess.Popen([*_train_cmd(), *ov], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        end = time.time() + 300
+        while not (out / "checkpoints").is_dir() and p.poll() is None and time.time() < end:
+            time.sleep(0.2)  # the first epoch end (6 steps) has written a checkpoint: training is under way
+        os.killpg(p.pid, signal.SIGTERM)
+        t = time.time()
+        so, se = p.communicate(timeout=120)
+        took = time.time() - t
+    finally:
+        p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, se[-3000:]
+    assert "stopped by SIGTERM at step " in so + se and "error" not in se.lower() and took < 30, (took, se[-2000:])

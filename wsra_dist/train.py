@@ -805,6 +805,8 @@ def _stopped_in_read(run: _Run, e: StopDuringRead) -> Stopped:
         resume = f"resume with resume=latest (from {last.name})" if last else "no checkpoint to resume from"
     stopped = Stopped(e.signum, state.step, note, resume)
     (accelerator.print if run.world == 1 else print)(str(stopped))  # with several, the rank that stopped says so
+    for tracker in accelerator.trackers:  # TensorBoard's last events; not end_training: with several processes
+        tracker.finish()  # it would destroy the process group, a collective the stalled peer never joins
     return stopped
 
 

@@ -23,11 +23,13 @@ folded and is an error at start-up (`EpochLoader.plan`).
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import random
 import signal
 import stat
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -279,6 +281,15 @@ class EpochPlan:
     folded: int  # queries of a too-short global tail added to the batch before it (0: no fold)
 
 
+_LOADERS: "weakref.WeakSet[EpochLoader]" = weakref.WeakSet()  # loaders with workers, ended at exit
+_EXIT_HOOK = False
+
+
+def _abandon_all() -> None:
+    for loader in list(_LOADERS):
+        loader.abandon()
+
+
 class EpochLoader:
     def __init__(self, source: ShardSource, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 2000, num_workers: int = 0, verify: bool = True,
@@ -337,6 +348,16 @@ class EpochLoader:
             # which would shift the dropout stream of a run resumed mid-epoch.
             gen = torch.Generator().manual_seed(self.seed * 7919)
             nw = self.num_workers
+            if nw:  # workers ignore SIGTERM (lifetime.loader_worker_init): they are ended by _abandon_all, which
+                # runs before multiprocessing's exit hook (atexit is LIFO; registered after multiprocessing.util's),
+                # as that hook would SIGTERM them and then wait for them forever
+                global _EXIT_HOOK
+                if not _EXIT_HOOK:
+                    import multiprocessing.util  # noqa: F401 - its exit hook first, so that ours runs before it
+
+                    atexit.register(_abandon_all)
+                    _EXIT_HOOK = True
+                _LOADERS.add(self)
             self._dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw, generator=gen,
                                                    collate_fn=lambda x: x, prefetch_factor=64 if nw else None,
                                                    persistent_workers=nw > 0,
