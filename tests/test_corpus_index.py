@@ -155,3 +155,61 @@ def test_python_api_load_index(index_pair):
     got = s.search("a person opens a door", top_k=5)
     want = Searcher(CorpusIndex.load(out / "features"), encoder=s.encoder, device="cpu").search("a person opens a door", top_k=5)
     assert [m.json() for m in got] == [m.json() for m in want] and len(got) == 5
+
+
+def _window_model(mode: str):
+    from wsra_dist.model import WSRA
+
+    info = {"benchmark": "charades", "dims": {"video": 8, "text": 4}, "layout": None,
+            "model": {"hidden": 5, "depth": 1, "dropout": 0.0, "input_norm": "none"}}
+    model = WSRA.from_info(info).eval()
+    model.scale_calibration, model.scale_stats, model.contrast_weight = mode, None, 3.0
+    return model, info
+
+
+def test_contrast_models_rank_the_corpus_as_evaluate_ranks_a_video(tmp_path):
+    """model.scale_calibration contrast: the index keeps snippets; every window's value is inside_outside."""
+    from wsra_dist.corpus.features_source import read_features_corpus
+    from wsra_dist.corpus.index import CorpusIndex, write_index
+    from wsra_dist.corpus.search import corpus_logits
+    from wsra_dist.geometry import benchmark_windows, window_snippet_range
+    from wsra_dist.scale_calibration import inside_outside
+
+    model, info = _window_model("contrast")
+    rng = np.random.default_rng(1)
+    lengths = {"A": 31, "B": 9, "C": 20}
+    for name, T in lengths.items():
+        np.save(tmp_path / f"{name}.npy", rng.standard_normal((T, 8)).astype(np.float32))
+    c = read_features_corpus(model, info, str(tmp_path), "cpu", fps=1.0)
+    assert c.store.layout == "snippets" and c.store.pv.shape[0] == sum(lengths.values())
+    pt = model.scorer.project_text(torch.randn(2, 4))
+    got = corpus_logits(model, c, pt, "charades")
+    want = []
+    for name, T in lengths.items():
+        x = torch.as_tensor(np.load(tmp_path / f"{name}.npy"))
+        wins = benchmark_windows("charades", float(T))
+        ranges = torch.tensor([window_snippet_range(a, b, float(T), T) for a, b in wins])
+        sl = model.scorer.all_pairs_logits_projected(model.scorer.project_video(x)[None], pt)[0].T  # (2, T)
+        want.append(torch.stack([inside_outside(q, ranges, 3.0) for q in sl]))
+    assert torch.allclose(got, torch.cat(want, 1), atol=1e-6)
+    write_index(tmp_path / "idx", c, model, {"protocol": "charades", "model": {"sha256": "x"}, "features": [],
+                                             "ranking": {"scale_calibration": "contrast", "contrast_weight": 3.0}}, "fp32")
+    back = CorpusIndex.load(tmp_path / "idx")
+    assert back.model.scale_calibration == "contrast" and back.model.contrast_weight == 3.0
+    assert torch.allclose(corpus_logits(back.model, back.corpus, pt, "charades"), got, atol=1e-6)
+
+
+def test_standardised_models_rank_the_corpus_per_window_size(index_pair):
+    from wsra_dist.corpus.index import CorpusIndex
+    from wsra_dist.corpus.search import corpus_logits
+    from wsra_dist.scale_calibration import DIDEMO_GROUPS
+
+    _, out = index_pair
+    idx = CorpusIndex.load(out / "shards")
+    pt = idx.model.scorer.project_text(torch.randn(3, idx.model.scorer.proj_t.in_features))
+    raw = corpus_logits(idx.model, idx.corpus, pt, "didemo").double()
+    mu, sd = torch.linspace(-1, 1, 6, dtype=torch.float64), torch.linspace(0.5, 2, 6, dtype=torch.float64)
+    idx.model.scale_calibration, idx.model.scale_stats = "standardise", {"mu": mu, "sd": sd}
+    got = corpus_logits(idx.model, idx.corpus, pt, "didemo")
+    g = torch.tensor(DIDEMO_GROUPS).repeat(len(idx.corpus.videos))
+    assert torch.allclose(got, (raw - mu[g]) / sd[g], atol=1e-9)

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from ..data.didemo import majority_candidate
+from ..data.records import DataError
 from ..data.loader import ShardSource, expand_queries
 from ..data.shards import iter_shard
 from ..geometry import DIDEMO_CANDIDATES, benchmark_windows, window_snippet_range
-from .store import DenseStore, DidemoChunkStore
+from .store import DenseStore, DidemoChunkStore, SnippetStore
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Corpus:
 
     videos: list[str]
     durations: list[float]
-    store: DenseStore | DidemoChunkStore  # W_v x + b of every candidate, in video order
+    store: DenseStore | DidemoChunkStore | SnippetStore  # W_v x + b of every candidate (or snippet), video order
     video_of: np.ndarray  # (M,) int: index into videos
     starts: np.ndarray  # (M,) seconds
     ends: np.ndarray
@@ -41,6 +42,20 @@ class Corpus:
     @property
     def size(self) -> int:
         return len(self.video_of)
+
+    def groups(self, protocol: str) -> np.ndarray:
+        """(M,) window size of every candidate (scale_calibration.window_groups; DiDeMo: chunks - 1)."""
+        from ..scale_calibration import DIDEMO_GROUPS, window_groups
+
+        if getattr(self, "_groups", None) is None:
+            if protocol == "didemo":
+                self._groups = np.tile(np.asarray(DIDEMO_GROUPS), len(self.videos))
+            else:
+                self._groups = np.concatenate([window_groups(protocol, d).numpy() for d in self.durations]) \
+                    if self.videos else np.zeros(0, int)
+            if len(self._groups) != self.size:
+                raise DataError("the corpus's candidates are not the protocol's windows (cannot calibrate them)")
+        return self._groups
 
     def to(self, device) -> "Corpus":
         return Corpus(self.videos, self.durations, self.store.to(device), self.video_of, self.starts, self.ends,
@@ -72,6 +87,11 @@ def didemo_intervals() -> tuple[np.ndarray, np.ndarray]:
     return np.stack([5 * pairs[:, 0], 5 * (pairs[:, 1] + 1)], 1), np.stack([pairs[:, 0], pairs[:, 1] + 1], 1)
 
 
+def contrast_layout(model, protocol: str) -> bool:
+    """Windows ranked by the inside-vs-outside contrast of their snippets need the snippets, not the windows."""
+    return protocol != "didemo" and getattr(model, "scale_calibration", "none") == "contrast"
+
+
 def chunk_layout(model, protocol: str) -> bool:
     """DiDeMo candidates are stored as per-video parts unless φ's input norm is LayerNorm (not linear in them)."""
     return protocol == "didemo" and model.didemo is not None and model.scorer.cfg.input_norm != "layernorm"
@@ -90,6 +110,8 @@ def video_candidates(model, video: np.ndarray, duration: float, protocol: str, d
     wins = benchmark_windows(protocol, float(duration))
     T = v.shape[0]
     ranges = torch.tensor([window_snippet_range(a, b, float(duration), T) for a, b in wins], device=device)
+    if contrast_layout(model, protocol):
+        return {"snippets": model.scorer.project_video(v), "ranges": ranges}, np.asarray(wins, dtype=np.float64)
     return model.scorer.project_windows(v, ranges), np.asarray(wins, dtype=np.float64)
 
 
@@ -106,10 +128,13 @@ class CorpusBuilder:
     def add(self, name: str, duration: float, cand, secs: np.ndarray) -> None:
         self.videos.append(name)
         self.durations.append(float(duration))
-        self.pvs.append({k: x.float().cpu() for k, x in cand.items()} if isinstance(cand, dict) else cand.float().cpu())
+        self.pvs.append({k: (x.float() if x.is_floating_point() else x).cpu() for k, x in cand.items()}
+                        if isinstance(cand, dict) else cand.float().cpu())
         self.secs.append(np.asarray(secs, dtype=np.float64))
 
     def corpus(self) -> Corpus:
+        if contrast_layout(self.model, self.protocol):
+            return self._snippet_corpus()
         if chunk_layout(self.model, self.protocol):
             H = self.model.scorer.cfg.hidden
             M = len(self.model.didemo.modality_dims)
@@ -128,6 +153,19 @@ class CorpusBuilder:
             grid = np.tile(didemo_intervals()[1], (len(self.videos), 1))
             corpus.iou_starts, corpus.iou_ends = grid[:, 0], grid[:, 1]
         return corpus
+
+    def _snippet_corpus(self) -> Corpus:
+        H = self.model.scorer.cfg.hidden
+        counts = torch.tensor([p["snippets"].shape[0] for p in self.pvs], dtype=torch.long)
+        first = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)[:-1]]) if len(counts) else counts
+        n_win = [p["ranges"].shape[0] for p in self.pvs]
+        store = SnippetStore(torch.cat([p["snippets"] for p in self.pvs]) if self.pvs else torch.zeros(0, H), first,
+                             counts, torch.cat([p["ranges"].long() for p in self.pvs]) if self.pvs
+                             else torch.zeros(0, 2, dtype=torch.long),
+                             torch.repeat_interleave(torch.arange(len(n_win)), torch.tensor(n_win, dtype=torch.long)))
+        sec = np.concatenate(self.secs) if self.secs else np.zeros((0, 2))
+        return Corpus(self.videos, self.durations, store, store.cand_video.numpy().astype(np.int64), sec[:, 0],
+                      sec[:, 1], False)
 
 
 def read_split(model, source: ShardSource, protocol: str, device, verify: bool = True,

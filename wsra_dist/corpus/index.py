@@ -24,7 +24,7 @@ import torch
 
 from ..data.records import DataError
 from .candidates import Corpus
-from .store import DenseStore, cat_stores, store_from_tensors
+from .store import cat_stores, store_from_tensors
 
 INDEX_FORMAT = "wsra-dist-index/2"  # /1: dense candidates, no checksum (still read)
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -100,7 +100,39 @@ class CorpusIndex:
             raise DataError(f"{path}: candidates.safetensors does not match index.json (damaged index)")
         if not store.check_finite():
             raise DataError(f"{tf}: holds NaN or infinite values (damaged index); rebuild it")
+        apply_ranking(model, manifest.get("ranking"), str(mf))
         return cls(path, manifest, corpus, model)
+
+
+def ranking_of(model) -> dict:
+    """How the checkpoint ranks candidates beyond φ (model.scale_calibration and what it needs), for index.json."""
+    mode = getattr(model, "scale_calibration", "none")
+    d: dict = {"scale_calibration": mode}
+    if mode == "contrast":
+        d["contrast_weight"] = float(model.contrast_weight)
+    if mode == "standardise":
+        d["mu"] = [float(x) for x in model.scale_stats["mu"]]
+        d["sd"] = [float(x) for x in model.scale_stats["sd"]]
+    return d
+
+
+def apply_ranking(model, ranking: dict | None, where: str) -> None:
+    """Set the ranking attributes index.json records on the index's model (none when an older index has none)."""
+    from ..scale_calibration import check_mode
+
+    r = ranking or {}
+    try:
+        model.scale_calibration = check_mode(r.get("scale_calibration", "none"))
+        model.scale_stats = None
+        if model.scale_calibration == "contrast":
+            model.contrast_weight = float(r["contrast_weight"])
+        if model.scale_calibration == "standardise":
+            mu, sd = torch.tensor(r["mu"], dtype=torch.float64), torch.tensor(r["sd"], dtype=torch.float64)
+            if mu.shape != sd.shape or not (torch.isfinite(mu).all() and (sd > 0).all()):
+                raise ValueError("mu/sd must be finite, sd > 0, of equal length")
+            model.scale_stats = {"mu": mu, "sd": sd}
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{where}: index.json's ranking is damaged ({e})") from None
 
 
 def check_same_model(manifest: dict, sha: str, where: str) -> None:
@@ -146,7 +178,7 @@ def write_index(out: str | Path, corpus: Corpus, model, manifest: dict, dtype: s
         counts = np.bincount(corpus.video_of, minlength=len(corpus.videos))
         first = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, int)
         tensors = corpus.store.tensors(DTYPES[dtype])
-        if isinstance(corpus.store, DenseStore):  # the didemo_chunks layout implies its 21 spans
+        if corpus.store.layout != "didemo_chunks":  # which implies its 21 spans; the others store them
             tensors.update({"video_of": torch.as_tensor(corpus.video_of, dtype=torch.int32),
                             **{k: torch.as_tensor(np.ascontiguousarray(getattr(corpus, k), dtype=np.float64))
                                for k in ("starts", "ends", "iou_starts", "iou_ends")}})
@@ -197,7 +229,7 @@ def build_index(checkpoint: str | Path, sources: list[str], out: str | Path, dty
         _add_features(state, model, info, spec, torch.device(device), fps, progress)
     manifest = {"protocol": state["protocol"], "model": {"sha256": sha, "checkpoint": str(checkpoint),
                                                          "recipe": info.get("recipe_name"), "text": info.get("text", {})},
-                "features": state["feats"]}
+                "ranking": ranking_of(model), "features": state["feats"]}
     return write_index(out, state["corpus"], model, manifest, dtype)
 
 

@@ -36,7 +36,8 @@ def _hits(corpus: Corpus, queries: CorpusQueries, m: float) -> list[np.ndarray]:
     return out
 
 
-def rank_queries(model, corpus: Corpus, queries: CorpusQueries, device, progress=None) -> dict:
+def rank_queries(model, corpus: Corpus, queries: CorpusQueries, device, progress=None,
+                 protocol: str | None = None) -> dict:
     """Top-TOP candidates, the video rank and the oracle-video ranking of every query (model scores)."""
     top_idx, top_logit, video_ranks, own_orders = [], [], [], []
     starts = np.concatenate([[0], np.cumsum(np.bincount(corpus.video_of, minlength=len(corpus.videos)))])
@@ -45,7 +46,7 @@ def rank_queries(model, corpus: Corpus, queries: CorpusQueries, device, progress
     for s in range(0, len(queries.ids), QUERY_BATCH):
         t = torch.as_tensor(queries.text[s : s + QUERY_BATCH], device=device)
         with torch.inference_mode():
-            lg = corpus_logits(model, pvd, model.scorer.project_text(t)).double()
+            lg = corpus_logits(model, pvd, model.scorer.project_text(t), protocol).double()
             k = min(TOP, corpus.size)
             tv, ti = torch.topk(lg, k, dim=1)
             vmax = torch.full((lg.shape[0], len(corpus.videos)), float("-inf"), dtype=lg.dtype, device=device)
@@ -148,25 +149,32 @@ def table(rows: dict[str, dict], protocol: str, n_queries: int, n_videos: int, n
     return "\n".join(lines)
 
 
-def evaluate_corpus(checkpoint: str, shards: str, out: str | Path, device=None, train=None, progress=None) -> tuple[dict, str]:
-    """Run the protocol; write metrics.json, predictions_corpus.jsonl and table.md into `out`."""
+def evaluate_corpus(checkpoint: str, shards: str, out: str | Path, device=None, train=None, progress=None,
+                    scale_calibration: str | None = None, contrast_weight: float | None = None) -> tuple[dict, str]:
+    """Run the protocol; write metrics.json, predictions_corpus.jsonl and table.md into `out`.  The model ranks
+    as its recipe says (model.scale_calibration), or by `scale_calibration` / `contrast_weight` when given."""
     from ..data.loader import ShardSource
     from ..evaluation.predict import check_compatible, load_run
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, info = load_run(checkpoint, device)
+    if scale_calibration is not None or contrast_weight is not None:
+        from ..evaluation.calibration import attach
+
+        attach(model, checkpoint, device, mode=scale_calibration, contrast_weight=contrast_weight)
     source = ShardSource.open(shards)
     check_compatible(info, source.manifest, shards)
     protocol = source.manifest["benchmark"]
     corpus, queries = read_split(model, source, protocol, device)
-    ranked = rank_queries(model, corpus, queries, device, progress)
+    ranked = rank_queries(model, corpus, queries, device, progress, protocol)
     model_m, oracle_m = model_rows(corpus, queries, ranked)
     rows = {"Chance (exact)": chance_row(corpus, queries)}
     if train is not None:
         rows["Prior: random video order, training prior within each video (uses training timestamps)"] = \
             prior_row(corpus, queries, protocol, train)
     rows["Oracle video (the model's ranking inside the right video)"] = oracle_m
-    rows["WSRA (this checkpoint)"] = model_m
+    mode = getattr(model, "scale_calibration", "none")
+    rows["WSRA (this checkpoint)" + (f", scale_calibration {mode}" if mode != "none" else "")] = model_m
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(out / "predictions_corpus.jsonl", corpus, queries, ranked)

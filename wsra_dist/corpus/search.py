@@ -38,27 +38,51 @@ class Moment:
 
 
 @torch.inference_mode()
-def corpus_logits(model, corpus: Corpus, pt: torch.Tensor) -> torch.Tensor:
-    """(N, M) ranking logits of N projected queries pt (N, H) against every candidate, float32 on pt's device."""
+def corpus_logits(model, corpus: Corpus, pt: torch.Tensor, protocol: str | None = None) -> torch.Tensor:
+    """(N, M) what N projected queries pt (N, H) rank every candidate by, on pt's device: φ's logit (DiDeMo: with
+    the model's chunk consistency), under the model's `scale_calibration` as `evaluate` ranks within a video
+    (standardise: (logit - μ_size) / σ_size; contrast: the inside-vs-outside contrast of the snippets' logits)."""
+    mode = getattr(model, "scale_calibration", "none")
+    if corpus.store.layout == "snippets":
+        logits = corpus.store.contrast(_pair_logits_blocks(model, corpus.store.snippet_blocks, pt),
+                                       getattr(model, "contrast_weight", 1.0))
+    else:
+        logits = _pair_logits_blocks(model, corpus.store.blocks, pt)
+        if corpus.grid and getattr(model, "chunk_consistency", 0):  # per video's 21 candidates
+            n = logits.shape[0]
+            logits = model.rank_logits(logits.view(n, -1, 21)).reshape(n, -1)
+    if mode == "standardise":
+        from ..scale_calibration import standardise
+
+        stats = getattr(model, "scale_stats", None)
+        if stats is None:
+            raise DataError("model.scale_calibration standardise needs the training statistics (rebuild the index)")
+        protocol = "didemo" if corpus.grid else (protocol or _window_protocol(model))
+        groups = torch.as_tensor(corpus.groups(protocol), device=pt.device)
+        logits = standardise(logits, groups, stats["mu"], stats["sd"])
+    return logits
+
+
+def _window_protocol(model) -> str:
+    return (getattr(model, "info", None) or {}).get("benchmark") or "charades"
+
+
+def _pair_logits_blocks(model, blocks, pt: torch.Tensor) -> torch.Tensor:
+    """(N, rows) logits of φ over every row `blocks` yields ((K, Vb, H) each, video-major after the transpose)."""
     sc = model.scorer
     pt = pt.float()
     last = sc.tail[-1]
     one = pt.shape[0] == 1 and sc.cfg.depth == 1
     out = []
-    # (K, Vb, H): K candidates of Vb whole videos; one query (search) is added as the block is built, then ReLU
-    # and the product run in place over a block that is still in cache
     rows = CUDA_CHUNK if pt.device.type == "cuda" else CHUNK
-    for _, pv in corpus.store.blocks(rows, pt.device, shift=pt[0] if one else None):
+    # one query (search) is added as a block is built, then ReLU and the product run in place while it is in cache
+    for _, pv in blocks(rows, pt.device, shift=pt[0] if one else None):
         if one:
             lg = (pv.clamp_min_(0) @ last.weight[0] + last.bias[0]).unsqueeze(-1)  # (K, Vb, 1)
         else:
             lg = sc.all_pairs_logits_projected(pv, pt)  # (K, Vb, N)
         out.append(lg.permute(2, 1, 0).reshape(pt.shape[0], -1))  # (N, Vb K): video-major
-    logits = torch.cat(out, 1) if out else pt.new_zeros(pt.shape[0], 0)
-    if corpus.grid and getattr(model, "chunk_consistency", 0):  # per video's 21 candidates
-        n = logits.shape[0]
-        logits = model.rank_logits(logits.view(n, -1, 21)).reshape(n, -1)
-    return logits
+    return torch.cat(out, 1) if out else pt.new_zeros(pt.shape[0], 0)
 
 
 def nms_within_videos(order: np.ndarray, corpus: Corpus, thresh: float, k: int) -> list[int]:
@@ -113,7 +137,8 @@ class Searcher:
             raise DataError(f"--nms must be an IoU between 0 and 1 (1: keep every moment), got {nms}")
         q = check_query(query)
         t = torch.as_tensor(self.encoder.encode([q]), device=self.device)
-        logits = corpus_logits(self.model, self._corpus, self.model.scorer.project_text(t))[0].double()
+        logits = corpus_logits(self.model, self._corpus, self.model.scorer.project_text(t),
+                               self.index.protocol)[0].double()
         want = min(self._corpus.size, max(top_k * 8, 256))
         top = torch.topk(logits, want).indices.cpu().numpy()
         keep = nms_within_videos(top, self._corpus, nms, top_k) if nms < 1 else list(top[:top_k])

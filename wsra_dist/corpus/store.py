@@ -25,7 +25,7 @@ import torch
 
 from ..data.records import DataError
 
-LAYOUTS = ("candidates", "didemo_chunks")
+LAYOUTS = ("candidates", "didemo_chunks", "snippets")
 N_DIDEMO = 21
 
 
@@ -164,9 +164,83 @@ class DidemoChunkStore:
                                                                    self.tef, self.bias))
 
 
+class SnippetStore:
+    """Projected snippets of every video and each candidate window's snippet range: for models that rank windows by
+    the inside-vs-outside contrast of their snippets' logits (`model.scale_calibration: contrast`), which a
+    window's own projection cannot give.  pv (S, H) video after video, first/count (V,) their rows, ranges (M, 2)
+    [a, b) within the candidate's video, cand_video (M,)."""
+
+    layout = "snippets"
+
+    def __init__(self, pv: torch.Tensor, first: torch.Tensor, count: torch.Tensor, ranges: torch.Tensor,
+                 cand_video: torch.Tensor):
+        self.pv, self.first, self.count, self.ranges, self.cand_video = pv, first, count, ranges, cand_video
+
+    @property
+    def rows(self) -> int:
+        return int(self.ranges.shape[0])
+
+    @property
+    def hidden(self) -> int:
+        return int(self.pv.shape[1]) if self.pv.dim() == 2 else 0
+
+    def to(self, device) -> "SnippetStore":
+        return SnippetStore(self.pv.to(device), self.first, self.count, self.ranges, self.cand_video)
+
+    def snippet_blocks(self, rows: int, device=None, shift: torch.Tensor | None = None):
+        return DenseStore(self.pv).blocks(rows, device, shift)
+
+    def contrast(self, snippet_logits: torch.Tensor, weight: float) -> torch.Tensor:
+        """(N, M) float64: per candidate, the mean logit of its snippets minus `weight` x the mean of its video's
+        other snippets (none: the video's mean), scale_calibration.inside_outside for every video at once."""
+        x = snippet_logits.to(torch.float64)
+        c = torch.nn.functional.pad(x.cumsum(1), (1, 0))  # (N, S + 1)
+        dev = x.device
+        v = self.cand_video.to(dev).long()
+        off, T = self.first.to(dev).long()[v], self.count.to(dev).long()[v]
+        a, b = off + self.ranges[:, 0].to(dev).long(), off + self.ranges[:, 1].to(dev).long()
+        inside = c[:, b] - c[:, a]
+        total = c[:, off + T] - c[:, off]
+        n, rest = (b - a).to(torch.float64), (T - (b - a)).to(torch.float64)
+        out = torch.where(rest > 0, (total - inside) / rest.clamp(min=1), total / T.to(torch.float64))
+        return inside / n - float(weight) * out
+
+    def cat(self, other: "SnippetStore") -> "SnippetStore":
+        V = self.first.shape[0]
+        return SnippetStore(torch.cat([self.pv.float(), other.pv.float()]),
+                            torch.cat([self.first, other.first + self.pv.shape[0]]), torch.cat([self.count, other.count]),
+                            torch.cat([self.ranges, other.ranges]), torch.cat([self.cand_video, other.cand_video + V]))
+
+    def tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {"snippets": self.pv.to(dtype).contiguous(), "snip_first": self.first.long().contiguous(),
+                "snip_count": self.count.long().contiguous(), "ranges": self.ranges.int().contiguous(),
+                "cand_video": self.cand_video.int().contiguous()}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], videos: int) -> "SnippetStore":
+        s = cls(t["snippets"], t["snip_first"], t["snip_count"], t["ranges"], t["cand_video"])
+        ok = (s.first.shape == (videos,) and s.count.shape == (videos,) and int(s.count.sum()) == s.pv.shape[0]
+              and s.ranges.dim() == 2 and s.ranges.shape[1] == 2 and s.cand_video.shape == (s.ranges.shape[0],))
+        if ok and len(s.ranges):
+            ok = (bool((s.ranges[:, 0] >= 0).all()) and bool((s.ranges[:, 0] < s.ranges[:, 1]).all())
+                  and int(s.cand_video.max()) < videos
+                  and bool((s.ranges[:, 1] <= s.count[s.cand_video.long()]).all()))
+        if not ok:
+            raise ValueError("the stored snippets and windows do not fit together")
+        return s
+
+    def check_finite(self) -> bool:
+        return bool(torch.isfinite(self.pv.float()).all())
+
+    def flat(self) -> torch.Tensor:
+        raise NotImplementedError("a snippets index holds no per-candidate projections")
+
+
 def store_from_tensors(layout: str, t: dict[str, torch.Tensor], videos: int):
     if layout == "candidates":
         return DenseStore.from_tensors(t, videos)
+    if layout == "snippets":
+        return SnippetStore.from_tensors(t, videos)
     if layout == "didemo_chunks":
         return DidemoChunkStore.from_tensors(t, videos)
     raise ValueError(f"unknown candidate layout {layout!r} (known: {', '.join(LAYOUTS)})")
