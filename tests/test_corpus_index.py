@@ -213,3 +213,12 @@ def test_standardised_models_rank_the_corpus_per_window_size(index_pair):
     got = corpus_logits(idx.model, idx.corpus, pt, "didemo")
     g = torch.tensor(DIDEMO_GROUPS).repeat(len(idx.corpus.videos))
     assert torch.allclose(got, (raw - mu[g]) / sd[g], atol=1e-9)
+
+
+def test_the_same_source_twice_is_named(trained_didemo, tmp_path):
+    from wsra_dist.corpus.index import build_index
+
+    test = str(trained_didemo / "shards" / "test")
+    with pytest.raises(DataError, match="given twice"):
+        build_index(trained_didemo / "run", [test, test + "/"], tmp_path / "i", "fp16")
+    assert not (tmp_path / "i").exists()

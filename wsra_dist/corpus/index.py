@@ -212,6 +212,12 @@ def build_index(checkpoint: str | Path, sources: list[str], out: str | Path, dty
         raise DataError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not sources and not features:
         raise DataError("give the videos to index: --shards DIR or --features FILE_OR_DIR")
+    seen: dict = {}
+    for flag, src in [("--shards", x) for x in sources] + [("--features", x) for x in features or []]:
+        key = Path(src).resolve()
+        if key in seen:
+            raise DataError(f"{flag} {src} is given twice (as {seen[key]}): each video is indexed once")
+        seen[key] = f"{flag} {src}"
     out = check_out(out)
     model, info = load_run(checkpoint, device)
     sha = weights_sha256(checkpoint)
