@@ -222,3 +222,13 @@ def test_the_same_source_twice_is_named(trained_didemo, tmp_path):
     with pytest.raises(DataError, match="given twice"):
         build_index(trained_didemo / "run", [test, test + "/"], tmp_path / "i", "fp16")
     assert not (tmp_path / "i").exists()
+
+
+def test_across_videos_the_within_video_contrast_is_set_aside():
+    from wsra_dist.corpus.candidates import contrast_layout, corpus_ranking
+
+    model, _ = _window_model("contrast")
+    assert corpus_ranking(model) == "contrast" and model.scale_calibration == "none"
+    assert not contrast_layout(model, "charades")
+    model, _ = _window_model("standardise")
+    assert corpus_ranking(model) is None and model.scale_calibration == "standardise"

@@ -219,7 +219,10 @@ def build_index(checkpoint: str | Path, sources: list[str], out: str | Path, dty
             raise DataError(f"{flag} {src} is given twice (as {seen[key]}): each video is indexed once")
         seen[key] = f"{flag} {src}"
     out = check_out(out)
+    from .candidates import corpus_ranking
+
     model, info = load_run(checkpoint, device)
+    corpus_ranking(model)  # φ (or standardise) across videos, never the within-video contrast
     sha = weights_sha256(checkpoint)
     existing = CorpusIndex.load(out) if (out / "index.json").is_file() else None
     if existing is not None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import metrics as VM
-from .candidates import Corpus, CorpusQueries, read_split
+from .candidates import Corpus, CorpusQueries, corpus_ranking, read_split
 from .search import corpus_logits
 
 TOP = 100
@@ -158,10 +158,13 @@ def evaluate_corpus(checkpoint: str, shards: str, out: str | Path, device=None, 
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, info = load_run(checkpoint, device)
-    if scale_calibration is not None or contrast_weight is not None:
+    set_aside = None
+    if scale_calibration is not None or contrast_weight is not None:  # explicit: used as given, contrast too
         from ..evaluation.calibration import attach
 
         attach(model, checkpoint, device, mode=scale_calibration, contrast_weight=contrast_weight)
+    else:
+        set_aside = corpus_ranking(model)
     source = ShardSource.open(shards)
     check_compatible(info, source.manifest, shards)
     protocol = source.manifest["benchmark"]
@@ -174,7 +177,10 @@ def evaluate_corpus(checkpoint: str, shards: str, out: str | Path, device=None, 
             prior_row(corpus, queries, protocol, train)
     rows["Oracle video (the model's ranking inside the right video)"] = oracle_m
     mode = getattr(model, "scale_calibration", "none")
-    rows["WSRA (this checkpoint)" + (f", scale_calibration {mode}" if mode != "none" else "")] = model_m
+    label = "WSRA (this checkpoint)" + (f", scale_calibration {mode}" if mode != "none" else "")
+    if set_aside:
+        label += f"; φ across videos (its within-video {set_aside} ranking is not comparable between videos)"
+    rows[label] = model_m
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(out / "predictions_corpus.jsonl", corpus, queries, ranked)
