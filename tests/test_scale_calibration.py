@@ -185,3 +185,15 @@ def test_recipe_keys_are_checked():
         load_recipe(recipe, ["model.scale_calibration=zscore"])
     with pytest.raises(ConfigError, match="model.contrast_weight"):
         load_recipe(recipe, ["model.contrast_weight=-1"])
+
+
+def test_evaluate_refuses_unknown_calibration_before_loading(tmp_path):
+    from wsra_dist.data.records import DataError
+    from wsra_dist.evaluation.runner import evaluate_checkpoints
+
+    with pytest.raises(DataError, match="--scale-calibration must be one of"):
+        evaluate_checkpoints([str(tmp_path / "no_run")], [str(tmp_path / "no_shards")], "charades", tmp_path / "o",
+                             scale_calibration="zscore")
+    with pytest.raises(DataError, match="--contrast-weight"):
+        evaluate_checkpoints([str(tmp_path / "no_run")], [str(tmp_path / "no_shards")], "charades", tmp_path / "o",
+                             contrast_weight=-1.0)

@@ -355,6 +355,13 @@ def evaluate(
                                                                "candidates (k, k), s <= k <= e) / (1 + μ), μ this value "
                                                                "(0: φ alone, the paper).  Default: each checkpoint's "
                                                                "model.chunk_consistency."),
+    scale_calibration: Optional[str] = typer.Option(None, help="--checkpoint: how windows of different sizes are "
+                                                              "ranked: none (φ), standardise (per-size mean/sd of the "
+                                                              "training queries' own scores, no timestamps) or contrast "
+                                                              "(snippet benchmarks: inside minus λ x outside).  Default: "
+                                                              "each checkpoint's model.scale_calibration."),
+    contrast_weight: Optional[float] = typer.Option(None, help="λ of --scale-calibration contrast (default: the "
+                                                            "checkpoint's model.contrast_weight)."),
     corpus: bool = typer.Option(False, "--corpus", help="Video-corpus moment retrieval: rank every query against "
                                                          "every (video, moment) of the --shards split (one "
                                                          "--checkpoint, or --predictions in the predictions_corpus.jsonl "
@@ -390,7 +397,8 @@ def evaluate(
         _, md = evaluate_checkpoints([str(c) for c in checkpoint], shards, protocol, out, w, batch_size,
                                      strict_iou, nms, clip_predictions=clip_predictions,
                                      iou_tolerance=iou_tolerance, train_annotations=train_annotations,
-                                     train_durations=train_durations, chunk_consistency=chunk_consistency)
+                                     train_durations=train_durations, chunk_consistency=chunk_consistency,
+                                     scale_calibration=scale_calibration, contrast_weight=contrast_weight)
     if md:
         print(md)  # plain print: markdown rows must not be wrapped
         extra = ", predictions.jsonl, predictions_md.jsonl, report.html" if predictions is None else ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 import os
 from collections import Counter
@@ -97,6 +99,16 @@ def evaluate_checkpoints(
     if chunk_consistency is not None:
         try:
             chunk_consistency = check_chunk_consistency(chunk_consistency, "--chunk-consistency")
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    if scale_calibration is not None or contrast_weight is not None:
+        from ..scale_calibration import check_mode
+
+        try:
+            if scale_calibration is not None:
+                check_mode(scale_calibration, "--scale-calibration")
+            if contrast_weight is not None and not (math.isfinite(contrast_weight) and contrast_weight >= 0):
+                raise ValueError(f"--contrast-weight must be a finite number >= 0, got {contrast_weight}")
         except ValueError as e:
             raise DataError(str(e)) from None
     if chunk_consistency and protocol != "didemo":
