@@ -178,32 +178,34 @@ class WorkerFailure:
 
     torch re-raises a worker's exception as a *new* one of the same type whose message is the worker's whole
     traceback ("Caught DataError in DataLoader worker process 1. Original Traceback ..."), so the one-line
-    error of data.num_workers=0 became ~22 lines with workers.  The original object keeps its message; the
-    worker's traceback travels along for --debug."""
+    error of data.num_workers=0 became ~22 lines with workers.  Only plain text crosses the process boundary
+    (the type's name, the message, the traceback for --debug); the trainer rebuilds the exception from a fixed
+    set of types, so no exception object has to be pickled."""
 
     def __init__(self, exc: BaseException, trace: str):
-        self.exc, self.trace = exc, trace
+        self.kind, self.message, self.trace = type(exc).__name__, str(exc), trace
 
     def reraise(self) -> None:
-        raise self.exc from _WorkerTraceback(self.trace)
+        cls = _REBUILT.get(self.kind)
+        exc = cls(self.message) if cls is not None else RuntimeError(f"{self.kind}: {self.message}")
+        raise exc from _WorkerTraceback(self.trace)
 
 
 class _WorkerTraceback(Exception):
     """The cause shown by --debug: the traceback of the worker process the error happened in."""
 
 
+_REBUILT = {"DataError": DataError, "ValueError": ValueError, "OSError": OSError, "RuntimeError": RuntimeError,
+            "TimeoutError": TimeoutError, "EOFError": EOFError}
+
+
 def _passed_to_trainer(it: Iterator[dict]) -> Iterator:
     """Worker side of WorkerFailure: the failure becomes the worker's last item."""
-    import pickle
     import traceback
 
     try:
         yield from it
-    except Exception as e:  # noqa: BLE001 - handed to the trainer, which raises it (or torch's wrapper below)
-        try:
-            pickle.dumps(e)
-        except Exception:  # noqa: BLE001 - cannot cross the process boundary: torch's wrapper carries its text
-            raise e from None
+    except Exception as e:  # noqa: BLE001 - handed to the trainer, which raises it again
         yield WorkerFailure(e, traceback.format_exc())
 
 
