@@ -94,7 +94,10 @@ def check_fps(fps: float | None) -> float | None:
     return float(fps)
 
 
-def snippet_length(rows: int, duration: float | None, fps: float | None) -> float:
+ASK_TIME = "--fps SNIPPETS_PER_SECOND or --duration SECONDS"  # what `ground` offers; `index` has no --duration
+
+
+def snippet_length(rows: int, duration: float | None, fps: float | None, ask: str = ASK_TIME) -> float:
     """The video's length in seconds for `rows` snippet features: `duration`, else rows / fps.
 
     Never assumed (a snippet used to be taken as 1 s, so features at 2 fps put moments past the video's end).
@@ -102,14 +105,15 @@ def snippet_length(rows: int, duration: float | None, fps: float | None) -> floa
     extractors floor or round."""
     fits = fps is None or duration is None or (rows - 1) / fps - 1e-6 <= duration <= (rows + 1) / fps + 1e-6
     if not fits:
-        raise DataError(f"--duration {duration:g} s does not fit the features: {rows} snippets at {fps:g} per second "
+        given = "--duration" if ask == ASK_TIME else "the recorded duration"
+        raise DataError(f"{given} {duration:g} s does not fit the features: {rows} snippets at {fps:g} per second "
                         f"cover {rows / fps:g} s (the video's length is expected within one snippet of it)")
     if duration is not None:
         return duration
     if fps is not None:
         return rows / fps
     raise DataError("these snippet features do not say how long the video is (no features manifest of "
-                    "`wsra-dist features` beside them): give --fps SNIPPETS_PER_SECOND or --duration SECONDS")
+                    f"`wsra-dist features` beside them): give {ask}")
 
 
 def split_spec(spec: str) -> tuple[Path, str | None]:
@@ -132,7 +136,7 @@ class FeatureTiming:
 
 
 def features_timing(spec: str, info: dict, rows: int, fps: float | None = None,
-                    duration: float | None = None) -> FeatureTiming:
+                    duration: float | None = None, ask: str = ASK_TIME) -> FeatureTiming:
     """The time axis of `--features SPEC` (`rows` stored rows) for a checkpoint with `info`.
 
     From the features manifest that `wsra-dist features` wrote beside them (OUT/manifest.json for a folder of
@@ -143,8 +147,8 @@ def features_timing(spec: str, info: dict, rows: int, fps: float | None = None,
     features with no manifest, no --fps and no `duration` (--duration)."""
     fps = check_fps(fps)
     if fps is not None and info.get("benchmark") == "didemo":
-        raise DataError("--fps: a DiDeMo checkpoint reads 5-s chunks, whose time is fixed by the layout; give "
-                        "--duration for a video shorter than 30 s")
+        tail = "; give --duration for a video shorter than 30 s" if ask == ASK_TIME else ""
+        raise DataError(f"--fps: a DiDeMo checkpoint reads 5-s chunks, whose time is fixed by the layout{tail}")
     path, key = split_spec(spec)
     source = path if key is not None else path.parent  # an HDF5, or the folder of a charades-layout .npy
     manifest = read_manifest(source)
@@ -152,7 +156,7 @@ def features_timing(spec: str, info: dict, rows: int, fps: float | None = None,
     if manifest is None:
         if fps is None and duration is None and info.get("benchmark") != "didemo":
             raise DataError(f"{spec}: no features manifest of `wsra-dist features` ({manifest_path(source)}) says "
-                            "how many seconds a snippet covers: give --fps SNIPPETS_PER_SECOND or --duration SECONDS")
+                            f"how many seconds a snippet covers: give {ask}")
         _check_fps_against(fps, trained)
         return FeatureTiming(fps=fps)
     return _manifest_timing(spec, manifest, manifest_path(source), key or path.stem, rows, fps, trained)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ..data.records import DataError
@@ -35,11 +34,12 @@ def feature_videos(spec: str) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     try:
         with h5py.File(p, "r") as f:
-            for name, node in f.items():
+            for name in f.keys():
+                node = _follow(f, name, p)
                 if isinstance(node, h5py.Dataset):
                     out.append((name, f"{p}:{name}"))
                     continue
-                inner = [k for k, x in node.items() if isinstance(x, h5py.Dataset)]
+                inner = [k for k in node.keys() if isinstance(_follow(node, k, p, name), h5py.Dataset)]
                 if len(inner) != 1:
                     raise DataError(f"{p}: group {name!r} holds {len(inner)} datasets; a video's group must hold one "
                                     "(e.g. ActivityNet's v_ID/c3d_features)")
@@ -49,6 +49,22 @@ def feature_videos(spec: str) -> list[tuple[str, str]]:
     if not out:
         raise DataError(f"{p}: holds no videos")
     return out
+
+
+def _follow(group, key: str, p: Path, parent: str | None = None):
+    """group[key], or one line naming FILE:KEY when it is a dangling soft link or an external link to a file
+    that is missing or unreadable (h5py raises KeyError/OSError from deep inside)."""
+    where = f"{p}:{parent + '/' if parent else ''}{key}"
+    try:
+        node = group[key]
+    except (KeyError, OSError, RuntimeError) as e:
+        link = group.get(key, getlink=True)
+        kind = {"SoftLink": "a soft link", "ExternalLink": "an external link"}.get(type(link).__name__, "an entry")
+        target = getattr(link, "filename", None) or getattr(link, "path", None)
+        raise DataError(f"{where}: {kind} that cannot be followed{f' (to {target})' if target else ''}: {e}") from None
+    if node is None:
+        raise DataError(f"{where}: an entry that cannot be read")
+    return node
 
 
 @torch.inference_mode()
@@ -67,7 +83,7 @@ def read_features_corpus(model, info: dict, spec: str, device, fps: float | None
     videos = feature_videos(spec)
     for i, (name, vspec) in enumerate(videos):
         x = read_features(vspec)
-        timing = features_timing(vspec, info, x.shape[0], fps)
+        timing = features_timing(vspec, info, x.shape[0], fps, ask="--fps SNIPPETS_PER_SECOND")
         if protocol == "didemo":
             if dims is None or x.shape != (6, sum(dims)):
                 raise DataError(f"{vspec}: a DiDeMo checkpoint takes (6, {sum(dims or ())}) chunk features, got {x.shape}")
@@ -75,7 +91,7 @@ def read_features_corpus(model, info: dict, spec: str, device, fps: float | None
         else:
             if x.shape[1] != want:
                 raise DataError(f"{vspec}: {x.shape[1]}-d features, but the checkpoint expects {want}-d")
-            length = snippet_length(x.shape[0], timing.duration, timing.fps)
+            length = snippet_length(x.shape[0], timing.duration, timing.fps, ask="--fps SNIPPETS_PER_SECOND")
             if resample:
                 from ..data.charades import resample as resample_rows
 

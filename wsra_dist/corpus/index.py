@@ -27,6 +27,8 @@ from .candidates import Corpus
 from .store import cat_stores, store_from_tensors
 
 INDEX_FORMAT = "wsra-dist-index/2"  # /1: dense candidates, no checksum (still read)
+READ_VERSIONS = ("1", "2")
+PROJECTION_KEYS = ("pv", "g", "local", "snippets")  # stored at the index dtype; the rest is fp32/int
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -72,8 +74,7 @@ class CorpusIndex:
             raise DataError(f"{path}: not an index (no index.json); build one with `wsra-dist index`") from None
         except (OSError, ValueError) as e:
             raise DataError(f"{mf}: unreadable ({e})") from None
-        if not isinstance(manifest, dict) or str(manifest.get("format", "")).split("/")[0] != INDEX_FORMAT.split("/")[0]:
-            raise DataError(f"{mf}: not a wsra-dist index (format {manifest.get('format') if isinstance(manifest, dict) else '?'})")
+        check_format(manifest, mf)
         tf = path / "candidates.safetensors"
         try:
             raw = tf.read_bytes()
@@ -81,6 +82,8 @@ class CorpusIndex:
                 raise DataError(f"{tf}: damaged (its sha256 differs from index.json's); rebuild the index")
             t = safetensors_load(raw)
             del raw
+            check_dtype(t, manifest, tf)
+            check_model_copy(path / "model", manifest)
             model = WSRA.from_pretrained(path / "model", device)
             vids = manifest["videos"]
             layout = manifest.get("layout", "candidates")
@@ -102,6 +105,93 @@ class CorpusIndex:
             raise DataError(f"{tf}: holds NaN or infinite values (damaged index); rebuild it")
         apply_ranking(model, manifest.get("ranking"), str(mf))
         return cls(path, manifest, corpus, model)
+
+
+def check_format(manifest, mf: Path) -> None:
+    """A wsra-dist index of a version this code reads (/1 and /2); a newer one is refused, not misread."""
+    fmt = str(manifest.get("format", "")) if isinstance(manifest, dict) else "?"
+    name, _, version = fmt.partition("/")
+    if name != INDEX_FORMAT.split("/")[0]:
+        raise DataError(f"{mf}: not a wsra-dist index (format {fmt!r})")
+    if version not in READ_VERSIONS:
+        raise DataError(f"{mf}: index format {fmt!r} is not one this wsra-dist reads ({', '.join(READ_VERSIONS)}); "
+                        "it was written by another version: rebuild the index, or search with that version")
+
+
+def check_dtype(t: dict[str, torch.Tensor], manifest: dict, tf: Path) -> None:
+    """The stored projections are at the dtype index.json records (a mismatch means the files were mixed)."""
+    want = DTYPES.get(manifest.get("dtype"))
+    if want is None:
+        raise DataError(f"{tf.parent / 'index.json'}: dtype {manifest.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+    for k in PROJECTION_KEYS:
+        if k in t and t[k].dtype != want:
+            raise DataError(f"{tf}: tensor {k!r} is {t[k].dtype}, but index.json says {manifest['dtype']} "
+                            "(files from different indexes?); rebuild the index")
+
+
+def model_copy_sha(folder: Path) -> dict:
+    return {f.name: file_sha256(f) for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def check_model_copy(folder: Path, manifest: dict) -> None:
+    """The model inside the index is the one index.json records (indexes older than this check record none)."""
+    want = (manifest.get("model") or {}).get("copy_sha256")
+    if want is None:
+        return
+    have = model_copy_sha(folder) if folder.is_dir() else {}
+    for name, sha in want.items():
+        if have.get(name) != sha:
+            what = "missing" if name not in have else "changed (its sha256 differs from index.json's)"
+            raise DataError(f"{folder / name}: {what}; the index's model copy is damaged: rebuild the index")
+
+
+def bad_video(corpus: Corpus, tensors: dict[str, torch.Tensor]) -> int | None:
+    """The first video whose stored values (at the index dtype) or rebuilt projections are not finite, else None:
+    fp16 turns features of huge but finite magnitude into inf, which `load` would then refuse."""
+    store = store_from_tensors(corpus.store.layout, tensors, len(corpus.videos))
+    for k in ("tef", "bias"):
+        if k in tensors and not bool(torch.isfinite(tensors[k].float()).all()):
+            return 0
+    if store.layout == "didemo_chunks":
+        ok = (torch.isfinite(store.g.float()).all(1) & torch.isfinite(store.local.float()).all(-1).all(0).all(0)
+              & torch.isfinite(store.den).flatten(1).all(1) & torch.isfinite(store.norm).all(1) & (store.norm != 0).all(1))
+        for v0, b in store.blocks(1 << 14):  # (21, Vb, H): the values search adds up
+            ok[v0 // 21 : v0 // 21 + b.shape[1]] &= torch.isfinite(b).all(-1).all(0)
+        bad = (~ok).nonzero()
+        return int(bad[0]) if len(bad) else None
+    rows = store.pv  # dense: a row per candidate; snippets: a row per snippet
+    row_ok = torch.isfinite(rows.float()).all(1)
+    if row_ok.all():
+        return None
+    r = int((~row_ok).nonzero()[0])
+    if store.layout == "snippets":
+        return int(torch.searchsorted(store.first.long(), torch.tensor(r), right=True)) - 1
+    return int(corpus.video_of[r])
+
+
+def check_finite_before_write(corpus: Corpus, tensors: dict[str, torch.Tensor], dtype: str) -> None:
+    v = bad_video(corpus, tensors)
+    if v is not None:
+        raise DataError(f"video {corpus.videos[v]!r}: its projected features are not finite at {dtype} (NaN, or beyond "
+                        f"{'65,504' if dtype == 'fp16' else 'float32 range'}): check its features; nothing was written")
+
+
+def clean_stale(out: Path) -> None:
+    """Remove staging/old folders (.NAME.tmp-PID, .NAME.old-PID) left by a writer that was killed (its PID is gone)."""
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = p.name[len(out.name) + 2:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def ranking_of(model) -> dict:
@@ -171,13 +261,15 @@ def write_index(out: str | Path, corpus: Corpus, model, manifest: dict, dtype: s
     from safetensors.torch import save_file
 
     out = check_out(out)
+    clean_stale(out)
+    tensors = corpus.store.tensors(DTYPES[dtype])
+    check_finite_before_write(corpus, tensors, dtype)  # before anything is written: the old index stays as it was
     stage = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
         counts = np.bincount(corpus.video_of, minlength=len(corpus.videos))
         first = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, int)
-        tensors = corpus.store.tensors(DTYPES[dtype])
         if corpus.store.layout != "didemo_chunks":  # which implies its 21 spans; the others store them
             tensors.update({"video_of": torch.as_tensor(corpus.video_of, dtype=torch.int32),
                             **{k: torch.as_tensor(np.ascontiguousarray(getattr(corpus, k), dtype=np.float64))
@@ -189,7 +281,9 @@ def write_index(out: str | Path, corpus: Corpus, model, manifest: dict, dtype: s
                     "videos": [{"video": v, "duration": d, "first": int(f), "count": int(c)}
                                for v, d, f, c in zip(corpus.videos, corpus.durations, first, counts)]}
         model.save_pretrained(stage / "model")
+        manifest["model"] = {**manifest["model"], "copy_sha256": model_copy_sha(stage / "model")}
         (stage / "index.json").write_text(json.dumps(manifest, indent=1))
+        readable(stage)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
             os.replace(out, old)
@@ -199,6 +293,15 @@ def write_index(out: str | Path, corpus: Corpus, model, manifest: dict, dtype: s
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return out
+
+
+def readable(folder: Path) -> None:
+    """Files as the user's umask allows (safetensors and staging write 0600/0700; an index is meant to be shared,
+    e.g. by `serve` under another account)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [folder, *folder.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def build_index(checkpoint: str | Path, sources: list[str], out: str | Path, dtype: str = "fp16",
