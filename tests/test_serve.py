@@ -81,17 +81,39 @@ def test_the_servers_own_refusals_are_one_line(server):
 
 
 def test_video_paths_are_confined_and_ranges_served(server):
-    base, _, videos = server
-    (videos / "clip.webm").write_bytes(bytes(range(256)) * 4)
-    st, body, h = _get(f"{base}/video/clip.webm", {"Range": "bytes=10-19"})
+    base, searcher, videos = server
+    name = searcher.index.corpus.videos[0]
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    (videos / f"{stem}.webm").write_bytes(bytes(range(256)) * 4)  # the index's video, transcoded
+    url = f"{base}/video/{urllib.parse.quote(name)}"
+    st, body, h = _get(url, {"Range": "bytes=10-19"})
     assert st == 206 and body == bytes(range(10, 20)) and h["Content-Range"] == "bytes 10-19/1024"
-    st, body, _ = _get(f"{base}/video/clip.webm")
+    st, body, _ = _get(url)
     assert st == 200 and len(body) == 1024
-    for bad in ("../secret.txt", "..%2Fsecret.txt", "%2Fetc%2Fpasswd", "nothing.mp4"):
+    st, body, _ = _get(f"{base}/video/{urllib.parse.quote(stem)}.webm")  # asked for by its file name
+    assert st == 200 and len(body) == 1024
+    # files under --videos that are not the index's videos, or not videos, are not served
+    (videos / "other.webm").write_bytes(b"not indexed")
+    (videos / "notes.txt").write_text("private")
+    (videos / stem).mkdir(exist_ok=True)
+    (videos / f"{stem}.txt").write_text("private too")
+    for bad in ("../secret.txt", "..%2Fsecret.txt", "%2Fetc%2Fpasswd", "nothing.mp4", "other.webm", "notes.txt",
+                f"{urllib.parse.quote(stem)}.txt"):
         st, body, _ = _get(f"{base}/video/{bad}")
-        assert st == 404 and b"not for the web" not in body and b"root:" not in body
-    st, _, _ = _get(f"{base}/video/clip.webm", {"Range": "bytes=5000-6000"})
+        assert st == 404 and b"not for the web" not in body and b"root:" not in body and b"private" not in body
+        assert b"not indexed" not in body
+    st, _, _ = _get(url, {"Range": "bytes=5000-6000"})
     assert st == 416
+
+
+def test_api_takes_top_k_as_search_names_it(server):
+    base, searcher, _ = server
+    q = urllib.parse.quote("a person opens a door")
+    for arg in ("k=3", "top_k=3"):
+        st, body, _ = _get(f"{base}/api/search?q={q}&{arg}")
+        assert st == 200 and len(json.loads(body)["results"]) == 3
+    st, body, _ = _get(f"{base}/api/search?q={q}&top_k=0")
+    assert st == 400 and "k must be" in json.loads(body)["error"]
 
 
 def _chromium():

@@ -1,8 +1,8 @@
 """`wsra-dist serve INDEX`: a local search page over an index (standard library HTTP server, nothing fetched).
 
 GET /?q=TEXT[&k=N]      the page, with results rendered by the server (works without JavaScript)
-GET /api/search?q=...   {"query", "results": [{video, start, end, score}, ...]} or {"error": "..."} (400)
-GET /video/NAME         a file of --videos (HTTP Range, so the player can seek); names outside it are refused
+GET /api/search?q=...[&k=N | &top_k=N]   {"query", "results": [{video, start, end, score}, ...]} or {"error": "..."} (400)
+GET /video/NAME         the index's video NAME from --videos (HTTP Range, so the player can seek); other files refused
 The page's only script (inline) makes a result click load the video and seek the player to the moment's start.
 Every bad request gets a one-line message and a 4xx status, never a traceback page.
 """
@@ -20,7 +20,7 @@ from ..data.records import DataError
 from .search import MAX_QUERY_CHARS
 
 MAX_K = 200
-VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".m4v", ".avi", ".ogv")
+VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".m4v", ".avi", ".ogv", ".mpg", ".mpeg", ".3gp", ".wmv", ".flv")
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>wsra-dist search</title>
 <style>
@@ -71,6 +71,8 @@ def _fmt(t: float) -> str:
 class _Handler(BaseHTTPRequestHandler):
     searcher = None
     videos: Path | None = None
+    known: frozenset = frozenset()  # the index's video names: the only files /video/ serves
+    stems: dict = {}  # NAME -> the index's NAME.mp4 (and the like)
     index_path = ""
     server_version = "wsra-dist"
 
@@ -130,7 +132,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _query(self, args: dict) -> tuple[str, int]:
         q = (args.get("q") or [""])[0]
         try:
-            k = int((args.get("k") or ["20"])[0])
+            k = int((args.get("k") or args.get("top_k") or ["20"])[0])  # top_k: as `search --top-k` names it
         except ValueError:
             raise DataError("k must be a whole number of results") from None
         if not 1 <= k <= MAX_K:
@@ -174,23 +176,36 @@ class _Handler(BaseHTTPRequestHandler):
                 f'<span class="score">{r["score"]:.3f}</span></li>')
 
     def _video_path(self, name: str) -> Path | None:
-        """The file `name` under --videos, or None (absent, or outside the folder: `..`, absolute, links out)."""
+        """The file of the index's video `name` under --videos, or None.  Only the index's own videos are served
+        (NAME, NAME.EXT or NAME with its extension replaced by a video container's: a transcoded copy), only files
+        with a video extension, and only inside the folder (`..`, absolute paths and links out are refused):
+        --videos may be a folder that holds other things."""
         if self.videos is None or not name or "\x00" in name:
             return None
-        root = self.videos.resolve()
-        p = (root / name).resolve()
-        if root not in p.parents:
+        known = self.known
+        base = name if name in known else None
+        if base is None and Path(name).suffix.lower() in VIDEO_EXTS:  # NAME.webm for the index's NAME or NAME.mp4
+            stem = name[: -len(Path(name).suffix)]
+            base = stem if stem in known else self.stems.get(stem)
+        if base is None:
             return None
-        if not p.is_file():  # the same video in another container (e.g. NAME.mp4 transcoded to NAME.webm)
-            p = next((q for ext in VIDEO_EXTS if (q := p.with_suffix(ext)).is_file()), p)
-        return p if p.is_file() and root in p.parents else None
+        root = self.videos.resolve()
+        plain = root / base
+        tries = [plain, *(plain.with_name(plain.name + ext) for ext in VIDEO_EXTS)]
+        if plain.suffix:
+            tries += [plain.with_suffix(ext) for ext in VIDEO_EXTS]
+        for q in tries:
+            p = q.resolve()
+            if root in p.parents and p.suffix.lower() in VIDEO_EXTS and p.is_file():
+                return p
+        return None
 
     def _video(self, name: str) -> None:
         if self.videos is None:
             return self._error_text(404, "no videos are served (start with --videos DIR)")
         p = self._video_path(name)
         if p is None:
-            return self._error_text(404, f"unknown video: {name!r} (not a file under --videos)")
+            return self._error_text(404, f"unknown video: {name!r} (not a video of this index with a file under --videos)")
         size = p.stat().st_size
         ctype = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
         rng = self.headers.get("Range", "")
@@ -212,13 +227,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(206 if rng else 200, data, ctype, extra)
 
 
+def _stems(videos: list[str]) -> dict[str, str]:
+    return {v[: -len(Path(v).suffix)]: v for v in videos if Path(v).suffix.lower() in VIDEO_EXTS}
+
+
 def make_server(searcher, videos: str | Path | None, host: str = "127.0.0.1", port: int = 8000,
                 index_path: str = "") -> ThreadingHTTPServer:
     """The server (not started): `.serve_forever()`; port 0 picks a free one (`.server_address`)."""
     if videos is not None and not Path(videos).is_dir():
         raise DataError(f"--videos {videos}: not a folder")
     handler = type("Handler", (_Handler,), {"searcher": searcher, "videos": Path(videos) if videos else None,
-                                            "index_path": index_path})
+                                            "known": frozenset(searcher.index.corpus.videos),
+                                            "stems": _stems(searcher.index.corpus.videos), "index_path": index_path})
     try:
         return ThreadingHTTPServer((host, port), handler)
     except OSError as e:
