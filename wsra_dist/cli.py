@@ -312,6 +312,7 @@ def train(
 
 @app.command()
 def evaluate(
+    ctx: typer.Context,
     checkpoint: List[Path] = typer.Option([], help="Run folder (model.safetensors + wsra_model.json); repeat with "
                                                    "--shards for RGB/flow late fusion."),
     shards: List[str] = typer.Option([], help="Shard folder for each --checkpoint."),
@@ -376,7 +377,8 @@ def evaluate(
     """Score checkpoints on shards, or a prediction file, with the official protocol; write and print the table."""
     protocol, charades_filter, activitynet_filter = protocol.value, charades_filter.value, activitynet_filter.value
     if corpus:
-        return _evaluate_corpus(checkpoint, shards, predictions, protocol, out)
+        return _evaluate_corpus(ctx, checkpoint, shards, predictions, protocol, out, train_annotations,
+                                train_durations, chunk_consistency, scale_calibration, contrast_weight, batch_size)
     from .evaluation.runner import evaluate_checkpoints, evaluate_predictions
 
     if predictions is not None:
@@ -405,37 +407,90 @@ def evaluate(
         out_console.print(f"wrote {out}/metrics.json, table.md, table.csv{extra}")
 
 
-def _evaluate_corpus(checkpoint: list, shards: list, predictions, protocol: str, out: Path) -> None:
-    """evaluate --corpus: one checkpoint (or a prediction file) on one split."""
+# evaluate's options that the corpus protocol has no use for, and why (given with --corpus: refused, not ignored)
+NOT_FOR_CORPUS = {
+    "annotations": "the truth is the --shards split's own",
+    "durations": "the videos' durations are in the --shards split",
+    "charades_filter": "the --shards split was filtered when it was packed",
+    "activitynet_filter": "the --shards split was filtered when it was packed",
+    "fusion_weights": "late fusion is not built for the corpus protocol (one --checkpoint)",
+    "nms": "the protocol ranks every candidate without suppression (`wsra-dist search --nms` suppresses within a video)",
+    "strict_iou": "the protocol counts a hit at IoU >= m",
+    "iou_tolerance": "the protocol counts a hit at IoU >= m",
+    "clip_predictions": "corpus moments outside their video are refused",
+}
+RERANK = ("chunk_consistency", "scale_calibration", "contrast_weight", "batch_size")
+
+
+def _evaluate_corpus(ctx: typer.Context, checkpoint: list, shards: list, predictions, protocol: str, out: Path,
+                     train_annotations, train_durations, chunk_consistency, scale_calibration, contrast_weight,
+                     batch_size: int) -> None:
+    """evaluate --corpus: one checkpoint (or a prediction file) on one split; every option given is applied or
+    refused in one line."""
+    from .data.records import DataError
     from .data.shards import load_manifest, manifest_path_for
 
+    def given(name: str) -> bool:
+        src = ctx.get_parameter_source(name)  # by name: typer may carry its own copy of click's enum
+        return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for name, why in NOT_FOR_CORPUS.items():
+        if given(name):
+            raise DataError(f"{flag(name)} does not apply to --corpus: {why}")
+    if predictions is not None:
+        for name in RERANK:
+            if given(name):
+                raise DataError(f"{flag(name)} ranks a checkpoint's scores; a prediction file is already ranked")
     if len(shards) != 1 or (predictions is None) == (len(checkpoint) != 1):
-        raise ValueError("--corpus needs --shards TEST_SPLIT with one --checkpoint RUN or --predictions FILE")
+        raise DataError("--corpus needs --shards TEST_SPLIT with one --checkpoint RUN or --predictions FILE")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a folder")
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1, got {batch_size}")
+    if train_durations is not None and train_annotations is None:
+        raise DataError("--train-durations goes with --train-annotations")
     bench = load_manifest(manifest_path_for(shards[0])).get("benchmark")
     if bench != protocol:
-        raise ValueError(f"--shards {shards[0]} holds {bench!r} shards, not --protocol {protocol}")
+        raise DataError(f"--shards {shards[0]} holds {bench!r} shards, not --protocol {protocol}")
+    from .evaluation.priors import omitted_note, training_from_annotations, training_from_run
+
+    train, why = None, "give --train-annotations"
+    if train_annotations is not None:
+        train = training_from_annotations(protocol, train_annotations, train_durations)
+    elif predictions is None:
+        train, why = training_from_run(checkpoint[0], protocol)
+    note = "" if train is not None else omitted_note(protocol, why).replace("Prior baseline rows", "The prior row")
     if predictions is not None:
-        from .corpus.predictions import score_predictions
-        from .corpus.protocol import table
+        md = _corpus_predictions(predictions, shards[0], protocol, out, train, note)
+    else:
+        from .evaluation.runner import check_ranking
+        from .corpus.protocol import evaluate_corpus
 
-        got, chance, (nq, nv, nc) = score_predictions(predictions, shards[0])
-        rows = {"Chance (exact)": chance, f"{predictions.name}": got}
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({**got, "protocol": protocol, "queries": nq, "videos": nv,
-                                                      "candidates": nc, "rows": rows}, indent=1))
-        md = table(rows, protocol, nq, nv, nc)
-        (out / "table.md").write_text(md + "\n")
-        print(md)
-        return
-    from .corpus.protocol import evaluate_corpus
-    from .evaluation.priors import training_from_run
-
-    train, why = training_from_run(checkpoint[0], protocol)
-    if train is None:
-        out_console.print(f"note: no prior row ({why})")
-    _, md = evaluate_corpus(str(checkpoint[0]), shards[0], out, train=train)
+        cc = check_ranking(protocol, chunk_consistency, scale_calibration, contrast_weight)
+        _, md = evaluate_corpus(str(checkpoint[0]), shards[0], out, train=train, scale_calibration=scale_calibration,
+                                contrast_weight=contrast_weight, chunk_consistency=cc, batch_size=batch_size, note=note)
     print(md)
-    out_console.print(f"wrote {out}/metrics.json, predictions_corpus.jsonl, table.md")
+    files = "table.md" if predictions is not None else "predictions_corpus.jsonl, table.md"
+    out_console.print(f"wrote {out}/metrics.json, {files}")
+
+
+def _corpus_predictions(predictions: Path, shards: str, protocol: str, out: Path, train, note: str) -> str:
+    from .corpus.predictions import score_predictions, truth_corpus, truth_from_shards
+    from .corpus.protocol import PRIOR_ROW, RULE, prior_row, table
+
+    got, chance, (nq, nv, nc) = score_predictions(predictions, shards)
+    rows = {"Chance (exact)": chance}
+    if train is not None:
+        rows[PRIOR_ROW] = prior_row(*truth_corpus(truth_from_shards(shards)), protocol, train)
+    rows[predictions.name] = got
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({**got, "protocol": protocol, "queries": nq, "videos": nv,
+                                                  "candidates": nc, "rule": RULE.get(protocol, protocol),
+                                                  "rows": rows}, indent=1))
+    md = table(rows, protocol, nq, nv, nc, note)
+    (out / "table.md").write_text(md + "\n")
+    return md
 
 
 @app.command()

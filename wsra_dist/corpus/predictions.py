@@ -1,7 +1,9 @@
 """Scoring anyone's corpus prediction file: `wsra-dist evaluate --corpus --predictions P.jsonl --shards TEST`.
 
 A line per query, as `predictions_corpus.jsonl` (a contract): {"query_id": the benchmark's id (DiDeMo:
-annotation_id), "moments": [[video, start_s, end_s, score], ...]} best first (only the order ranks).  The
+annotation_id), "moments": [[video, start_s, end_s, score], ...]} best first (only the order ranks, so the score
+may be left out: [video, start_s, end_s]; a score that is there must be a finite number).  A moment listed twice
+for one query is refused (a broken writer: it would take two of the top k).  The
 truth comes from the shards' meta.json (the evaluated split: its videos are the corpus).  IoU in seconds: for
 DiDeMo the majority moment [5 s, 5 (e + 1)] on the grid, the same ratio as on chunks.
 """
@@ -47,6 +49,29 @@ def truth_from_shards(shards: str) -> dict:
     return {"protocol": protocol, "videos": videos, "queries": queries}
 
 
+def truth_corpus(truth: dict):
+    """(Corpus, CorpusQueries) of the split's candidate intervals and queries, with no projections: what the
+    prior row needs (protocol.prior_row) when a prediction file is scored.  IoU in seconds (DiDeMo's 5-s grid
+    scaled: the same ratios as on chunks)."""
+    import torch
+
+    from .candidates import Corpus, CorpusQueries
+    from .store import DenseStore
+
+    names = list(truth["videos"])
+    where = {v: i for i, v in enumerate(names)}
+    wins = [truth["videos"][v]["windows"] for v in names]
+    sec = np.concatenate(wins) if wins else np.zeros((0, 2))
+    video_of = np.concatenate([np.full(len(w), i) for i, w in enumerate(wins)]) if wins else np.zeros(0, int)
+    corpus = Corpus(names, [truth["videos"][v]["duration"] for v in names], DenseStore(torch.zeros(len(sec), 0)),
+                    video_of.astype(np.int64), sec[:, 0], sec[:, 1], truth["protocol"] == "didemo")
+    qs = truth["queries"]
+    queries = CorpusQueries(list(qs), ["" for _ in qs], np.zeros((len(qs), 0), np.float32),
+                            np.asarray([where[q["video"]] for q in qs.values()], dtype=np.int64),
+                            np.asarray([q["moment"] for q in qs.values()], dtype=np.float64).reshape(-1, 2))
+    return corpus, queries
+
+
 def _moment(x, path, n) -> tuple[str, float, float]:
     ok = isinstance(x, list) and len(x) in (3, 4) and isinstance(x[0], str)
     if ok:
@@ -87,6 +112,12 @@ def read_predictions(path: str | Path, truth: dict) -> dict:
         if qid in out:
             raise DataError(f"{path}: line {n}: query_id {row['query_id']!r} was already given")
         ms = [_moment(x, path, n) for x in row["moments"]]
+        seen: dict = {}
+        for r, m in enumerate(ms, 1):
+            if m in seen:
+                raise DataError(f"{path}: line {n}: moment [{m[0]!r}, {m[1]:g}, {m[2]:g}] is listed twice (ranks "
+                                f"{seen[m]} and {r}); each moment once, best first")
+            seen[m] = r
         for v, s, e in ms:
             if v not in truth["videos"]:
                 raise DataError(f"{path}: line {n}: video {v!r} is not in the evaluated split's corpus")

@@ -19,6 +19,7 @@ import torch
 from . import metrics as VM
 from .candidates import Corpus, CorpusQueries, corpus_ranking, read_split
 from .search import corpus_logits
+from ..data.records import DataError
 
 TOP = 100
 QUERY_BATCH = 64
@@ -37,14 +38,14 @@ def _hits(corpus: Corpus, queries: CorpusQueries, m: float) -> list[np.ndarray]:
 
 
 def rank_queries(model, corpus: Corpus, queries: CorpusQueries, device, progress=None,
-                 protocol: str | None = None) -> dict:
+                 protocol: str | None = None, batch_size: int = QUERY_BATCH) -> dict:
     """Top-TOP candidates, the video rank and the oracle-video ranking of every query (model scores)."""
     top_idx, top_logit, video_ranks, own_orders = [], [], [], []
     starts = np.concatenate([[0], np.cumsum(np.bincount(corpus.video_of, minlength=len(corpus.videos)))])
     pvd = corpus.to(device)
     vid_t = torch.as_tensor(corpus.video_of, device=device)
-    for s in range(0, len(queries.ids), QUERY_BATCH):
-        t = torch.as_tensor(queries.text[s : s + QUERY_BATCH], device=device)
+    for s in range(0, len(queries.ids), batch_size):
+        t = torch.as_tensor(queries.text[s : s + batch_size], device=device)
         with torch.inference_mode():
             lg = corpus_logits(model, pvd, model.scorer.project_text(t), protocol).double()
             k = min(TOP, corpus.size)
@@ -60,7 +61,7 @@ def rank_queries(model, corpus: Corpus, queries: CorpusQueries, device, progress
         top_idx.append(ti.cpu().numpy())
         top_logit.append(tv.cpu().numpy())
         if progress:
-            progress(min(s + QUERY_BATCH, len(queries.ids)))
+            progress(min(s + batch_size, len(queries.ids)))
     return {"top": np.concatenate(top_idx) if top_idx else np.zeros((0, 0), int),
             "top_logit": np.concatenate(top_logit) if top_logit else np.zeros((0, 0)),
             "video_ranks": video_ranks, "own_orders": own_orders}
@@ -133,49 +134,68 @@ def write_predictions(path: Path, corpus: Corpus, queries: CorpusQueries, ranked
     os.replace(tmp, path)
 
 
-def table(rows: dict[str, dict], protocol: str, n_queries: int, n_videos: int, n_cand: int) -> str:
+PRIOR_ROW = "Prior: random video order, training prior within each video (uses training timestamps)"
+ORACLE_ROW = "Oracle video (the model's ranking inside the right video)"
+
+
+def table(rows: dict[str, dict], protocol: str, n_queries: int, n_videos: int, n_cand: int, note: str = "") -> str:
+    """The rows as markdown, and a caption that explains the rows present (and `note`, e.g. why one is missing)."""
     keys = VM.metric_keys()
     lines = ["| row | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |")
-    lines += ["", f"Table: video-corpus moment retrieval, {n_queries} queries ranked against all {n_cand} candidates of "
-              f"{n_videos} videos. Hit: the query's video and IoU >= m with its moment ({RULE.get(protocol, protocol)}). "
-              "video_R@k: the query's video among the k best-scored videos (a video's score: its best candidate). "
-              "Chance: exact expectation for a random ranking (videos: a random video order). Prior: a random video "
-              "order, each video's candidates by the training-annotation prior (uses training timestamps). "
-              "Oracle video: the model's ranking inside the query's own video (what is lost is finding the video). "
-              "No published VCMR row uses these features (Escorcia et al. 2019 and TVR report on their own "
-              "features), so none is printed beside these."]
-    return "\n".join(lines)
+    caption = [f"Table: video-corpus moment retrieval, {n_queries} queries ranked against all {n_cand} candidates of "
+               f"{n_videos} videos. Hit: the query's video and IoU >= m with its moment ({RULE.get(protocol, protocol)}).",
+               "video_R@k: the query's video among the k best-scored videos (a video's score: its best candidate).",
+               "Chance: exact expectation for a random ranking (videos: a random video order)."]
+    if PRIOR_ROW in rows:
+        caption.append("Prior: a random video order, each video's candidates by the training-annotation prior "
+                       "(uses training timestamps).")
+    if ORACLE_ROW in rows:
+        caption.append("Oracle video: the model's ranking inside the query's own video (what is lost is finding "
+                       "the video).")
+    if note:
+        caption.append(note)
+    caption.append("No published VCMR row uses these features (Escorcia et al. 2019 and TVR report on their own "
+                   "features), so none is printed beside these.")
+    return "\n".join(lines + ["", " ".join(caption)])
 
 
 def evaluate_corpus(checkpoint: str, shards: str, out: str | Path, device=None, train=None, progress=None,
-                    scale_calibration: str | None = None, contrast_weight: float | None = None) -> tuple[dict, str]:
+                    scale_calibration: str | None = None, contrast_weight: float | None = None,
+                    chunk_consistency: float | None = None, batch_size: int = QUERY_BATCH,
+                    note: str = "") -> tuple[dict, str]:
     """Run the protocol; write metrics.json, predictions_corpus.jsonl and table.md into `out`.  The model ranks
-    as its recipe says (model.scale_calibration), or by `scale_calibration` / `contrast_weight` when given."""
+    as its recipe says (model.scale_calibration, model.chunk_consistency), or by `scale_calibration` /
+    `contrast_weight` / `chunk_consistency` when given (evaluate's overrides)."""
     from ..data.loader import ShardSource
     from ..evaluation.predict import check_compatible, load_run
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, info = load_run(checkpoint, device)
     set_aside = None
-    if scale_calibration is not None or contrast_weight is not None:  # explicit: used as given, contrast too
+    explicit = scale_calibration is not None or contrast_weight is not None  # used as given, contrast too
+    if chunk_consistency is not None:
+        model.chunk_consistency = chunk_consistency
+    if explicit or chunk_consistency is not None:  # the statistics of the ranking used
         from ..evaluation.calibration import attach
 
-        attach(model, checkpoint, device, mode=scale_calibration, contrast_weight=contrast_weight)
-    else:
+        try:
+            attach(model, checkpoint, device, mode=scale_calibration, contrast_weight=contrast_weight)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    if not explicit:
         set_aside = corpus_ranking(model)
     source = ShardSource.open(shards)
     check_compatible(info, source.manifest, shards)
     protocol = source.manifest["benchmark"]
     corpus, queries = read_split(model, source, protocol, device)
-    ranked = rank_queries(model, corpus, queries, device, progress, protocol)
+    ranked = rank_queries(model, corpus, queries, device, progress, protocol, batch_size)
     model_m, oracle_m = model_rows(corpus, queries, ranked)
     rows = {"Chance (exact)": chance_row(corpus, queries)}
     if train is not None:
-        rows["Prior: random video order, training prior within each video (uses training timestamps)"] = \
-            prior_row(corpus, queries, protocol, train)
-    rows["Oracle video (the model's ranking inside the right video)"] = oracle_m
+        rows[PRIOR_ROW] = prior_row(corpus, queries, protocol, train)
+    rows[ORACLE_ROW] = oracle_m
     mode = getattr(model, "scale_calibration", "none")
     label = "WSRA (this checkpoint)" + (f", scale_calibration {mode}" if mode != "none" else "")
     if set_aside:
@@ -188,6 +208,6 @@ def evaluate_corpus(checkpoint: str, shards: str, out: str | Path, device=None, 
     result = {**model_m, "protocol": protocol, "queries": len(queries.ids), "videos": len(corpus.videos),
               "candidates": corpus.size, "rule": RULE.get(protocol, protocol), "rows": rows}
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    md = table(rows, protocol, len(queries.ids), len(corpus.videos), corpus.size)
+    md = table(rows, protocol, len(queries.ids), len(corpus.videos), corpus.size, note)
     (out / "table.md").write_text(md + "\n")
     return result, md

@@ -71,31 +71,12 @@ def _dist():
     return 1, 0, (lambda x: x), None
 
 
-def evaluate_checkpoints(
-    checkpoints: Sequence[str], shards: Sequence[str], protocol: str, out: str | Path,
-    fusion_weights: Sequence[float] | None = None, batch_size: int = 64, strict: bool = False,
-    nms: float | None = None, device: str | None = None, run_name: str | None = None,
-    clip_predictions: bool = False, iou_tolerance: float = 0.0,
-    train_annotations: str | Path | None = None, train_durations: str | Path | None = None,
-    chunk_consistency: float | None = None, scale_calibration: str | None = None,
-    contrast_weight: float | None = None,
-) -> tuple[dict, str | None]:
-    """Score one checkpoint (or several, late-fused with weights) on their shards.  `chunk_consistency` (DiDeMo)
-    replaces each checkpoint's own model.chunk_consistency ranking weight (WSRA.rank_logits); None keeps theirs.
-    `scale_calibration` likewise replaces model.scale_calibration (evaluation/calibration.py; None keeps theirs).
-    The predictions pass the same checks as a prediction file (scoring.score_didemo / score_charades).  The prior rows are learnt on
-    `train_annotations` (the official training file) when given, else on the truth in the first run's
-    data.train_shards (its recipe.yaml) that can be read; without either the table says how to add them."""
-    import torch
-
-    from ..data.loader import ShardSource
+def check_ranking(protocol: str, chunk_consistency: float | None, scale_calibration: str | None,
+                  contrast_weight: float | None) -> float | None:
+    """The ranking overrides of `evaluate` (--chunk-consistency, --scale-calibration, --contrast-weight), checked
+    in one line each; returns the checked chunk consistency."""
     from ..model import check_chunk_consistency
-    from .predict import check_compatible, load_run, predict
 
-    if protocol not in PROTOCOLS:
-        raise DataError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    check_iou_tolerance(iou_tolerance)
-    _check_train_file(train_annotations, train_durations)
     if chunk_consistency is not None:
         try:
             chunk_consistency = check_chunk_consistency(chunk_consistency, "--chunk-consistency")
@@ -114,6 +95,34 @@ def evaluate_checkpoints(
     if chunk_consistency and protocol != "didemo":
         raise DataError("--chunk-consistency ranks DiDeMo's chunk candidates; it has no meaning for --protocol "
                         f"{protocol}")
+    return chunk_consistency
+
+
+def evaluate_checkpoints(
+    checkpoints: Sequence[str], shards: Sequence[str], protocol: str, out: str | Path,
+    fusion_weights: Sequence[float] | None = None, batch_size: int = 64, strict: bool = False,
+    nms: float | None = None, device: str | None = None, run_name: str | None = None,
+    clip_predictions: bool = False, iou_tolerance: float = 0.0,
+    train_annotations: str | Path | None = None, train_durations: str | Path | None = None,
+    chunk_consistency: float | None = None, scale_calibration: str | None = None,
+    contrast_weight: float | None = None,
+) -> tuple[dict, str | None]:
+    """Score one checkpoint (or several, late-fused with weights) on their shards.  `chunk_consistency` (DiDeMo)
+    replaces each checkpoint's own model.chunk_consistency ranking weight (WSRA.rank_logits); None keeps theirs.
+    `scale_calibration` likewise replaces model.scale_calibration (evaluation/calibration.py; None keeps theirs).
+    The predictions pass the same checks as a prediction file (scoring.score_didemo / score_charades).  The prior rows are learnt on
+    `train_annotations` (the official training file) when given, else on the truth in the first run's
+    data.train_shards (its recipe.yaml) that can be read; without either the table says how to add them."""
+    import torch
+
+    from ..data.loader import ShardSource
+    from .predict import check_compatible, load_run, predict
+
+    if protocol not in PROTOCOLS:
+        raise DataError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    check_iou_tolerance(iou_tolerance)
+    _check_train_file(train_annotations, train_durations)
+    chunk_consistency = check_ranking(protocol, chunk_consistency, scale_calibration, contrast_weight)
     if len(checkpoints) != len(shards):
         raise DataError(f"give one --shards per --checkpoint (late fusion pairs them): {len(checkpoints)} vs {len(shards)}")
     weights = list(fusion_weights or [1.0 / len(checkpoints)] * len(checkpoints))

@@ -1,0 +1,118 @@
+"""`evaluate --corpus` applies every option it is given or refuses it in one line; a prediction file's report
+has the prior row when training annotations are given, and a caption that explains only the rows it has."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from wsra_dist.data.records import DataError
+
+from .test_corpus import corpus_run  # noqa: F401 (fixture)
+
+
+def _invoke(*args):
+    from wsra_dist.cli import app
+
+    return CliRunner().invoke(app, ["evaluate", "--corpus", *map(str, args)])
+
+
+def _refused(res, want: str) -> str:
+    assert res.exit_code != 0 and isinstance(res.exception, DataError), (res.output, res.exception)
+    msg = str(res.exception)
+    assert want in msg and "\n" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("extra,want", [
+    (["--nms", "0.5"], "--nms does not apply to --corpus"),
+    (["--strict-iou"], "--strict-iou does not apply"),
+    (["--iou-tolerance", "0.1"], "--iou-tolerance does not apply"),
+    (["--fusion-weights", "1"], "--fusion-weights does not apply"),
+    (["--clip-predictions"], "--clip-predictions does not apply"),
+    (["--charades-filter", "strict"], "--charades-filter does not apply"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--train-durations", "x.csv"], "--train-durations goes with --train-annotations"),
+    (["--chunk-consistency", "-1"], "--chunk-consistency"),
+])
+def test_checkpoint_options_that_do_not_apply_are_refused(corpus_run, tmp_path, extra, want):  # noqa: F811
+    root = corpus_run[0]
+    res = _invoke("--checkpoint", root / "run", "--shards", root / "shards" / "test", "--protocol", "didemo",
+                  "--out", tmp_path / "ev", *extra)
+    _refused(res, want)
+    assert not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--chunk-consistency", "0"), ("--scale-calibration", "none"),
+                                        ("--contrast-weight", "2"), ("--batch-size", "8")])
+def test_prediction_files_refuse_reranking_options(corpus_run, tmp_path, flag, value):  # noqa: F811
+    root, out, _, _ = corpus_run
+    res = _invoke("--predictions", out / "predictions_corpus.jsonl", "--shards", root / "shards" / "test",
+                  "--protocol", "didemo", "--out", tmp_path / "ev", flag, value)
+    _refused(res, f"{flag} ranks a checkpoint's scores; a prediction file is already ranked")
+
+
+def test_out_that_is_a_file_is_named(corpus_run, tmp_path):  # noqa: F811
+    root = corpus_run[0]
+    (tmp_path / "f").write_text("mine")
+    res = _invoke("--checkpoint", root / "run", "--shards", root / "shards" / "test", "--protocol", "didemo",
+                  "--out", tmp_path / "f")
+    _refused(res, "--out")
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_checkpoint_ranking_options_are_applied(corpus_run, tmp_path):  # noqa: F811
+    from wsra_dist.corpus.protocol import evaluate_corpus
+
+    root = corpus_run[0]
+    run, test = root / "run", root / "shards" / "test"
+    res = _invoke("--checkpoint", run, "--shards", test, "--protocol", "didemo", "--out", tmp_path / "cli",
+                  "--chunk-consistency", "3", "--batch-size", "5")
+    assert res.exit_code == 0, (res.output, res.exception)
+    got = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    want, _ = evaluate_corpus(str(run), str(test), tmp_path / "api", chunk_consistency=3.0, batch_size=5)
+    base, _ = evaluate_corpus(str(run), str(test), tmp_path / "base", chunk_consistency=0.0)
+    assert (tmp_path / "cli" / "predictions_corpus.jsonl").read_text() == (tmp_path / "api" / "predictions_corpus.jsonl").read_text()
+    assert (tmp_path / "api" / "predictions_corpus.jsonl").read_text() != (tmp_path / "base" / "predictions_corpus.jsonl").read_text()
+    assert got["R@10,IoU=0.5"] == pytest.approx(want["R@10,IoU=0.5"])
+    # the run's recipe names its training shards: the prior row is there, and no note is printed before it
+    assert any(r.startswith("Prior") for r in got["rows"])
+
+
+def test_prediction_report_has_the_prior_row_with_training_annotations(corpus_run, tmp_path):  # noqa: F811
+    from wsra_dist.corpus.protocol import PRIOR_ROW
+
+    root, out, res, _ = corpus_run
+    args = ["--predictions", out / "predictions_corpus.jsonl", "--shards", root / "shards" / "test",
+            "--protocol", "didemo"]
+    r = _invoke(*args, "--out", tmp_path / "plain")
+    assert r.exit_code == 0, (r.output, r.exception)
+    m = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    md = (tmp_path / "plain" / "table.md").read_text()
+    assert m["rule"].startswith("DiDeMo: majority moment") and list(m["rows"]) == ["Chance (exact)", "predictions_corpus.jsonl"]
+    assert "Oracle video:" not in md and "Prior: a random video order" not in md and "--train-annotations" in md
+    r = _invoke(*args, "--out", tmp_path / "prior", "--train-annotations", root / "data" / "train_data.json")
+    assert r.exit_code == 0, (r.output, r.exception)
+    m = json.loads((tmp_path / "prior" / "metrics.json").read_text())
+    # the same prior as the checkpoint's table (the planted training file is what its shards were packed from)
+    assert m["rows"][PRIOR_ROW] == pytest.approx(res["rows"][PRIOR_ROW])
+    assert "Prior: a random video order" in (tmp_path / "prior" / "table.md").read_text()
+
+
+def test_duplicate_moments_are_refused_and_a_score_may_be_left_out(corpus_run, tmp_path):  # noqa: F811
+    from wsra_dist.corpus.predictions import score_predictions
+
+    root, out, res, _ = corpus_run
+    lines = (out / "predictions_corpus.jsonl").read_text().splitlines()
+    row = json.loads(lines[0])
+    dup = dict(row, moments=row["moments"][:3] + [row["moments"][1]])
+    f = tmp_path / "dup.jsonl"
+    f.write_text("\n".join([json.dumps(dup)] + lines[1:]) + "\n")
+    with pytest.raises(DataError, match=r"line 1: moment .* is listed twice \(ranks 2 and 4\)"):
+        score_predictions(f, str(root / "shards" / "test"))
+    three = [json.dumps(dict(r, moments=[m[:3] for m in r["moments"]])) for r in map(json.loads, lines)]
+    f.write_text("\n".join(three) + "\n")
+    got, _, _ = score_predictions(f, str(root / "shards" / "test"))
+    assert got["R@1,IoU=0.5"] == pytest.approx(res["R@1,IoU=0.5"])
