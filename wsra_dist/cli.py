@@ -369,7 +369,11 @@ def evaluate(
                                                          "format). Writes metrics.json (R@1/R@10/R@100 at IoU 0.5 and 0.7, "
                                                          "video_R@1, video_R@10), predictions_corpus.jsonl (top 100 per "
                                                          "query: [video, start_s, end_s, score]) and table.md with the "
-                                                         "chance, prior, oracle-video and model rows."),
+                                                         "chance, prior, oracle-video and model rows.  Applies "
+                                                         "--chunk-consistency, --scale-calibration, --contrast-weight, "
+                                                         "--batch-size (checkpoint) and --train-annotations / "
+                                                         "--train-durations (the prior row; prediction files too); "
+                                                         "refuses the per-video protocols' options."),
     out: Path = typer.Option(..., help="Folder for metrics.json, table.md, table.csv; with --checkpoint also "
                                          "predictions.jsonl, predictions_md.jsonl (moment_detr format) and "
                                          "report.html (table, learning curves, example groundings)."),
@@ -526,14 +530,18 @@ def index(
 @app.command()
 def search(
     index: Path = typer.Argument(..., help="Index folder written by `wsra-dist index`."),
-    query: str = typer.Argument(..., help="The sentence to find, e.g. \"a man delivers a package\"."),
-    top_k: int = typer.Option(20, help="Moments to return (best first)."),
-    nms: float = typer.Option(0.3, help="Within a video, drop a moment overlapping a better one by IoU above this "
-                                        "(1: keep all)."),
+    query: str = typer.Argument(..., help="The sentence to find, e.g. \"a man delivers a package\" (not empty; at "
+                                          "most 2,000 characters)."),
+    top_k: int = typer.Option(20, help="Moments to return (best first), 1 to 10,000."),
+    nms: float = typer.Option(0.3, help="Within a video, drop a moment overlapping a better one by IoU above this, "
+                                        "0 to 1 (1: keep all; 0: no two overlapping moments of one video).  Never across videos."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines {video, start, end, score} instead of a table."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one).", callback=_device),
 ):
-    """Find a sentence across every video of an index: moments (video, start, end in seconds, score), best first."""
+    """Find a sentence across every video of an index: moments (video, start, end in seconds, score), best first.
+
+    The score is the sigmoid of the ranking logit (φ; DiDeMo with the checkpoint's chunk consistency; standardised
+    per window size under model.scale_calibration standardise).  Python: wsra_dist.corpus.load_index(INDEX).search()."""
     from .corpus.index import CorpusIndex
     from .corpus.search import Searcher
 
