@@ -1,7 +1,9 @@
 """Query -> the best moments across every video of a corpus (`wsra-dist search`, and the protocol's scoring).
 
 A query's logits over M candidates are w · relu(pv + pt) + c, computed in candidate chunks (the stored fp16
-projections are widened chunk by chunk); on CUDA through the fused pair kernel, elsewhere the chunked eager one.
+projections are widened chunk by chunk); for several queries on CUDA through the fused pair kernel, elsewhere the
+chunked eager one.  DiDeMo's per-video parts on CUDA go through the fused scan (kernels/corpus_scan.py): each
+query reads the stored parts once and writes only the logits.
 DiDeMo candidates are ranked with the model's chunk-consistency rule when it has one (the same rule as
 `evaluate`).  Results are non-maximum suppressed within a video, never across videos.
 """
@@ -47,7 +49,9 @@ def corpus_logits(model, corpus: Corpus, pt: torch.Tensor, protocol: str | None 
         logits = corpus.store.contrast(_pair_logits_blocks(model, corpus.store.snippet_blocks, pt),
                                        getattr(model, "contrast_weight", 1.0))
     else:
-        logits = _pair_logits_blocks(model, corpus.store.blocks, pt)
+        logits = _scan_logits(model, corpus.store, pt)
+        if logits is None:
+            logits = _pair_logits_blocks(model, corpus.store.blocks, pt)
         if corpus.grid and getattr(model, "chunk_consistency", 0):  # per video's 21 candidates
             n = logits.shape[0]
             logits = model.rank_logits(logits.view(n, -1, 21)).reshape(n, -1)
@@ -61,6 +65,32 @@ def corpus_logits(model, corpus: Corpus, pt: torch.Tensor, protocol: str | None 
         groups = torch.as_tensor(corpus.groups(protocol), device=pt.device)
         logits = standardise(logits, groups, stats["mu"], stats["sd"])
     return logits
+
+
+def scan_kernel_applies(model, store, device: torch.device) -> bool:
+    """The fused Triton scan of DiDeMo parts (kernels/corpus_scan.py) serves this model, store and device: a
+    depth-1 φ, the parts layout, and `model.pair_kernel` auto on CUDA or triton where Triton runs (CUDA, or the
+    CPU interpreter: tests)."""
+    cfg = model.scorer.cfg
+    if store.layout != "didemo_chunks" or cfg.depth != 1 or not cfg.fused_kernel or cfg.pair_kernel == "eager":
+        return False
+    if cfg.pair_kernel == "auto" and device.type != "cuda":
+        return False
+    from ..kernels import triton_pair_mlp_available
+
+    return triton_pair_mlp_available(device)
+
+
+def _scan_logits(model, store, pt: torch.Tensor) -> torch.Tensor | None:
+    """(N, 21 V) logits through the fused scan, one pass over the stored parts per query; None where it does
+    not apply (the eager blocks path computes the same values)."""
+    if not scan_kernel_applies(model, store, pt.device):
+        return None
+    from ..kernels.corpus_scan import didemo_scan_logits
+
+    last = model.scorer.tail[-1]
+    return torch.stack([didemo_scan_logits(store.g, store.local, store.den, store.norm, store.tef, store.bias, p,
+                                           last.weight[0], last.bias[0]).reshape(-1) for p in pt.float()])
 
 
 def _window_protocol(model) -> str:
