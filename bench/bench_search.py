@@ -15,7 +15,8 @@ sentence with the run's text model, scoring every candidate, top-k and NMS, i.e.
    describe (unrotated, every distractor would hold real events, and "the right video" would be one of
    hundreds that show the moment).  Searched through an index written to disk and loaded back (fp16 default).
 
-The baseline, in the same process: the same 100k corpus with every candidate's projection stored (the
+On CUDA the parts index is searched through the fused scan (kernels/corpus_scan.py) and, as its baseline in the
+same process, through the eager parts path (model.pair_kernel eager).  The layout baseline, in the same process: the same 100k corpus with every candidate's projection stored (the
 "candidates" layout, 21 rows per video).  Printed: JSON lines (one per measurement, `"kind"`), then a summary
 with the issue's targets (DiDeMo test corpus <= 20 ms, 100k videos <= 1 s on a CPU and <= 10 ms on a GPU, index
 bytes <= 1.1 x the projected chunks at the dtype, i.e. 6 chunks x (global | local) x H per modality).  Hit@10
@@ -233,6 +234,15 @@ def main() -> None:
                               bytes_per_video=round(bidx.nbytes / args.videos, 1),
                               **time_search(bs, sentences, args.queries, device))
         hit_big = hit_at_10(bs, queries, corpus.videos, min(args.hit_queries, len(sentences)))
+        from wsra_dist.corpus.search import scan_kernel_applies
+
+        if scan_kernel_applies(bs.model, bs._corpus.store, device):  # CUDA: the fused scan against the eager parts
+            kind = bs.model.scorer.cfg.pair_kernel
+            bs.model.scorer.cfg.pair_kernel = "eager"
+            summary["eager"] = emit("latency", corpus=f"planted {args.videos:,} videos",
+                                    layout="didemo_chunks, eager blocks (baseline of the fused scan)",
+                                    videos=args.videos, **time_search(bs, sentences, args.queries, device))
+            bs.model.scorer.cfg.pair_kernel = kind
         emit("hit@10", queries=min(args.hit_queries, len(sentences)), split=hit_split, planted=hit_big)
         # baseline: the same corpus with every candidate stored (21 rows a video), same dtype, same process
         dense_pv = torch.cat([b.transpose(0, 1).reshape(-1, H).to(torch.float16 if args.dtype == "fp16" else torch.float32)
@@ -253,6 +263,9 @@ def main() -> None:
     print(f"  DiDeMo test size (1,004 videos): {summary['test']['median_ms']} ms  target <= {TARGETS['test_ms']:g} ms")
     print(f"  {args.videos:,} videos, parts index: {summary['big']['median_ms']} ms  target <= {big_target:g} ms; "
           f"dense baseline {summary['dense']['median_ms']} ms (ratio {summary['dense']['median_ms'] / summary['big']['median_ms']:.2f}x)")
+    if "eager" in summary:
+        print(f"  fused scan {summary['big']['median_ms']} ms against the eager parts path "
+              f"{summary['eager']['median_ms']} ms ({summary['eager']['median_ms'] / summary['big']['median_ms']:.2f}x)")
     print(f"  index bytes: {summary['big']['index_bytes']:,} = {summary['big']['bytes_ratio']} x the projected chunks "
           f"(target <= {TARGETS['bytes_ratio']}); dense candidates {dense_bytes:,} "
           f"({dense_bytes / summary['big']['index_bytes']:.2f}x the parts index)")
