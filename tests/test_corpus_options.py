@@ -116,3 +116,41 @@ def test_duplicate_moments_are_refused_and_a_score_may_be_left_out(corpus_run, t
     f.write_text("\n".join(three) + "\n")
     got, _, _ = score_predictions(f, str(root / "shards" / "test"))
     assert got["R@1,IoU=0.5"] == pytest.approx(res["R@1,IoU=0.5"])
+
+
+def test_short_didemo_videos_have_no_moments_past_their_end(corpus_run, tmp_path):  # noqa: F811
+    """A 25-s DiDeMo video has 5 chunks: its spans that reach a 6th are stored (the parts layout keeps 21) but
+    never ranked, written or accepted; the features source reads the same 25 s from the zero-padded chunk."""
+    import h5py
+    import numpy as np
+
+    from wsra_dist.corpus.features_source import didemo_length
+    from wsra_dist.corpus.index import CorpusIndex, build_index
+    from wsra_dist.corpus.predictions import score_predictions
+    from wsra_dist.corpus.search import Searcher
+
+    root, out, res, _ = corpus_run
+    build_index(root / "run", [str(root / "shards" / "test")], tmp_path / "idx", "fp32")
+    idx = CorpusIndex.load(tmp_path / "idx")
+    c = idx.corpus
+    dur = dict(zip(c.videos, c.durations))
+    short = [v for v, d in dur.items() if d < 30]
+    assert short and c.valid is not None and c.n_valid == c.size - 6 * len(short)
+    s = Searcher(idx, device="cpu")
+    for q in ("a person opens a door", "someone kicks the ball", "a woman picks up a book"):
+        for m in s.search(q, top_k=200, nms=1.0):
+            assert m.end <= dur[m.video] + 1e-6, m
+    assert res["candidates"] == c.n_valid
+    lines = (out / "predictions_corpus.jsonl").read_text().splitlines()
+    for line in lines:
+        for v, a, b, _ in json.loads(line)["moments"]:
+            assert b <= dur[v] + 1e-6
+    row = json.loads(lines[0])
+    row["moments"][0] = [short[0], 20.0, 30.0, 0.9]
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join([json.dumps(row)] + lines[1:]) + "\n")
+    with pytest.raises(DataError, match=r"line 1: moment .* ends after the video \(25 s\)"):
+        score_predictions(f, str(root / "shards" / "test"))
+    with h5py.File(root / "data" / "average_global_flow.h5") as h:
+        assert didemo_length(h[short[0]][()]) == dur[short[0]] == 25.0
+    assert didemo_length(np.ones((6, 4))) == 30.0 and didemo_length(np.zeros((6, 4))) == 30.0

@@ -43,6 +43,21 @@ class Corpus:
     def size(self) -> int:
         return len(self.video_of)
 
+    @property
+    def valid(self) -> np.ndarray | None:
+        """(M,) bool: candidates that lie inside their video, or None when all do.  DiDeMo stores all 21 chunk
+        spans of every video (the parts layout needs them), but a 25-s video has 5 chunks: the spans that reach
+        its 6th are not moments of the video, so search and the corpus protocol never rank them."""
+        if getattr(self, "_valid", False) is False:
+            dur = np.asarray(self.durations, dtype=np.float64)[self.video_of] if self.size else np.zeros(0)
+            ok = self.ends <= dur + 1e-6
+            self._valid = None if ok.all() else ok
+        return self._valid
+
+    @property
+    def n_valid(self) -> int:
+        return self.size if self.valid is None else int(self.valid.sum())
+
     def groups(self, protocol: str) -> np.ndarray:
         """(M,) window size of every candidate (scale_calibration.window_groups; DiDeMo: chunks - 1)."""
         from ..scale_calibration import DIDEMO_GROUPS, window_groups

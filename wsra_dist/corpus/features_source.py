@@ -51,6 +51,16 @@ def feature_videos(spec: str) -> list[tuple[str, str]]:
     return out
 
 
+def didemo_length(chunks) -> float:
+    """Seconds of a DiDeMo video from its (6, D) chunk features: the official files (and `synth`) pad a video
+    shorter than 30 s with all-zero chunks at the end, as the annotations' num_segments says; so 5 s per chunk up
+    to the last non-zero one (at least one), the same length the shards record from num_segments."""
+    import numpy as np
+
+    nonzero = np.flatnonzero(np.abs(np.asarray(chunks)).sum(1) > 0)
+    return 5.0 * (int(nonzero[-1]) + 1 if len(nonzero) else 6)
+
+
 def _follow(group, key: str, p: Path, parent: str | None = None):
     """group[key], or one line naming FILE:KEY when it is a dangling soft link or an external link to a file
     that is missing or unreadable (h5py raises KeyError/OSError from deep inside)."""
@@ -87,7 +97,7 @@ def read_features_corpus(model, info: dict, spec: str, device, fps: float | None
         if protocol == "didemo":
             if dims is None or x.shape != (6, sum(dims)):
                 raise DataError(f"{vspec}: a DiDeMo checkpoint takes (6, {sum(dims or ())}) chunk features, got {x.shape}")
-            length = timing.duration or 30.0
+            length = timing.duration or didemo_length(x)
         else:
             if x.shape[1] != want:
                 raise DataError(f"{vspec}: {x.shape[1]}-d features, but the checkpoint expects {want}-d")

@@ -33,6 +33,8 @@ def _hits(corpus: Corpus, queries: CorpusQueries, m: float) -> list[np.ndarray]:
     out = []
     for v, mom in zip(queries.video, queries.moment):
         mask = VM.hit_mask(corpus.iou_starts, corpus.iou_ends, corpus.video_of, int(v), mom, m)
+        if corpus.valid is not None:
+            mask &= corpus.valid
         out.append(np.flatnonzero(mask))
     return out
 
@@ -86,21 +88,25 @@ def model_rows(corpus: Corpus, queries: CorpusQueries, ranked: dict) -> tuple[di
 
 def chance_row(corpus: Corpus, queries: CorpusQueries) -> dict:
     n_hits = {m: [len(h) for h in _hits(corpus, queries, m)] for m in VM.IOUS}
-    return VM.chance_metrics(corpus.size, n_hits, len(corpus.videos))
+    return VM.chance_metrics(corpus.n_valid, n_hits, len(corpus.videos))
 
 
 def prior_row(corpus: Corpus, queries: CorpusQueries, protocol: str, train) -> dict:
     """Videos in a random order (exact expectation), each video's candidates by the training prior, interleaved by
-    rank (every video's first choice, then every second ...).  Uses training timestamps."""
+    rank (every video's first choice, then every second ...).  Uses training timestamps.  Exact while every
+    video has at least as many candidates as the hit's rank (a 25-s DiDeMo video has 15 spans, a 30-s one 21:
+    beyond rank 15 the interleaving would skip the short videos, which matters only for k > 15 V)."""
     from ..evaluation.priors import didemo_frequency_ranking, length_position_order, normalised_spans
 
     V = len(corpus.videos)
     starts = np.concatenate([[0], np.cumsum(np.bincount(corpus.video_of, minlength=V))])
     if protocol == "didemo":
-        from ..geometry import DIDEMO_CANDIDATES
-
-        rank = didemo_frequency_ranking([q["times"] for q in train.queries])
-        order_in_video = {v: starts[v] + np.array([DIDEMO_CANDIDATES.index(p) for p in rank]) for v in range(V)}
+        rank = {p: i for i, p in enumerate(didemo_frequency_ranking([q["times"] for q in train.queries]))}
+        order_in_video = {}
+        for v in range(V):  # the video's candidates (chunk spans from their seconds) in the prior's order
+            idx = np.arange(starts[v], starts[v + 1])
+            spans = zip(np.rint(corpus.starts[idx] / 5).astype(int), np.rint(corpus.ends[idx] / 5).astype(int) - 1)
+            order_in_video[v] = idx[np.argsort([rank[p] for p in spans], kind="stable")]
     else:
         spans = normalised_spans(train.queries)
         order_in_video = {}
@@ -108,6 +114,8 @@ def prior_row(corpus: Corpus, queries: CorpusQueries, protocol: str, train) -> d
             s, e = corpus.starts[starts[v]: starts[v + 1]], corpus.ends[starts[v]: starts[v + 1]]
             norm = np.stack([s, e], 1) / corpus.durations[v]
             order_in_video[v] = starts[v] + length_position_order(norm, spans)
+    if corpus.valid is not None:  # a short DiDeMo video's ranking holds only its own spans
+        order_in_video = {v: o[corpus.valid[o]] for v, o in order_in_video.items()}
     out = {}
     for m in VM.IOUS:
         hits = _hits(corpus, queries, m)
@@ -127,6 +135,8 @@ def write_predictions(path: Path, corpus: Corpus, queries: CorpusQueries, ranked
     with open(tmp, "w") as f:
         for q, qid in enumerate(queries.ids):
             idx, lg = ranked["top"][q], ranked["top_logit"][q]
+            keep = np.isfinite(lg)  # masked candidates (past a short video's end) only fill a tiny corpus's top
+            idx, lg = idx[keep], lg[keep]
             sc = 1.0 / (1.0 + np.exp(-lg))
             f.write(json.dumps({"query_id": qid, "moments": [
                 [corpus.videos[int(corpus.video_of[i])], round(float(corpus.starts[i]), 3),
@@ -206,8 +216,8 @@ def evaluate_corpus(checkpoint: str, shards: str, out: str | Path, device=None, 
     write_predictions(out / "predictions_corpus.jsonl", corpus, queries, ranked)
     # the model's metrics at the top level (the contract's keys), every row beside them
     result = {**model_m, "protocol": protocol, "queries": len(queries.ids), "videos": len(corpus.videos),
-              "candidates": corpus.size, "rule": RULE.get(protocol, protocol), "rows": rows}
+              "candidates": corpus.n_valid, "rule": RULE.get(protocol, protocol), "rows": rows}
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    md = table(rows, protocol, len(queries.ids), len(corpus.videos), corpus.size, note)
+    md = table(rows, protocol, len(queries.ids), len(corpus.videos), corpus.n_valid, note)
     (out / "table.md").write_text(md + "\n")
     return result, md

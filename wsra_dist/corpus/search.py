@@ -64,6 +64,8 @@ def corpus_logits(model, corpus: Corpus, pt: torch.Tensor, protocol: str | None 
         protocol = "didemo" if corpus.grid else (protocol or _window_protocol(model))
         groups = torch.as_tensor(corpus.groups(protocol), device=pt.device)
         logits = standardise(logits, groups, stats["mu"], stats["sd"])
+    if corpus.valid is not None:  # spans past a short DiDeMo video's end are not its moments
+        logits = logits.masked_fill(~torch.as_tensor(corpus.valid, device=logits.device), float("-inf"))
     return logits
 
 
@@ -170,7 +172,8 @@ class Searcher:
         logits = corpus_logits(self.model, self._corpus, self.model.scorer.project_text(t),
                                self.index.protocol)[0].double()
         want = min(self._corpus.size, max(top_k * 8, 256))
-        top = torch.topk(logits, want).indices.cpu().numpy()
+        top = torch.topk(logits, want).indices
+        top = top[torch.isfinite(logits[top])].cpu().numpy()  # masked candidates are never answers
         keep = nms_within_videos(top, self._corpus, nms, top_k) if nms < 1 else list(top[:top_k])
         sc = torch.sigmoid(logits[keep]).cpu().numpy() if keep else []
         c = self._corpus
