@@ -66,8 +66,8 @@ def test_the_servers_own_refusals_are_one_line(server):
 
     base, searcher, _ = server
     host, port = base.split("//")[1].split(":")
-    for method, path, want in (("POST", "/api/search", 501), ("GET", "/?q=" + "z" * 70_000, 414),
-                               ("DELETE", "/", 501)):
+    for method, path, want in (("POST", "/api/search", 405), ("GET", "/?q=" + "z" * 70_000, 414),
+                               ("DELETE", "/", 405), ("BREW", "/", 501)):
         c = http.client.HTTPConnection(host, int(port), timeout=60)
         c.request(method, path)
         r = c.getresponse()
@@ -75,6 +75,8 @@ def test_the_servers_own_refusals_are_one_line(server):
         c.close()
         assert r.status == want and r.getheader("Content-Type").startswith("text/plain")
         assert len(body.decode().strip().splitlines()) == 1 and b"<html" not in body.lower(), body
+        if want == 405:
+            assert r.getheader("Allow") == "GET, HEAD"
     for bad, want in (({"nms": 1.5}, "--nms"), ({"nms": float("nan")}, "--nms"), ({"top_k": 10**6}, "--top-k")):
         with pytest.raises(DataError, match=want):
             searcher.search("a dog", **bad)
@@ -104,6 +106,57 @@ def test_video_paths_are_confined_and_ranges_served(server):
         assert b"not indexed" not in body
     st, _, _ = _get(url, {"Range": "bytes=5000-6000"})
     assert st == 416
+    # RFC 9110: an end past the file is trimmed; a suffix range; malformed or multiple ranges: the whole file
+    st, body, h = _get(url, {"Range": "bytes=1000-999999"})
+    assert st == 206 and body == (bytes(range(256)) * 4)[1000:] and h["Content-Range"] == "bytes 1000-1023/1024"
+    st, body, h = _get(url, {"Range": "bytes=-4"})
+    assert st == 206 and body == bytes(range(252, 256)) and h["Content-Range"] == "bytes 1020-1023/1024"
+    for header in ("bytes=abc", "bytes=0-0,5-9", "items=0-1", "bytes=5-2x"):
+        st, body, _ = _get(url, {"Range": header})
+        assert st == 200 and len(body) == 1024, header
+
+
+def test_video_bytes_are_streamed_not_read_whole(server, monkeypatch):
+    """A video is sent in 1 MiB pieces: never one read of the whole file (multi-GB videos, several viewers)."""
+    import builtins
+
+    base, searcher, videos = server
+    name = searcher.index.corpus.videos[1]
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    (videos / f"{stem}.mp4").write_bytes(b"\x01" * (3 * (1 << 20) + 5))
+    sizes = []
+    real_open = builtins.open
+
+    class Spy:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def seek(self, n):
+            self.f.seek(n)
+
+        def read(self, n=-1):
+            sizes.append(n)
+            return self.f.read(n)
+
+    def spy_open(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        return Spy(f) if str(path).endswith(f"{stem}.mp4") and "b" in mode else f
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    st, body, _ = _get(f"{base}/video/{urllib.parse.quote(name)}")
+    assert st == 200 and len(body) == 3 * (1 << 20) + 5
+    assert sizes and max(sizes) <= 1 << 20 and -1 not in sizes
+    sizes.clear()
+    req = urllib.request.Request(f"{base}/video/{urllib.parse.quote(name)}", method="HEAD")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 200 and r.headers["Content-Length"] == str(3 * (1 << 20) + 5)
+    assert not sizes  # HEAD reads nothing
 
 
 def test_api_takes_top_k_as_search_names_it(server):
@@ -113,7 +166,14 @@ def test_api_takes_top_k_as_search_names_it(server):
         st, body, _ = _get(f"{base}/api/search?q={q}&{arg}")
         assert st == 200 and len(json.loads(body)["results"]) == 3
     st, body, _ = _get(f"{base}/api/search?q={q}&top_k=0")
-    assert st == 400 and "k must be" in json.loads(body)["error"]
+    assert st == 400 and "top_k must be between 1 and 200" in json.loads(body)["error"]
+    # nms as `search --nms`: 1 keeps every moment, an IoU outside 0..1 is refused
+    st, body, _ = _get(f"{base}/api/search?q={q}&k=20&nms=1")
+    assert st == 200 and json.loads(body)["results"] == [m.json() for m in searcher.search(
+        "a person opens a door", top_k=20, nms=1.0)]
+    for bad in ("5", "nan", "x"):
+        st, body, _ = _get(f"{base}/api/search?q={q}&nms={bad}")
+        assert st == 400 and "nms must be" in json.loads(body)["error"]
 
 
 def _chromium():

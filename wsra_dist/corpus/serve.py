@@ -1,7 +1,7 @@
 """`wsra-dist serve INDEX`: a local search page over an index (standard library HTTP server, nothing fetched).
 
 GET /?q=TEXT[&k=N]      the page, with results rendered by the server (works without JavaScript)
-GET /api/search?q=...[&k=N | &top_k=N]   {"query", "results": [{video, start, end, score}, ...]} or {"error": "..."} (400)
+GET /api/search?q=...[&k=N | &top_k=N][&nms=IOU]   {"query", "results": [{video, start, end, score}, ...]} or {"error": "..."} (400)
 GET /video/NAME         the index's video NAME from --videos (HTTP Range, so the player can seek); other files refused
 The page's only script (inline) makes a result click load the video and seek the player to the moment's start.
 Every bad request gets a one-line message and a 4xx status, never a traceback page.
@@ -113,6 +113,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self.do_GET()
 
+    def _not_allowed(self) -> None:
+        self.close_connection = True
+        self._send(405, f"405 {self.command} is not allowed (this server answers GET and HEAD)\n".encode(),
+                   "text/plain; charset=utf-8", {"Allow": "GET, HEAD"})
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
     def do_GET(self) -> None:
         try:
             url = urllib.parse.urlsplit(self.path)
@@ -131,21 +138,35 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _query(self, args: dict) -> tuple[str, int]:
         q = (args.get("q") or [""])[0]
+        name = "k" if "k" in args else "top_k" if "top_k" in args else "k"  # top_k: as `search --top-k` names it
         try:
-            k = int((args.get("k") or args.get("top_k") or ["20"])[0])  # top_k: as `search --top-k` names it
+            k = int((args.get(name) or ["20"])[0])
         except ValueError:
-            raise DataError("k must be a whole number of results") from None
+            raise DataError(f"{name} must be a whole number of results") from None
         if not 1 <= k <= MAX_K:
-            raise DataError(f"k must be between 1 and {MAX_K}, got {k}")
+            raise DataError(f"{name} must be between 1 and {MAX_K}, got {k}")
         return q, k
 
-    def _results(self, q: str, k: int) -> list[dict]:
-        return [m.json() for m in self.searcher.search(q, top_k=k)]
+    def _nms(self, args: dict) -> float:
+        from .search import NMS
+
+        try:
+            x = float((args.get("nms") or [str(NMS)])[0])
+        except ValueError:
+            raise DataError("nms must be a number (an IoU between 0 and 1)") from None
+        if not 0.0 <= x <= 1.0:  # also NaN
+            raise DataError(f"nms must be an IoU between 0 and 1 (1: keep every moment), got {x}")
+        return x
+
+    def _results(self, q: str, k: int, nms: float | None = None) -> list[dict]:
+        from .search import NMS
+
+        return [m.json() for m in self.searcher.search(q, top_k=k, nms=NMS if nms is None else nms)]
 
     def _api(self, args: dict) -> None:
         try:
             q, k = self._query(args)
-            self._json(200, {"query": q, "results": self._results(q, k)})
+            self._json(200, {"query": q, "results": self._results(q, k, self._nms(args))})
         except DataError as e:
             self._json(400, {"error": str(e)})
 
@@ -208,23 +229,52 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error_text(404, f"unknown video: {name!r} (not a video of this index with a file under --videos)")
         size = p.stat().st_size
         ctype = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
-        rng = self.headers.get("Range", "")
-        start, end = 0, size - 1
-        if rng.startswith("bytes="):
-            a, _, b = rng[6:].split(",")[0].partition("-")
-            try:
-                start, end = (int(a), int(b) if b else size - 1) if a else (size - int(b), size - 1)
-            except ValueError:
-                return self._error_text(416, "bad Range header")
-            if not 0 <= start <= end < size:
-                return self._send(416, b"", ctype, {"Content-Range": f"bytes */{size}"})
-        with open(p, "rb") as f:
-            f.seek(start)
-            data = f.read(end - start + 1)
+        span = _byte_range(self.headers.get("Range", ""), size)
+        if span == "unsatisfiable":
+            return self._send(416, b"", ctype, {"Content-Range": f"bytes */{size}"})
+        start, end = span or (0, size - 1)
         extra = {"Accept-Ranges": "bytes"}
-        if rng:
+        if span:
             extra["Content-Range"] = f"bytes {start}-{end}/{size}"
-        self._send(206 if rng else 200, data, ctype, extra)
+        self._stream(206 if span else 200, p, start, end - start + 1, ctype, extra)
+
+    def _stream(self, status: int, path: Path, start: int, length: int, ctype: str, extra: dict) -> None:
+        """Headers, then the bytes in 1 MiB pieces: a multi-GB video never sits in memory (HEAD: headers only)."""
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(length))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for k, v in extra.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        with open(path, "rb") as f:
+            f.seek(start)
+            while length > 0:
+                piece = f.read(min(length, 1 << 20))
+                if not piece:
+                    break
+                self.wfile.write(piece)
+                length -= len(piece)
+
+
+def _byte_range(header: str, size: int):
+    """RFC 9110 single byte range: (start, end) inclusive, None to send the whole file (no Range, a malformed one,
+    or several ranges: a server may ignore Range), or "unsatisfiable" (416).  An end past the file is trimmed."""
+    if not header.startswith("bytes=") or "," in header:
+        return None
+    a, sep, b = header[6:].strip().partition("-")
+    if not sep or not (a.isdigit() or b.isdigit()) or (a and not a.isdigit()) or (b and not b.isdigit()):
+        return None
+    if not a:  # suffix: the last b bytes
+        n = int(b)
+        return (max(size - n, 0), size - 1) if n > 0 and size > 0 else "unsatisfiable"
+    start = int(a)
+    end = min(int(b), size - 1) if b else size - 1
+    if start >= size or end < start:
+        return "unsatisfiable"
+    return start, end
 
 
 def _stems(videos: list[str]) -> dict[str, str]:
