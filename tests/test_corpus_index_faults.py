@@ -5,6 +5,7 @@ and an index the user had stays as it was."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import json
 import os
 import shutil
@@ -185,3 +186,74 @@ def test_index_asks_only_for_flags_it_has(tmp_path):
     with pytest.raises(DataError) as e:
         read_features_corpus(WSRA.from_info(info).eval(), info, str(tmp_path), "cpu")
     assert "--fps SNIPPETS_PER_SECOND" in str(e.value) and "--duration" not in str(e.value)
+
+
+def test_a_writer_killed_between_its_renames_loses_nothing(built, tmp_path):
+    """kill -9 after NAME -> .NAME.old-PID and before staging -> NAME: the next run puts the old index back."""
+    from wsra_dist.corpus.index import CorpusIndex, build_index
+
+    root, out = built
+    idx = tmp_path / "idx"
+    shutil.copytree(out, tmp_path / f".idx.old-{2 ** 22 + 777}")  # what the killed writer left, and no idx/
+    n = len(CorpusIndex.load(out).corpus.videos)
+    with pytest.raises(DataError, match="already holds video"):  # the recovered index is appended to, not replaced
+        build_index(root / "run", [str(root / "shards" / "test")], idx, None)
+    assert len(CorpusIndex.load(idx).corpus.videos) == n and not list(tmp_path.glob(".idx.*"))
+
+
+def test_index_options_and_paths(built, tmp_path, monkeypatch):
+    from wsra_dist.corpus.index import CorpusIndex, build_index
+
+    root, out = built
+    with pytest.raises(DataError, match="--fps gives the time axis of --features"):
+        build_index(root / "run", [str(root / "shards" / "test")], tmp_path / "x", "fp16", fps=7.0)
+    with pytest.raises(DataError, match="no such run folder"):
+        build_index(tmp_path / "nope", [str(root / "shards" / "test")], tmp_path / "x", "fp16")
+    empty = tmp_path / "here"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    build_index(root / "run", [str(root / "shards" / "test")], ".", "fp32")  # --out . in an empty folder
+    assert CorpusIndex.load(empty).manifest["dtype"] == "fp32"
+    assert Path(CorpusIndex.load(empty).manifest["features"][0]["source"]).is_absolute()
+    # appending without --dtype keeps the index's own
+    build_index(root / "run", [str(root / "shards" / "val")], empty, None)
+    assert CorpusIndex.load(empty).manifest["dtype"] == "fp32"
+    # two sources of one command holding the same video: the second source is named
+    shutil.copytree(root / "shards" / "val", tmp_path / "val_copy")
+    with pytest.raises(DataError, match=r"val_copy: video .* is also in an earlier source of this command"):
+        build_index(root / "run", [str(root / "shards" / "val"), str(tmp_path / "val_copy")], tmp_path / "two", "fp16")
+    assert not (tmp_path / "two").exists()
+
+
+@pytest.mark.parametrize("edit,want", [
+    (lambda m: m["videos"][0].update(duration="abc"), r"videos\[0\] is damaged"),
+    (lambda m: m["videos"][1].update(duration=-5), r"videos\[1\] .*duration -5 is not a positive"),
+    (lambda m: m["videos"][1].update(video=m["videos"][0]["video"]), r"videos\[1\]: video name .* given twice"),
+    (lambda m: m.update(layout="snippetz"), r"layout 'snippetz' is not one of"),
+    (lambda m: m.update(protocol="tvr"), r"protocol 'tvr' is not didemo"),
+    (lambda m: m.update(candidates=5), r"candidates 5 is not the videos'"),
+    (lambda m: m["videos"][2].update(first=0), r"videos\[2\] .*first 0 / count"),
+    (lambda m: m.update(hidden=3), r"do not fit index.json's hidden"),
+])
+def test_hand_edited_index_json_is_refused_by_field(built, tmp_path, edit, want):
+    from wsra_dist.corpus.index import CorpusIndex
+
+    _, out = built
+    d = _copy(out, tmp_path, "edited")
+    m = json.loads((d / "index.json").read_text())
+    edit(m)
+    (d / "index.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match=want):
+        CorpusIndex.load(d)
+
+
+def test_search_names_what_is_wrong(built, tmp_path):
+    from wsra_dist.corpus.index import CorpusIndex
+    from wsra_dist.corpus.search import Searcher
+
+    _, out = built
+    with pytest.raises(DataError, match="no such index folder"):
+        CorpusIndex.load(tmp_path / "nope")
+    s = Searcher(CorpusIndex.load(out), device="cpu")
+    with pytest.raises(DataError, match="one sentence .* got list"):
+        s.search(["a", "b"])

@@ -36,6 +36,7 @@ def _refused(res, want: str) -> str:
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--train-durations", "x.csv"], "--train-durations goes with --train-annotations"),
     (["--chunk-consistency", "-1"], "--chunk-consistency"),
+    (["--contrast-weight", "0.5"], "--contrast-weight is λ of the contrast ranking, but this checkpoint ranks by none"),
 ])
 def test_checkpoint_options_that_do_not_apply_are_refused(corpus_run, tmp_path, extra, want):  # noqa: F811
     root = corpus_run[0]
@@ -54,13 +55,19 @@ def test_prediction_files_refuse_reranking_options(corpus_run, tmp_path, flag, v
     _refused(res, f"{flag} ranks a checkpoint's scores; a prediction file is already ranked")
 
 
-def test_out_that_is_a_file_is_named(corpus_run, tmp_path):  # noqa: F811
+def test_out_that_is_a_file_or_an_index_is_named(corpus_run, tmp_path):  # noqa: F811
     root = corpus_run[0]
     (tmp_path / "f").write_text("mine")
     res = _invoke("--checkpoint", root / "run", "--shards", root / "shards" / "test", "--protocol", "didemo",
                   "--out", tmp_path / "f")
     _refused(res, "--out")
     assert (tmp_path / "f").read_text() == "mine"
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "index.json").write_text("{}")
+    res = _invoke("--checkpoint", root / "run", "--shards", root / "shards" / "test", "--protocol", "didemo",
+                  "--out", tmp_path / "idx")
+    _refused(res, "is a search index")
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["index.json"]
 
 
 def test_checkpoint_ranking_options_are_applied(corpus_run, tmp_path):  # noqa: F811

@@ -111,7 +111,7 @@ def synth(
                                               "calibrated so the literal paper recipe lands near the paper's numbers."),
     out: Path = typer.Option(..., help="Folder to write the planted benchmark into."),
     annotations: Optional[List[Path]] = typer.Option(
-        None, help="*-real profiles: the official annotation files or a folder holding them (repeatable). "
+        None, metavar="<path>", help="*-real profiles: the official annotation files or a folder holding them (repeatable). "
                    "didemo-real: {train,val,test}_data.json (without a train file, a seeded 80 % of val's videos "
                    "trains and the rest validates); charades-real: charades_sta_{train,test}.txt + "
                    "Charades_v1_{train,test}.csv; activitynet-real: train.json + val_1.json and/or val_2.json."),
@@ -195,7 +195,7 @@ def _print_shard_summary(out: Path, m: dict, extra: str = "") -> None:
 @shard_app.command("didemo")
 def shard_didemo(
     annotations: Path = typer.Option(..., help="{train,val,test}_data.json of LocalizingMoments."),
-    features: List[Path] = typer.Option(..., help="Feature HDF5 (average_fc7.h5, average_global_flow.h5); repeat "
+    features: List[Path] = typer.Option(..., metavar="<path>", help="Feature HDF5 (average_fc7.h5, average_global_flow.h5); repeat "
                                                   "for several (modalities are concatenated)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default shards/<annotation file stem>)."),
     shard_size: int = typer.Option(250, help="Videos per shard (a sample is one video with all of its queries)."),
@@ -313,9 +313,9 @@ def train(
 @app.command()
 def evaluate(
     ctx: typer.Context,
-    checkpoint: List[Path] = typer.Option([], help="Run folder (model.safetensors + wsra_model.json); repeat with "
+    checkpoint: List[Path] = typer.Option([], metavar="<path>", help="Run folder (model.safetensors + wsra_model.json); repeat with "
                                                    "--shards for RGB/flow late fusion."),
-    shards: List[str] = typer.Option([], help="Shard folder for each --checkpoint."),
+    shards: List[str] = typer.Option([], metavar="<dir>", help="Shard folder for each --checkpoint."),
     predictions: Optional[Path] = typer.Option(None, help="Score a JSONL prediction file of any method instead: native lines "
                                                         '{"annotation_id"|"query_id", "moments"} or moment_detr / '
                                                         'lighthouse lines {"qid", "query", "vid", '
@@ -374,7 +374,8 @@ def evaluate(
                                                          "--batch-size (checkpoint) and --train-annotations / "
                                                          "--train-durations (the prior row; prediction files too); "
                                                          "refuses the per-video protocols' options."),
-    out: Path = typer.Option(..., help="Folder for metrics.json, table.md, table.csv; with --checkpoint also "
+    out: Path = typer.Option(..., help="Folder for metrics.json, table.md, table.csv (--corpus: metrics.json, "
+                                         "table.md and, with --checkpoint, predictions_corpus.jsonl); with --checkpoint also "
                                          "predictions.jsonl, predictions_md.jsonl (moment_detr format) and "
                                          "report.html (table, learning curves, example groundings)."),
 ):
@@ -450,6 +451,8 @@ def _evaluate_corpus(ctx: typer.Context, checkpoint: list, shards: list, predict
         raise DataError("--corpus needs --shards TEST_SPLIT with one --checkpoint RUN or --predictions FILE")
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a folder")
+    if (out / "index.json").is_file():
+        raise DataError(f"--out {out}: is a search index; give another folder for the evaluation's files")
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
     if train_durations is not None and train_annotations is None:
@@ -501,8 +504,8 @@ def _corpus_predictions(predictions: Path, shards: str, protocol: str, out: Path
 def index(
     checkpoint: Path = typer.Option(..., help="Run folder (model.safetensors + wsra_model.json) whose φ projects the "
                                               "candidates."),
-    shards: List[str] = typer.Option([], help="Shard folder of the videos to index (repeatable)."),
-    features: List[str] = typer.Option([], help="Features of the videos to index (repeatable), as `ground --features` "
+    shards: List[str] = typer.Option([], metavar="<dir>", help="Shard folder of the videos to index (repeatable)."),
+    features: List[str] = typer.Option([], metavar="<path>", help="Features of the videos to index (repeatable), as `ground --features` "
                                                "reads them: a folder of VIDEO.npy, or an HDF5 with one dataset per "
                                                "video (DiDeMo chunks) or one group per video (ActivityNet v_ID/"
                                                "c3d_features).  Snippet features need their time axis: the features "
@@ -510,9 +513,10 @@ def index(
     fps: Optional[float] = typer.Option(None, help="Snippets per second of --features without a features manifest."),
     out: Path = typer.Option(..., help="Index folder: created, or extended with new videos when it is an index of the "
                                        "same checkpoint (written to a staging folder, swapped in when complete)."),
-    dtype: str = typer.Option("fp16", help="Storage of the projections: fp16 (half the bytes) or fp32.  DiDeMo "
-                                           "indexes store each video's 6 projected chunks and global part (7 rows "
-                                           "per modality, not 21 candidates)."),
+    dtype: Optional[str] = typer.Option(None, help="Storage of the projections: fp16 (half the bytes; the default "
+                                                   "for a new index) or fp32; appending keeps the index's own.  "
+                                                   "DiDeMo indexes store each video's 6 projected chunks and global "
+                                                   "part (7 rows per modality, not 21 candidates)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one).", callback=_device),
 ):
     """Project every candidate moment of every video once, for search and serve (from shards or features)."""
@@ -558,13 +562,20 @@ def search(
 @app.command()
 def serve(
     index: Path = typer.Argument(..., help="Index folder written by `wsra-dist index`."),
-    videos: Optional[Path] = typer.Option(None, help="Folder of the raw videos (by the names the index holds; another "
-                                                     "container of the same name is found too): the page plays them."),
+    videos: Optional[Path] = typer.Option(None, help="Folder of the raw videos: the page plays the index's videos "
+                                                     "found there as NAME, NAME.EXT or NAME with its extension "
+                                                     "replaced (a transcoded copy; .mp4 .webm .mkv .mov .m4v .avi "
+                                                     ".ogv .mpg .mpeg .3gp .wmv .flv).  Nothing else in the folder "
+                                                     "is served, nor anything outside it (.., links out)."),
     port: int = typer.Option(8000, help="Port (0: any free one).", callback=_port),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one).", callback=_device),
 ):
-    """A local search page over an index: a query box, ranked moments, a player that starts at the moment."""
+    """A local search page over an index: a query box, ranked moments, a player that starts at the moment.
+
+    Answers GET and HEAD: / (the page; ?q=TEXT&k=N, works without JavaScript), /api/search?q=TEXT&k=N (or
+    top_k=N; &nms=IOU) -> JSON {"query", "results": [{video, start, end, score}]}, k at most 200, and
+    /video/NAME (HTTP Range).  Bad requests get one line and a 4xx status; nothing is fetched from the network."""
     from .corpus.index import CorpusIndex
     from .corpus.search import Searcher
     from .corpus.serve import make_server
@@ -686,7 +697,7 @@ def ground(
                                                          "Hugging Face image model: its local folder (checkpoints "
                                                          "record the model's name and weights sha256, not a path; "
                                                          "the weights must have that sha256)."),
-    query: List[str] = typer.Option([], help="A query sentence; repeat for several."),
+    query: List[str] = typer.Option([], metavar="<str>", help="A query sentence; repeat for several."),
     queries: Optional[Path] = typer.Option(None, help="A text file with one query per line."),
     duration: Optional[float] = typer.Option(None, help="Video length in seconds.  Default: the length the features "
                                                         "manifest of `wsra-dist features` records for the video "
@@ -707,7 +718,7 @@ def ground(
                                               "per snippet/chunk, α as a strip, the top-k moments with their scores, "
                                               "--truth hatched, and for DiDeMo the 21-candidate score map; PNG, PDF "
                                               "or SVG by the file extension."),
-    truth: List[str] = typer.Option([], help="Ground-truth span 'START,END' in seconds to draw on the plot; repeat "
+    truth: List[str] = typer.Option([], metavar="<str>", help="Ground-truth span 'START,END' in seconds to draw on the plot; repeat "
                                              "once per query, in the order of the queries."),
     text_model: Optional[str] = typer.Option(None, help="Local folder of the text model the checkpoint was trained "
                                                         "with (default: the one it records, by name)."),

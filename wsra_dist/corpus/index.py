@@ -67,6 +67,8 @@ class CorpusIndex:
         from ..model import WSRA
 
         path = Path(path)
+        if not path.is_dir():
+            raise DataError(f"{path}: no such index folder" if not path.exists() else f"{path}: not a folder (an index is one)")
         mf = path / "index.json"
         try:
             manifest = json.loads(mf.read_text())
@@ -75,6 +77,7 @@ class CorpusIndex:
         except (OSError, ValueError) as e:
             raise DataError(f"{mf}: unreadable ({e})") from None
         check_format(manifest, mf)
+        check_manifest(manifest, mf)
         tf = path / "candidates.safetensors"
         try:
             raw = tf.read_bytes()
@@ -101,6 +104,9 @@ class CorpusIndex:
                             t["iou_ends"].numpy())
         if store.rows != corpus.size or corpus.size != sum(v["count"] for v in vids):
             raise DataError(f"{path}: candidates.safetensors does not match index.json (damaged index)")
+        if manifest.get("hidden", store.hidden) != store.hidden or store.hidden != model.scorer.cfg.hidden:
+            raise DataError(f"{path}: the stored projections ({store.hidden}) do not fit index.json's hidden "
+                            f"({manifest.get('hidden')}) and the model's ({model.scorer.cfg.hidden}): damaged index")
         if not store.check_finite():
             raise DataError(f"{tf}: holds NaN or infinite values (damaged index); rebuild it")
         apply_ranking(model, manifest.get("ranking"), str(mf))
@@ -116,6 +122,40 @@ def check_format(manifest, mf: Path) -> None:
     if version not in READ_VERSIONS:
         raise DataError(f"{mf}: index format {fmt!r} is not one this wsra-dist reads ({', '.join(READ_VERSIONS)}); "
                         "it was written by another version: rebuild the index, or search with that version")
+
+
+def check_manifest(m: dict, mf: Path) -> None:
+    """index.json's fields, each refused by name: a hand edit or a damaged file must not rank wrong moments."""
+    import math
+
+    from .store import LAYOUTS
+
+    def bad(what: str):
+        raise DataError(f"{mf}: {what}; rebuild the index (or restore index.json)")
+
+    if m.get("protocol") not in ("didemo", "charades", "activitynet"):
+        bad(f"protocol {m.get('protocol')!r} is not didemo, charades or activitynet")
+    if m.get("layout", "candidates") not in LAYOUTS:
+        bad(f"layout {m.get('layout')!r} is not one of {', '.join(LAYOUTS)}")
+    vids = m.get("videos")
+    if not isinstance(vids, list):
+        bad("'videos' is not a list")
+    seen, first = set(), 0
+    for i, v in enumerate(vids):
+        try:
+            name, dur, f, c = v["video"], float(v["duration"]), v["first"], v["count"]
+        except (KeyError, TypeError, ValueError) as e:
+            bad(f"videos[{i}] is damaged ({type(e).__name__}: {e}); each needs video, duration, first, count")
+        if not isinstance(name, str) or not name or name in seen:
+            bad(f"videos[{i}]: video name {name!r} is empty, not a string or given twice")
+        if not (math.isfinite(dur) and dur > 0):
+            bad(f"videos[{i}] ({name!r}): duration {v['duration']!r} is not a positive number of seconds")
+        if not (isinstance(f, int) and isinstance(c, int)) or f != first or c < 0:
+            bad(f"videos[{i}] ({name!r}): first {f!r} / count {c!r} do not follow the previous videos")
+        seen.add(name)
+        first += c
+    if m.get("candidates", first) != first:
+        bad(f"candidates {m.get('candidates')!r} is not the videos' {first}")
 
 
 def check_dtype(t: dict[str, torch.Tensor], manifest: dict, tf: Path) -> None:
@@ -176,11 +216,30 @@ def check_finite_before_write(corpus: Corpus, tensors: dict[str, torch.Tensor], 
                         f"{'65,504' if dtype == 'fp16' else 'float32 range'}): check its features; nothing was written")
 
 
-def clean_stale(out: Path) -> None:
-    """Remove staging/old folders (.NAME.tmp-PID, .NAME.old-PID) left by a writer that was killed (its PID is gone)."""
+def _stale(out: Path) -> list[tuple[str, Path]]:
+    """(kind, folder) of .NAME.tmp-PID / .NAME.old-PID left by a writer that was killed (its PID is gone)."""
+    found = []
     for p in out.parent.glob(f".{out.name}.*-*"):
         kind, _, pid = p.name[len(out.name) + 2:].partition("-")
         if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            found.append((kind, p))
+    return found
+
+
+def recover(out: Path) -> None:
+    """A writer killed between its two renames left the complete old index at .NAME.old-PID and nothing at NAME:
+    put it back (before anything reads or replaces NAME), so a kill never loses the index."""
+    if out.exists():
+        return
+    olds = [p for kind, p in _stale(out) if kind == "old" and (p / "index.json").is_file()]
+    if olds:
+        os.replace(max(olds, key=lambda p: p.stat().st_mtime), out)
+
+
+def clean_stale(out: Path) -> None:
+    """Remove what killed writers left: staging folders, and old indexes once NAME holds an index again."""
+    for kind, p in _stale(out):
+        if kind == "tmp" or (out / "index.json").is_file() or not (p / "index.json").is_file():
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -231,13 +290,19 @@ def check_same_model(manifest: dict, sha: str, where: str) -> None:
                         f"{manifest['model']['sha256'][:12]}..., this checkpoint {sha[:12]}...); build a new index")
 
 
-def merge(a: Corpus | None, b: Corpus) -> Corpus:
+def merge(a: Corpus | None, b: Corpus, where: str = "", indexed: set | frozenset = frozenset()) -> Corpus:
+    """a + b; a video of b already in a is refused, named as the index's (`indexed`) or an earlier source's."""
     if a is None:
         return b
     shared = set(a.videos) & set(b.videos)
     if shared:
-        raise DataError(f"the index already holds video {sorted(shared)[0]!r} ({len(shared)} in all); "
-                        "give only new videos to append")
+        first = sorted(shared)[0]
+        at = f"{where}: " if where else ""
+        if first in indexed:
+            raise DataError(f"{at}the index already holds video {first!r} ({len(shared)} in all); give only new "
+                            "videos to append")
+        raise DataError(f"{at}video {first!r} ({len(shared)} in all) is also in an earlier source of this command; "
+                        "each video is indexed once")
     n = len(a.videos)
     return Corpus(a.videos + b.videos, a.durations + b.durations, cat_stores(a.store, b.store),
                   np.concatenate([a.video_of, b.video_of + n]), np.concatenate([a.starts, b.starts]),
@@ -247,7 +312,8 @@ def merge(a: Corpus | None, b: Corpus) -> Corpus:
 
 def check_out(out: str | Path) -> Path:
     """--out must be a new folder, an empty one, or an index to append to (checked before any projecting)."""
-    out = Path(out)
+    out = Path(out).resolve()  # `--out .` names the folder, not ''
+    recover(out)
     if out.exists() and not (out / "index.json").is_file():
         if not out.is_dir() or any(out.iterdir()):
             raise DataError(f"--out {out} exists and is not an index: give a new folder or an index to append to")
@@ -289,6 +355,7 @@ def write_index(out: str | Path, corpus: Corpus, model, manifest: dict, dtype: s
             os.replace(out, old)
         os.replace(stage, out)
         shutil.rmtree(old, ignore_errors=True)
+        clean_stale(out)  # an old index a killed writer left is obsolete now that NAME holds one
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -304,17 +371,19 @@ def readable(folder: Path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def build_index(checkpoint: str | Path, sources: list[str], out: str | Path, dtype: str = "fp16",
+def build_index(checkpoint: str | Path, sources: list[str], out: str | Path, dtype: str | None = "fp16",
                 device: str | torch.device = "cpu", progress=None, features: list[str] | None = None,
                 fps: float | None = None) -> Path:
     """Project every video of `sources` (shard folders) and `features` (features files or folders, see
     features_source.py) with the checkpoint's φ and write (or extend) the index at `out`."""
     from ..evaluation.predict import load_run
 
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise DataError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not sources and not features:
         raise DataError("give the videos to index: --shards DIR or --features FILE_OR_DIR")
+    if fps is not None and not features:
+        raise DataError("--fps gives the time axis of --features without a features manifest; shards record theirs")
     seen: dict = {}
     for flag, src in [("--shards", x) for x in sources] + [("--features", x) for x in features or []]:
         key = Path(src).resolve()
@@ -324,15 +393,20 @@ def build_index(checkpoint: str | Path, sources: list[str], out: str | Path, dty
     out = check_out(out)
     from .candidates import corpus_ranking
 
+    if not Path(checkpoint).is_dir():
+        raise DataError(f"--checkpoint {checkpoint}: no such run folder")
     model, info = load_run(checkpoint, device)
     corpus_ranking(model)  # φ (or standardise) across videos, never the within-video contrast
     sha = weights_sha256(checkpoint)
     existing = CorpusIndex.load(out) if (out / "index.json").is_file() else None
     if existing is not None:
         check_same_model(existing.manifest, sha, str(out))
+        dtype = dtype or existing.manifest["dtype"]  # appending: the index's own unless --dtype says otherwise
         if existing.manifest["dtype"] != dtype:
             raise DataError(f"{out}: the index is {existing.manifest['dtype']}; append with --dtype {existing.manifest['dtype']}")
+    dtype = dtype or "fp16"
     state = {"corpus": existing.corpus if existing else None,
+             "indexed": frozenset(existing.corpus.videos) if existing else frozenset(),
              "feats": list(existing.manifest["features"]) if existing else [],
              "protocol": existing.protocol if existing else None}
     for src in sources:
@@ -349,7 +423,7 @@ def _join(state: dict, part: Corpus, protocol: str, where: str, provenance: dict
     if state["protocol"] is not None and protocol != state["protocol"]:
         raise DataError(f"{where}: {protocol!r} videos cannot join a {state['protocol']!r} index")
     state["protocol"] = protocol
-    state["corpus"] = merge(state["corpus"], part)
+    state["corpus"] = merge(state["corpus"], part, where, state["indexed"])
     state["feats"].append({"source": where, "videos": len(part.videos), **provenance})
     if progress:
         progress(f"{where}: {len(part.videos)} videos, {part.size} candidates")
@@ -366,7 +440,7 @@ def _add_shards(state: dict, model, info: dict, src: str, device, progress) -> N
     if state["protocol"] is not None and p != state["protocol"]:
         raise DataError(f"{src}: {p!r} shards cannot join a {state['protocol']!r} index")
     part, _ = read_split(model, source, p, device)
-    _join(state, part, p, str(src), {"extractor": source.manifest.get("extractor"),
+    _join(state, part, p, str(Path(src).resolve()), {"extractor": source.manifest.get("extractor"),
                                      "text": source.manifest.get("text", {}).get("model"),
                                      "shards_sha256": hashlib.sha256("".join(source.shas).encode()).hexdigest()},
           progress)
@@ -379,7 +453,7 @@ def _add_features(state: dict, model, info: dict, spec: str, device, fps, progre
     p = Path(spec)
     part = read_features_corpus(model, info, spec, device, fps)
     made = read_manifest(p) if p.exists() else None
-    _join(state, part, info.get("benchmark"), str(spec),
+    _join(state, part, info.get("benchmark"), str(p.resolve()),
           {"extractor": (made or {}).get("extractor") or info.get("extractor"), "fps": fps,
            "features_sha256": _features_sha(p)}, progress)
 

@@ -194,6 +194,9 @@ def evaluate_corpus(checkpoint: str, shards: str, out: str | Path, device=None, 
             attach(model, checkpoint, device, mode=scale_calibration, contrast_weight=contrast_weight)
         except ValueError as e:
             raise DataError(str(e)) from None
+    if contrast_weight is not None and getattr(model, "scale_calibration", "none") != "contrast":
+        raise DataError(f"--contrast-weight is λ of the contrast ranking, but this checkpoint ranks by "
+                        f"{getattr(model, 'scale_calibration', 'none')}: add --scale-calibration contrast")
     if not explicit:
         set_aside = corpus_ranking(model)
     source = ShardSource.open(shards)

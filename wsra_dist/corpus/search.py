@@ -140,7 +140,9 @@ def nms_within_videos(order: np.ndarray, corpus: Corpus, thresh: float, k: int) 
 
 
 def check_query(text: str) -> str:
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        raise DataError(f"the query must be one sentence (a str), got {type(text).__name__}; search one at a time")
+    if not text.strip():
         raise DataError("the query is empty: give a sentence, e.g. \"a man delivers a package\"")
     if len(text) > MAX_QUERY_CHARS:
         raise DataError(f"the query has {len(text)} characters; at most {MAX_QUERY_CHARS} are accepted")
