@@ -39,3 +39,16 @@ def trained_didemo(tmp_path_factory):
     train(r)
     return root
 
+
+
+@pytest.fixture(scope="session")
+def corpus_run(trained_didemo, tmp_path_factory):
+    """evaluate --corpus of the trained DiDeMo checkpoint on its test split, with the prior of its training split:
+    (root, out folder, metrics, table)."""
+    from wsra_dist.corpus.protocol import evaluate_corpus
+    from wsra_dist.evaluation.priors import training_from_shards
+
+    out = tmp_path_factory.mktemp("corpus")
+    train = training_from_shards(str(trained_didemo / "shards" / "train"), "didemo")
+    res, md = evaluate_corpus(str(trained_didemo / "run"), str(trained_didemo / "shards" / "test"), out, train=train)
+    return trained_didemo, out, res, md

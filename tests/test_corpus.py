@@ -108,17 +108,6 @@ def test_rank_queries_and_rows_match_the_slow_reference():
     assert oracle["video_R@1"] == 100.0 and oracle["R@100,IoU=0.5"] >= model_m["R@100,IoU=0.5"]
 
 
-@pytest.fixture(scope="module")
-def corpus_run(trained_didemo, tmp_path_factory):
-    from wsra_dist.corpus.protocol import evaluate_corpus
-    from wsra_dist.evaluation.priors import training_from_shards
-
-    out = tmp_path_factory.mktemp("corpus")
-    train = training_from_shards(str(trained_didemo / "shards" / "train"), "didemo")
-    res, md = evaluate_corpus(str(trained_didemo / "run"), str(trained_didemo / "shards" / "test"), out, train=train)
-    return trained_didemo, out, res, md
-
-
 def test_protocol_files_and_rows(corpus_run):
     root, out, res, md = corpus_run
     m = json.loads((out / "metrics.json").read_text())

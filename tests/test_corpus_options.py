@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 from wsra_dist.data.records import DataError
 
-from .test_corpus import corpus_run  # noqa: F401 (fixture)
 
 
 def _invoke(*args):
@@ -38,7 +37,7 @@ def _refused(res, want: str) -> str:
     (["--chunk-consistency", "-1"], "--chunk-consistency"),
     (["--contrast-weight", "0.5"], "--contrast-weight is λ of the contrast ranking, but this checkpoint ranks by none"),
 ])
-def test_checkpoint_options_that_do_not_apply_are_refused(corpus_run, tmp_path, extra, want):  # noqa: F811
+def test_checkpoint_options_that_do_not_apply_are_refused(corpus_run, tmp_path, extra, want):
     root = corpus_run[0]
     res = _invoke("--checkpoint", root / "run", "--shards", root / "shards" / "test", "--protocol", "didemo",
                   "--out", tmp_path / "ev", *extra)
@@ -48,14 +47,14 @@ def test_checkpoint_options_that_do_not_apply_are_refused(corpus_run, tmp_path, 
 
 @pytest.mark.parametrize("flag,value", [("--chunk-consistency", "0"), ("--scale-calibration", "none"),
                                         ("--contrast-weight", "2"), ("--batch-size", "8")])
-def test_prediction_files_refuse_reranking_options(corpus_run, tmp_path, flag, value):  # noqa: F811
+def test_prediction_files_refuse_reranking_options(corpus_run, tmp_path, flag, value):
     root, out, _, _ = corpus_run
     res = _invoke("--predictions", out / "predictions_corpus.jsonl", "--shards", root / "shards" / "test",
                   "--protocol", "didemo", "--out", tmp_path / "ev", flag, value)
     _refused(res, f"{flag} ranks a checkpoint's scores; a prediction file is already ranked")
 
 
-def test_out_that_is_a_file_or_an_index_is_named(corpus_run, tmp_path):  # noqa: F811
+def test_out_that_is_a_file_or_an_index_is_named(corpus_run, tmp_path):
     root = corpus_run[0]
     (tmp_path / "f").write_text("mine")
     res = _invoke("--checkpoint", root / "run", "--shards", root / "shards" / "test", "--protocol", "didemo",
@@ -70,7 +69,7 @@ def test_out_that_is_a_file_or_an_index_is_named(corpus_run, tmp_path):  # noqa:
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["index.json"]
 
 
-def test_checkpoint_ranking_options_are_applied(corpus_run, tmp_path):  # noqa: F811
+def test_checkpoint_ranking_options_are_applied(corpus_run, tmp_path):
     from wsra_dist.corpus.protocol import evaluate_corpus
 
     root = corpus_run[0]
@@ -88,7 +87,7 @@ def test_checkpoint_ranking_options_are_applied(corpus_run, tmp_path):  # noqa: 
     assert any(r.startswith("Prior") for r in got["rows"])
 
 
-def test_prediction_report_has_the_prior_row_with_training_annotations(corpus_run, tmp_path):  # noqa: F811
+def test_prediction_report_has_the_prior_row_with_training_annotations(corpus_run, tmp_path):
     from wsra_dist.corpus.protocol import PRIOR_ROW
 
     root, out, res, _ = corpus_run
@@ -108,7 +107,7 @@ def test_prediction_report_has_the_prior_row_with_training_annotations(corpus_ru
     assert "Prior: a random video order" in (tmp_path / "prior" / "table.md").read_text()
 
 
-def test_duplicate_moments_are_refused_and_a_score_may_be_left_out(corpus_run, tmp_path):  # noqa: F811
+def test_duplicate_moments_are_refused_and_a_score_may_be_left_out(corpus_run, tmp_path):
     from wsra_dist.corpus.predictions import score_predictions
 
     root, out, res, _ = corpus_run
@@ -125,7 +124,7 @@ def test_duplicate_moments_are_refused_and_a_score_may_be_left_out(corpus_run, t
     assert got["R@1,IoU=0.5"] == pytest.approx(res["R@1,IoU=0.5"])
 
 
-def test_short_didemo_videos_have_no_moments_past_their_end(corpus_run, tmp_path):  # noqa: F811
+def test_short_didemo_videos_have_no_moments_past_their_end(corpus_run, tmp_path):
     """A 25-s DiDeMo video has 5 chunks: its spans that reach a 6th are stored (the parts layout keeps 21) but
     never ranked, written or accepted; the features source reads the same 25 s from the zero-padded chunk."""
     import h5py

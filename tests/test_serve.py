@@ -13,11 +13,10 @@ import pytest
 
 from wsra_dist.data.records import DataError
 
-from .test_corpus import corpus_run  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
-def server(corpus_run, tmp_path_factory):  # noqa: F811
+def server(corpus_run, tmp_path_factory):
     from wsra_dist.corpus.index import CorpusIndex, build_index
     from wsra_dist.corpus.search import Searcher
     from wsra_dist.corpus.serve import make_server
