@@ -160,3 +160,19 @@ def test_short_didemo_videos_have_no_moments_past_their_end(corpus_run, tmp_path
     with h5py.File(root / "data" / "average_global_flow.h5") as h:
         assert didemo_length(h[short[0]][()]) == dur[short[0]] == 25.0
     assert didemo_length(np.ones((6, 4))) == 30.0 and didemo_length(np.zeros((6, 4))) == 30.0
+
+
+def test_recipe_paths_resolve_from_the_run_folder_when_not_from_here(tmp_path, monkeypatch):
+    from wsra_dist.run_folder import recipe_path
+
+    repo = tmp_path / "repo"
+    (repo / "runs" / "x").mkdir(parents=True)
+    (repo / "shards" / "train").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert recipe_path(repo / "runs" / "x", "shards/train") == str(repo / "shards" / "train")
+    assert recipe_path(repo / "runs" / "x", "shards/nope") == "shards/nope"  # the caller's error names it
+    assert recipe_path(repo / "runs" / "x", "https://host/shards") == "https://host/shards"
+    monkeypatch.chdir(repo)
+    assert recipe_path(repo / "runs" / "x", "shards/train") == "shards/train"  # as training read it

@@ -188,3 +188,15 @@ def check_reuse(folder: str | Path, resume: str, overwrite: bool) -> list[str]:
                           "checkpoint to continue from; nothing was changed. Replace the run with overwrite=true "
                           "(without resume=), or train into another output_dir")
     return found
+
+
+def recipe_path(run_dir: str | Path, src: str) -> str:
+    """A path from a run's recipe.yaml (relative paths are as training read them, from the folder it ran in):
+    as written when it exists from here (or is a URL / absolute), else from the run folder's parents (a run
+    under REPO/runs/NAME trained from REPO), else as written (the caller's error names it)."""
+    if not src or "://" in src or Path(src).is_absolute() or Path(src).exists():
+        return src
+    for base in list(Path(run_dir).resolve().parents)[:3]:
+        if (base / src).exists():
+            return str(base / src)
+    return src

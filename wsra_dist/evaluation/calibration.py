@@ -71,7 +71,9 @@ def train_shards_of(run_dir: str | Path) -> tuple[str, str]:
     src = str(data.get("train_shards") or "")
     if not src:
         raise DataError(f"scale calibration needs the run's training shards: {recipe} names no data.train_shards")
-    return src, str(data.get("train_manifest") or "")
+    from ..run_folder import recipe_path
+
+    return recipe_path(run_dir, src), recipe_path(run_dir, str(data.get("train_manifest") or ""))
 
 
 def attach(model, run_dir: str | Path, device: str | torch.device = "cpu", mode: str | None = None,

@@ -257,8 +257,11 @@ def training_from_run(run_dir: str | Path, protocol: str) -> tuple[TrainingSet |
     src = str(data.get("train_shards") or "")
     if not src:
         return None, f"{recipe} names no data.train_shards"
+    from ..run_folder import recipe_path
+
     try:
-        return training_from_shards(src, protocol, str(data.get("train_manifest") or "")), ""
+        return training_from_shards(recipe_path(run_dir, src), protocol,
+                                    recipe_path(run_dir, str(data.get("train_manifest") or ""))), ""
     except (ValueError, KeyError, TypeError) as e:  # DataError is a ValueError; a bad meta.json must not lose the run
         return None, f"the run's data.train_shards could not be read ({e})"
 
