@@ -213,6 +213,8 @@ class _Handler(BaseHTTPRequestHandler):
         root = self.videos.resolve()
         plain = root / base
         tries = [plain, *(plain.with_name(plain.name + ext) for ext in VIDEO_EXTS)]
+        if plain.name.endswith("."):  # DiDeMo names cut after the dot ("...ad."): NAME + "mp4"
+            tries += [plain.with_name(plain.name + ext[1:]) for ext in VIDEO_EXTS]
         if plain.suffix:
             tries += [plain.with_suffix(ext) for ext in VIDEO_EXTS]
         for q in tries:
