@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 def _find_shared() -> Path:
@@ -98,3 +100,19 @@ def reseal_checkpoint(folder: Path) -> None:
             files[rel] = {**d, "bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
     m["files"] = files
     mf.write_text(json.dumps(m))
+
+
+@contextlib.contextmanager
+def triton_interpret():
+    """TRITON_INTERPRET=1 inside, the caller's value after.  Triton reads it when kernels are decorated (at import)
+    and when they launch; left set, it leaked into every later subprocess of the session, where
+    model.pair_kernel=triton then ran on a CPU."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before

@@ -1,32 +1,22 @@
 """The fused DiDeMo scan (kernels/corpus_scan.py) against its float64 definition and against the eager parts
 path of search, on the CPU through Triton's interpreter (TRITON_INTERPRET=1) at tiny shapes."""
 
-import os
 
 import pytest
 import torch
 
-# as tests/test_kernels.py: the flag is read when the kernels are decorated, and by the availability check
-_before = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
+from .helpers import triton_interpret  # noqa: E402
 
-from wsra_dist.kernels import didemo_scan_logits, didemo_scan_reference  # noqa: E402
-
-if _before is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _before
+with triton_interpret():  # the kernels are decorated at import: interpreted here
+    triton = pytest.importorskip("triton")
+    from wsra_dist.kernels import didemo_scan_logits, didemo_scan_reference  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _triton_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if _before is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _before
+    """And while these tests run (the availability check and the launches read it too)."""
+    with triton_interpret():
+        yield
 
 
 def _parts(V, H, M, dtype=torch.float32, seed=0):

@@ -1,35 +1,21 @@
 """Fused pair-MLP kernels (wsra_dist/kernels) against the float64 eager definition, on the CPU through
 Triton's interpreter (TRITON_INTERPRET=1) at tiny shapes; real shapes run in bench/bench_gpu.py on a GPU."""
 
-import os
-
 import pytest
 import torch
 
-# Triton reads TRITON_INTERPRET when the kernels are decorated (at import): set for that import and, below, for this
-# module's tests only.  Left set,
-# it leaked into every later subprocess of the session, where model.pair_kernel=triton then ran on a CPU.
-_before = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
+from .helpers import triton_interpret  # noqa: E402
 
-from wsra_dist.kernels import pair_mlp_logits, pair_mlp_reference, triton_pair_mlp_available  # noqa: E402
-
-if _before is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _before
+with triton_interpret():  # the kernels are decorated at import: interpreted here
+    triton = pytest.importorskip("triton")
+    from wsra_dist.kernels import pair_mlp_logits, pair_mlp_reference, triton_pair_mlp_available  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _triton_interpreter():
     """And while these tests run (the availability check and the launches read it too)."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if _before is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _before
+    with triton_interpret():
+        yield
 
 
 def _inputs(B, T, N, H, seed=0, dtype=torch.float32):

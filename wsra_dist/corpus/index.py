@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..data.records import DataError
+from ..data.shards import pid_alive
 from .candidates import Corpus
 from .store import cat_stores, store_from_tensors
 
@@ -221,7 +222,7 @@ def _stale(out: Path) -> list[tuple[str, Path]]:
     found = []
     for p in out.parent.glob(f".{out.name}.*-*"):
         kind, _, pid = p.name[len(out.name) + 2:].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+        if kind in ("tmp", "old") and pid.isdigit() and not pid_alive(int(pid)):
             found.append((kind, p))
     return found
 
@@ -241,16 +242,6 @@ def clean_stale(out: Path) -> None:
     for kind, p in _stale(out):
         if kind == "tmp" or (out / "index.json").is_file() or not (p / "index.json").is_file():
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def ranking_of(model) -> dict:

@@ -159,7 +159,8 @@ class ShardWriter:
             self._tmp.unlink(missing_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (a staging name's writer is still at work)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -211,7 +212,7 @@ class Staging:
             raise DataError(f"--out {out}: its folder {parent} is not writable")
         for old in parent.glob(f".{self.out.name}.staging-*"):  # left by a killed run of ours
             pid = old.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(old, ignore_errors=True)
 
     def create(self, expected_bytes: int = 0) -> Path:
