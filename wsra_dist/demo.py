@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def run_demo(out: str | Path, videos: int = 1200, epochs: int = 6, seed: int = 0
     _, corpus_md = evaluate_corpus(str(run_dir), str(out / "shards" / "test"), out / "results" / "corpus",
                                    train=training_from_shards(str(out / "shards" / "train"), "didemo"))
     con.print(corpus_md, markup=False, highlight=False, soft_wrap=True)
+    if (out / "index" / "index.json").is_file():  # the previous demo's index: its model was just retrained
+        shutil.rmtree(out / "index")
     index = build_index(run_dir, [str(out / "shards" / "test")], out / "index")
     con.print(f"corpus table: {out / 'results' / 'corpus' / 'table.md'}; search page: "
               f"wsra-dist serve {index} --port 8000   (then open http://127.0.0.1:8000/)", markup=False)
