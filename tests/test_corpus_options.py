@@ -176,3 +176,12 @@ def test_recipe_paths_resolve_from_the_run_folder_when_not_from_here(tmp_path, m
     assert recipe_path(repo / "runs" / "x", "https://host/shards") == "https://host/shards"
     monkeypatch.chdir(repo)
     assert recipe_path(repo / "runs" / "x", "shards/train") == "shards/train"  # as training read it
+
+
+def test_training_annotations_of_the_evaluated_videos_are_refused(corpus_run, tmp_path):
+    root, out, _, _ = corpus_run
+    res = _invoke("--predictions", out / "predictions_corpus.jsonl", "--shards", root / "shards" / "test",
+                  "--protocol", "didemo", "--out", tmp_path / "ev", "--train-annotations",
+                  root / "data" / "test_data.json")
+    _refused(res, "share")
+    assert "would use the evaluated timestamps" in str(res.exception)

@@ -120,7 +120,7 @@ def test_charades_training_file_needs_durations(tmp_path):
         P.training_from_annotations("charades", tmp_path / "charades_sta_train.txt")
     (tmp_path / "Charades_v1_train.csv").write_text("id,length\nAAA,20\n")  # found beside it by default
     t = P.training_from_annotations("charades", tmp_path / "charades_sta_train.txt")
-    assert t.queries == [{"times": [[0.0, 5.0]], "duration": 20.0}]
+    assert t.queries == [{"times": [[0.0, 5.0]], "duration": 20.0, "video": "AAA"}]
 
 
 # ------------------------------------------------------------------------------ the real files

@@ -98,6 +98,7 @@ def prior_row(corpus: Corpus, queries: CorpusQueries, protocol: str, train) -> d
     beyond rank 15 the interleaving would skip the short videos, which matters only for k > 15 V)."""
     from ..evaluation.priors import didemo_frequency_ranking, length_position_order, normalised_spans
 
+    train.check_apart(corpus.videos, "the evaluated corpus")
     V = len(corpus.videos)
     starts = np.concatenate([[0], np.cumsum(np.bincount(corpus.video_of, minlength=V))])
     if protocol == "didemo":

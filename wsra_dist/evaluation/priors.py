@@ -58,6 +58,15 @@ class TrainingSet:
     def __len__(self) -> int:
         return len(self.queries)
 
+    def check_apart(self, videos, where: str) -> None:
+        """A prior is learnt from training timestamps: refuse training annotations that share videos with the
+        evaluated split (e.g. its own file, or ActivityNet's val_1 against val_2: the same videos)."""
+        shared = {q.get("video") for q in self.queries} & set(videos)
+        shared.discard(None)
+        if shared:
+            raise DataError(f"{self.source}: the training annotations share {len(shared)} videos with {where} (e.g. "
+                            f"{sorted(shared)[0]!r}); a prior learnt from them would use the evaluated timestamps")
+
 
 # ----------------------------------------------------------------------------------------------- DiDeMo
 def didemo_frequency_ranking(train_times: Sequence[Sequence[Sequence[int]]]) -> list[tuple[int, int]]:
@@ -225,7 +234,7 @@ def training_from_annotations(protocol: str, path: str | Path, durations: str | 
         recs, _ = charades.read_annotations(path, charades.read_durations(dur), rule, durations_file=str(dur))
     else:
         raise DataError(f"no prior baselines for protocol {protocol!r}")
-    return TrainingSet(protocol, [{"times": r.times, "duration": r.duration} for r in recs], str(path))
+    return TrainingSet(protocol, [{"times": r.times, "duration": r.duration, "video": r.video} for r in recs], str(path))
 
 
 def training_from_shards(source: str, protocol: str, manifest: str = "") -> TrainingSet:
@@ -240,7 +249,8 @@ def training_from_shards(source: str, protocol: str, manifest: str = "") -> Trai
     for url in shard_urls(source, m):
         for meta in read_metas(url):
             for q in meta.get("queries", []):
-                queries.append({"times": q["times"], "duration": meta.get("duration", q.get("duration"))})
+                queries.append({"times": q["times"], "duration": meta.get("duration", q.get("duration")),
+                                "video": meta.get("video")})
     return TrainingSet(protocol, queries, str(source))
 
 
@@ -296,6 +306,7 @@ def baselines_for(protocol: str, train: TrainingSet | None, why: str, truth: Seq
     """The prior rows for `truth`, or none with a note saying why and how to get them."""
     if train is None:
         return Baselines(note=omitted_note(protocol, why))
+    train.check_apart([t.get("video") for t in truth if isinstance(t, dict)], "the evaluated split")
     w = None
     if protocol != "didemo" and len(train) and train.protocol == protocol:
         w = best_fixed_window(normalised_spans(train.queries), protocol, strict, iou_tolerance)
