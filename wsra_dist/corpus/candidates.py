@@ -54,6 +54,16 @@ class Corpus:
             self._valid = None if ok.all() else ok
         return self._valid
 
+    def valid_mask(self, device) -> torch.Tensor | None:
+        """`valid` as a tensor on `device`, built once per device (search masks every query with it)."""
+        if self.valid is None:
+            return None
+        cache = self.__dict__.setdefault("_valid_masks", {})
+        key = str(device)
+        if key not in cache:
+            cache[key] = torch.as_tensor(self.valid, device=device)
+        return cache[key]
+
     @property
     def n_valid(self) -> int:
         return self.size if self.valid is None else int(self.valid.sum())

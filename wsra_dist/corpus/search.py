@@ -64,8 +64,9 @@ def corpus_logits(model, corpus: Corpus, pt: torch.Tensor, protocol: str | None 
         protocol = "didemo" if corpus.grid else (protocol or _window_protocol(model))
         groups = torch.as_tensor(corpus.groups(protocol), device=pt.device)
         logits = standardise(logits, groups, stats["mu"], stats["sd"])
-    if corpus.valid is not None:  # spans past a short DiDeMo video's end are not its moments
-        logits = logits.masked_fill(~torch.as_tensor(corpus.valid, device=logits.device), float("-inf"))
+    mask = corpus.valid_mask(logits.device)
+    if mask is not None:  # spans past a short DiDeMo video's end are not its moments
+        logits = logits.masked_fill(~mask, float("-inf"))
     return logits
 
 
