@@ -36,6 +36,8 @@ def _refused(res, want: str) -> str:
     (["--train-durations", "x.csv"], "--train-durations goes with --train-annotations"),
     (["--chunk-consistency", "-1"], "--chunk-consistency"),
     (["--contrast-weight", "0.5"], "--contrast-weight is λ of the contrast ranking, but this checkpoint ranks by none"),
+    (["--span-threshold", "-0.3"], "--span-threshold does not apply to --corpus"),
+    (["--scale-calibration", "span"], "span ranks windows over snippets (Charades-STA, ActivityNet)"),
 ])
 def test_checkpoint_options_that_do_not_apply_are_refused(corpus_run, tmp_path, extra, want):
     root = corpus_run[0]

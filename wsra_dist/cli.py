@@ -358,11 +358,17 @@ def evaluate(
                                                                "model.chunk_consistency."),
     scale_calibration: Optional[str] = typer.Option(None, help="--checkpoint: how windows of different sizes are "
                                                               "ranked: none (φ), standardise (per-size mean/sd of the "
-                                                              "training queries' own scores, no timestamps) or contrast "
-                                                              "(snippet benchmarks: inside minus λ x outside).  Default: "
+                                                              "training queries' own scores, no timestamps), contrast "
+                                                              "(snippet benchmarks: inside minus λ x outside) or span "
+                                                              "(snippet benchmarks: a window's mass of standardised "
+                                                              "snippet logits above model.span_threshold; the best "
+                                                              "span joins the windows; not with --corpus).  Default: "
                                                               "each checkpoint's model.scale_calibration."),
     contrast_weight: Optional[float] = typer.Option(None, help="λ of --scale-calibration contrast (default: the "
                                                             "checkpoint's model.contrast_weight)."),
+    span_threshold: Optional[float] = typer.Option(None, help="θ of --scale-calibration span, in standard deviations "
+                                                           "of a query's snippet logits (default: the checkpoint's "
+                                                           "model.span_threshold)."),
     corpus: bool = typer.Option(False, "--corpus", help="Video-corpus moment retrieval: rank every query against "
                                                          "every (video, moment) of the --shards split (one "
                                                          "--checkpoint, or --predictions in the predictions_corpus.jsonl "
@@ -387,8 +393,10 @@ def evaluate(
     from .evaluation.runner import evaluate_checkpoints, evaluate_predictions
 
     if predictions is not None:
-        if chunk_consistency is not None:
-            raise ValueError("--chunk-consistency re-ranks a checkpoint's candidates; a prediction file is already ranked")
+        for name, v in (("chunk-consistency", chunk_consistency), ("scale-calibration", scale_calibration),
+                        ("contrast-weight", contrast_weight), ("span-threshold", span_threshold)):
+            if v is not None:
+                raise ValueError(f"--{name} re-ranks a checkpoint's candidates; a prediction file is already ranked")
         if checkpoint:
             raise ValueError("give either --checkpoint/--shards or --predictions/--annotations, not both")
         if annotations is None:
@@ -405,7 +413,8 @@ def evaluate(
                                      strict_iou, nms, clip_predictions=clip_predictions,
                                      iou_tolerance=iou_tolerance, train_annotations=train_annotations,
                                      train_durations=train_durations, chunk_consistency=chunk_consistency,
-                                     scale_calibration=scale_calibration, contrast_weight=contrast_weight)
+                                     scale_calibration=scale_calibration, contrast_weight=contrast_weight,
+                                     span_threshold=span_threshold)
     if md:
         print(md)  # plain print: markdown rows must not be wrapped
         extra = ", predictions.jsonl, predictions_md.jsonl, report.html" if predictions is None else ""
@@ -423,6 +432,8 @@ NOT_FOR_CORPUS = {
     "strict_iou": "the protocol counts a hit at IoU >= m",
     "iou_tolerance": "the protocol counts a hit at IoU >= m",
     "clip_predictions": "corpus moments outside their video are refused",
+    "span_threshold": "span ranking adds each query's best span to its own video's windows; the corpus ranks one "
+                      "candidate set for every query",
 }
 RERANK = ("chunk_consistency", "scale_calibration", "contrast_weight", "batch_size")
 

@@ -62,10 +62,14 @@ class ModelConfig:
     chunk_consistency: float = 0.0
     # ranking only: none | standardise (each window size's logits standardised by their mean and sd over the
     # training queries against every window of their own training videos; no timestamps) | contrast (snippet
-    # benchmarks: mean snippet logit inside the window - contrast_weight x the mean outside it).
+    # benchmarks: mean snippet logit inside the window - contrast_weight x the mean outside it) | span (snippet
+    # benchmarks: Σ over a window's snippets of (standardised logit - span_threshold); the best contiguous span joins
+    # the windows).
     # wsra_dist/scale_calibration.py, docs/method.md (issue #26)
     scale_calibration: str = "none"
     contrast_weight: float = 16.0
+    # span: θ in standard deviations of the query's snippet logits (a window's mass is Σ (z_t − θ) over its snippets)
+    span_threshold: float = -0.3
     # DiDeMo: project the 6 chunks once and pool the projections (false: project the 21 materialised candidates)
     project_chunks: bool = True
 
@@ -185,8 +189,10 @@ def _validate(r: "Recipe") -> None:
     integer("model.query_chunk", m.query_chunk, 0, "an integer >= 0 (0: all queries at once)")
     number("model.attention_scale", m.attention_scale, 0.0, low_open=True)
     number("model.chunk_consistency", m.chunk_consistency, 0.0, rule="a number >= 0 (0: rank by φ alone)")
-    choice("model.scale_calibration", m.scale_calibration, ("none", "standardise", "contrast"))
+    choice("model.scale_calibration", m.scale_calibration, ("none", "standardise", "contrast", "span"))
     number("model.contrast_weight", m.contrast_weight, 0.0, rule="a number >= 0 (λ of scale_calibration contrast)")
+    _check(_finite(m.span_threshold), "model.span_threshold", m.span_threshold,
+           "a finite number (θ of scale_calibration span, in standard deviations)")
     # loss (choices and K are checked by LossConfig.validate)
     for k in ("w_video", "w_snippet", "w_batch", "w_cross", "w_supervised"):
         number(f"loss.{k}", getattr(lc, k), 0.0, rule="a number >= 0 (0 switches the term off)")

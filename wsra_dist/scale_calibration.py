@@ -14,6 +14,13 @@ minus λ (`model.contrast_weight`) times the mean of the logits of the snippets 
 outside: its outside mean is taken as the video's mean), so a window is good when the query's snippets are inside
 it and not outside, whatever its size.  It needs no statistics.
 
+`span` (snippet benchmarks) does not stop at the benchmark's window set: the query's snippet logits are
+standardised over the video's snippets (z, no timestamps, no statistics), each window scores its mass
+Σ_{t in window} (z_t − θ) (θ = `model.span_threshold`, in standard deviations), and the contiguous span of
+highest mass (found exactly, `best_span`) joins the candidates, so it ranks first.  A window gains by holding
+the snippets above θ and loses by each one below it: its length follows the query's evidence, not a fixed set
+of sizes (docs/method.md, "Span ranking").
+
 Everything here is a function of tensors (no model, no files): `window_groups` / `DIDEMO_GROUPS` name each
 candidate's size, `accumulate` / `finish` build the statistics in float64 over any number of batches,
 `standardise` applies them.  The evaluation layer (`evaluation/calibration.py`) scores the training split and
@@ -27,7 +34,8 @@ import torch
 
 from .geometry import BENCHMARK_WINDOWS, DIDEMO_CANDIDATES
 
-MODES = ("none", "standardise", "contrast")
+MODES = ("none", "standardise", "contrast", "span")
+WITHIN_VIDEO = ("contrast", "span")  # from one video's snippets alone: not comparable across videos
 NEEDS_STATS = ("standardise",)
 STATS_FORMAT = "wsra-dist-scale-calibration/1"
 
@@ -114,9 +122,37 @@ def inside_outside(snippet_logits: torch.Tensor, ranges: torch.Tensor, weight: f
     return inside / n - float(weight) * out
 
 
+def best_span(x: torch.Tensor) -> tuple[int, int]:
+    """[a, b) with the largest Σ_{t in [a, b)} x_t over all non-empty contiguous ranges of x (T,) (Kadane's
+    maximum through prefix sums: c[b] − min_{a<b} c[a]); the first such b, the last a reaching its minimum."""
+    c = torch.nn.functional.pad(x.to(torch.float64).cumsum(0), (1, 0))
+    low = torch.cummin(c[:-1], 0)
+    b = int(torch.argmax(c[1:] - low.values)) + 1
+    return int(low.indices[b - 1]), b
+
+
+def span_values(snippet_logits: torch.Tensor, ranges: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (W + 1,) float64, span (2,) long) of `span` ranking for one query: snippet_logits (T,), ranges (W, 2)
+    [a, b) snippet indices of the benchmark's windows.  Value = Σ_{t in [a, b)} (z_t − threshold) / T with z the
+    logits standardised over the T snippets; the last value is the best span's, or -inf when that span is one
+    of the windows already (then it is not a candidate twice)."""
+    x = snippet_logits.to(torch.float64)
+    T = x.shape[0]
+    sd = x.std(unbiased=False) if T > 1 else x.new_zeros(())
+    z = (x - x.mean()) / sd.clamp_min(1e-12) - float(threshold)
+    a, b = best_span(z)
+    span = torch.tensor([a, b], dtype=torch.long)
+    r = torch.cat([ranges.long().cpu(), span.unsqueeze(0)]).to(x.device)
+    c = torch.nn.functional.pad(z.cumsum(0), (1, 0))
+    values = (c[r[:, 1]] - c[r[:, 0]]) / T
+    if bool(((ranges.long().cpu() == span).all(1)).any()):
+        values[-1] = float("-inf")
+    return values, span
+
+
 def calibrate(mode: str, logits: torch.Tensor, groups: torch.Tensor, stats: dict | None) -> torch.Tensor:
     """What candidates are ranked by under `mode` ("none": the logits unchanged)."""
-    if mode in ("none", "contrast"):  # contrast: the logits are already inside_outside's values
+    if mode in ("none", "contrast", "span"):  # contrast, span: the logits are already their values
         return logits
     if stats is None:
         raise ValueError(f"scale_calibration {mode!r} needs the training statistics (evaluation/calibration.py)")

@@ -18,6 +18,7 @@ from ..data.records import DataError
 from ..data.loader import ShardSource, expand_queries
 from ..data.shards import iter_shard
 from ..geometry import DIDEMO_CANDIDATES, benchmark_windows, window_snippet_range
+from ..scale_calibration import WITHIN_VIDEO
 from .store import DenseStore, DidemoChunkStore, SnippetStore
 
 
@@ -118,9 +119,10 @@ def corpus_ranking(model) -> str | None:
     (a video whose snippets all score low gains λ times its low outside mean).  Measured on activitynet-real
     (λ 16): R@10 at IoU 0.5 0.00 against 1.63 with φ; charades-real (λ 1) 3.40 against 4.87 (docs/method.md).
     Returns what was set aside (for the table's label), or None."""
-    if getattr(model, "scale_calibration", "none") == "contrast":
+    mode = getattr(model, "scale_calibration", "none")
+    if mode in WITHIN_VIDEO:  # span too: a mass standardised within one video is not comparable across videos
         model.scale_calibration = "none"
-        return "contrast"
+        return mode
     return None
 
 

@@ -77,7 +77,8 @@ def train_shards_of(run_dir: str | Path) -> tuple[str, str]:
 
 
 def attach(model, run_dir: str | Path, device: str | torch.device = "cpu", mode: str | None = None,
-           train_shards: str | None = None, batch_size: int = 64, contrast_weight: float | None = None) -> None:
+           train_shards: str | None = None, batch_size: int = 64, contrast_weight: float | None = None,
+           span_threshold: float | None = None) -> None:
     """Set `model.scale_calibration` (`mode`, else the checkpoint's model.scale_calibration, else none) and, when
     on, `model.scale_stats`: read from RUN/scale_calibration.json when it matches the weights and the ranking,
     else computed on the run's training shards (or `train_shards`) and written there (atomically)."""
@@ -85,8 +86,9 @@ def attach(model, run_dir: str | Path, device: str | torch.device = "cpu", mode:
     mode = check_mode(mode if mode is not None else m.get("scale_calibration", "none"))
     model.scale_calibration, model.scale_stats = mode, None
     model.contrast_weight = float(contrast_weight if contrast_weight is not None else m.get("contrast_weight", 16.0))
-    if mode == "contrast" and (model.info.get("benchmark") == "didemo" or getattr(model, "didemo", None) is not None):
-        raise DataError("model.scale_calibration contrast ranks windows over snippets (Charades-STA, ActivityNet); "
+    model.span_threshold = float(span_threshold if span_threshold is not None else m.get("span_threshold", -0.3))
+    if mode in ("contrast", "span") and (model.info.get("benchmark") == "didemo" or getattr(model, "didemo", None) is not None):
+        raise DataError(f"model.scale_calibration {mode} ranks windows over snippets (Charades-STA, ActivityNet); "
                         "DiDeMo's candidates have chunk_consistency")
     if mode not in NEEDS_STATS:
         return

@@ -60,28 +60,47 @@ def ranking_logits(model: WSRA, batch, protocol: str, device: torch.device) -> l
     (scale_calibration.window_groups), the windows in seconds (W, 2) or None for DiDeMo's 21 candidates).
     With model.scale_calibration "contrast" (snippet benchmarks) the values are scale_calibration.inside_outside
     of the snippets' logits instead of the window logits."""
-    from ..scale_calibration import DIDEMO_GROUPS, inside_outside, window_groups
+    from ..scale_calibration import DIDEMO_GROUPS, WITHIN_VIDEO, inside_outside, window_groups
 
     video, mask, text = batch.video.to(device), batch.mask.to(device), batch.text.to(device)
     if protocol == "didemo":
         logits = model.candidate_logits(video, text).double().masked_fill(~mask, float("-inf")).cpu()
         groups = torch.tensor(DIDEMO_GROUPS, dtype=torch.long)
         return [(lg, groups, None) for lg in logits]
-    contrast = getattr(model, "scale_calibration", "none") == "contrast"
+    mode = getattr(model, "scale_calibration", "none")
     out = []
     for i, m in enumerate(batch.meta):
         T = int(mask[i].sum())
         dur = float(m["duration"])
         wins = benchmark_windows(protocol, dur)  # the protocol's windows (Charades-STA's, ActivityNet's)
         ranges = torch.tensor([window_snippet_range(a, b, dur, T) for a, b in wins], device=device)
-        if contrast:  # φ of each snippet, then inside vs outside each window
+        groups = window_groups(protocol, dur)
+        if mode in WITHIN_VIDEO:  # φ of each snippet, then inside vs outside each window / each window's mass
             sl = model.scorer.logits_from_hidden(model.scorer.project_video(video[i, :T]) + model.scorer.project_text(text[i]))
-            lg = inside_outside(sl, ranges, getattr(model, "contrast_weight", 1.0)).cpu()
+            if mode == "contrast":
+                lg = inside_outside(sl, ranges, getattr(model, "contrast_weight", 1.0)).cpu()
+            else:
+                lg, wins, groups = with_span(sl, ranges, wins, groups, dur, getattr(model, "span_threshold", -0.3))
         else:
             pv = model.scorer.project_windows(video[i, :T], ranges)  # windows pooled from projected snippets
             lg = model.scorer.logits_from_hidden(pv + model.scorer.project_text(text[i])).double().cpu()
-        out.append((lg, window_groups(protocol, dur), wins))
+        out.append((lg, groups, wins))
     return out
+
+
+def with_span(snippet_logits: torch.Tensor, ranges: torch.Tensor, wins: np.ndarray, groups: torch.Tensor,
+              duration: float, threshold: float) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    """scale_calibration span for one query: (values, windows, groups) with the best span added (its group: -1;
+    left out when it is one of the windows already)."""
+    from ..scale_calibration import span_values
+
+    values, span = span_values(snippet_logits, ranges, threshold)
+    values = values.cpu()
+    if not torch.isfinite(values[-1]):
+        return values[:-1], wins, groups
+    T = snippet_logits.shape[0]
+    sec = np.array([[span[0].item() * duration / T, span[1].item() * duration / T]])
+    return values, np.concatenate([np.asarray(wins, dtype=np.float64), sec]), torch.cat([groups, groups.new_full((1,), -1)])
 
 
 @torch.inference_mode()
@@ -117,10 +136,11 @@ def predict(model: WSRA, source: ShardSource, protocol: str, batch_size: int = 6
     model.eval()
     preds, truth = [], []
     m = (getattr(model, "info", None) or {}).get("model", {})
-    if not hasattr(model, "scale_calibration") and m.get("scale_calibration") == "contrast":
-        # a model not loaded through load_run (training's validation): the contrast needs no statistics
-        model.scale_calibration, model.scale_stats = "contrast", None
+    if not hasattr(model, "scale_calibration") and m.get("scale_calibration") in ("contrast", "span"):
+        # a model not loaded through load_run (training's validation): contrast and span need no statistics
+        model.scale_calibration, model.scale_stats = m["scale_calibration"], None
         model.contrast_weight = float(m.get("contrast_weight", 16.0))
+        model.span_threshold = float(m.get("span_threshold", -0.3))
     if getattr(model, "didemo", None) is None and source.layout == "didemo_chunks":
         model.didemo = DidemoLayout.from_dict(layout_of(source.manifest))
     for batch in iter_eval_batches(source, batch_size, world, rank, verify):

@@ -72,9 +72,9 @@ def _dist():
 
 
 def check_ranking(protocol: str, chunk_consistency: float | None, scale_calibration: str | None,
-                  contrast_weight: float | None) -> float | None:
-    """The ranking overrides of `evaluate` (--chunk-consistency, --scale-calibration, --contrast-weight), checked
-    in one line each; returns the checked chunk consistency."""
+                  contrast_weight: float | None, span_threshold: float | None = None) -> float | None:
+    """The ranking overrides of `evaluate` (--chunk-consistency, --scale-calibration, --contrast-weight,
+    --span-threshold), checked in one line each; returns the checked chunk consistency."""
     from ..model import check_chunk_consistency
 
     if chunk_consistency is not None:
@@ -92,6 +92,8 @@ def check_ranking(protocol: str, chunk_consistency: float | None, scale_calibrat
                 raise ValueError(f"--contrast-weight must be a finite number >= 0, got {contrast_weight}")
         except ValueError as e:
             raise DataError(str(e)) from None
+    if span_threshold is not None and not math.isfinite(span_threshold):
+        raise DataError(f"--span-threshold must be a finite number, got {span_threshold}")
     if chunk_consistency and protocol != "didemo":
         raise DataError("--chunk-consistency ranks DiDeMo's chunk candidates; it has no meaning for --protocol "
                         f"{protocol}")
@@ -105,7 +107,7 @@ def evaluate_checkpoints(
     clip_predictions: bool = False, iou_tolerance: float = 0.0,
     train_annotations: str | Path | None = None, train_durations: str | Path | None = None,
     chunk_consistency: float | None = None, scale_calibration: str | None = None,
-    contrast_weight: float | None = None,
+    contrast_weight: float | None = None, span_threshold: float | None = None,
 ) -> tuple[dict, str | None]:
     """Score one checkpoint (or several, late-fused with weights) on their shards.  `chunk_consistency` (DiDeMo)
     replaces each checkpoint's own model.chunk_consistency ranking weight (WSRA.rank_logits); None keeps theirs.
@@ -122,7 +124,7 @@ def evaluate_checkpoints(
         raise DataError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
     check_iou_tolerance(iou_tolerance)
     _check_train_file(train_annotations, train_durations)
-    chunk_consistency = check_ranking(protocol, chunk_consistency, scale_calibration, contrast_weight)
+    chunk_consistency = check_ranking(protocol, chunk_consistency, scale_calibration, contrast_weight, span_threshold)
     if len(checkpoints) != len(shards):
         raise DataError(f"give one --shards per --checkpoint (late fusion pairs them): {len(checkpoints)} vs {len(shards)}")
     weights = list(fusion_weights or [1.0 / len(checkpoints)] * len(checkpoints))
@@ -136,20 +138,27 @@ def evaluate_checkpoints(
     truth_all: list[dict] = []
     reader: dict = {}
     id_key = "annotation_id" if protocol == "didemo" else "query_id"
-    used_mu, used_cal = [], []
+    used_mu, used_cal, used_param = [], [], []
     for ck, sh, w in zip(checkpoints, shards, weights):
         model, info = load_run(ck, dev)
         if chunk_consistency is not None:
             model.chunk_consistency = chunk_consistency
-        if chunk_consistency is not None or scale_calibration is not None or contrast_weight is not None:
+        if any(v is not None for v in (chunk_consistency, scale_calibration, contrast_weight, span_threshold)):
             from .calibration import attach  # the statistics of the ranking used
 
             try:
-                attach(model, ck, dev, mode=scale_calibration, contrast_weight=contrast_weight)
+                attach(model, ck, dev, mode=scale_calibration, contrast_weight=contrast_weight,
+                       span_threshold=span_threshold)
             except ValueError as e:
                 raise DataError(str(e)) from None
+        for flag, v, mode in (("--contrast-weight", contrast_weight, "contrast"), ("--span-threshold", span_threshold, "span")):
+            if v is not None and model.scale_calibration != mode:
+                raise DataError(f"{flag} is a parameter of the {mode} ranking, but {ck} ranks by "
+                                f"{model.scale_calibration}: add --scale-calibration {mode}")
         used_mu.append(model.chunk_consistency)
         used_cal.append(model.scale_calibration)
+        used_param.append({"contrast": {"contrast_weight": getattr(model, "contrast_weight", None)},
+                           "span": {"span_threshold": getattr(model, "span_threshold", None)}}.get(model.scale_calibration, {}))
         src = ShardSource.open(sh)
         reader = src.manifest.get("reader", {})
         if src.manifest.get("benchmark") != protocol:
@@ -195,6 +204,7 @@ def evaluate_checkpoints(
                           feature=" & ".join(_feature_name(s) for s in shards), write_predictions=True,
                           settings_extra={"checkpoints": list(checkpoints), "shards": list(shards),
                                           "fusion_weights": weights, "scale_calibration": used_cal,
+                                          "ranking_parameters": used_param,
                                           **({"chunk_consistency": used_mu} if protocol == "didemo" else {}),
                                           **({"charades_filter": reader.get("charades_filter", "clamp")}
                                              if protocol == "charades" else {}),

@@ -1,0 +1,176 @@
+"""model.scale_calibration span: the best span and the window masses against brute force, and the ranking that
+evaluate, ground and the corpus apply (tiny random models, no training)."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from wsra_dist.scale_calibration import best_span, span_values
+
+
+def _brute_best(x):
+    best = max(x[a:b].sum() for a, b in itertools.combinations(range(len(x) + 1), 2))
+    return best, [(a, b) for a, b in itertools.combinations(range(len(x) + 1), 2) if np.isclose(x[a:b].sum(), best)]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_best_span_is_the_maximum_mass_contiguous_range(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(int(rng.integers(1, 30))) + rng.choice([-1.0, 0.0, 0.5])
+    a, b = best_span(torch.from_numpy(x))
+    best, spans = _brute_best(x)
+    assert 0 <= a < b <= len(x) and (a, b) in spans and np.isclose(x[a:b].sum(), best)
+
+
+def test_best_span_of_all_negative_values_is_the_largest_single_value():
+    assert best_span(torch.tensor([-3.0, -1.0, -2.0])) == (1, 2)
+    assert best_span(torch.tensor([2.0])) == (0, 1)
+
+
+def test_span_values_are_masses_of_standardised_logits_and_the_span_ranks_first():
+    rng = np.random.default_rng(0)
+    s = rng.standard_normal(40)
+    s[12:25] += 1.5
+    ranges = torch.tensor([[0, 10], [5, 15], [10, 20], [20, 30], [30, 40], [0, 40]])
+    vals, span = span_values(torch.from_numpy(s), ranges, -0.3)
+    z = (s - s.mean()) / s.std() + 0.3
+    want = [z[a:b].sum() / 40 for a, b in ranges.tolist()]
+    assert np.allclose(vals[:-1].numpy(), want, atol=1e-12)
+    a, b = span.tolist()
+    assert np.isclose(vals[-1].item(), z[a:b].sum() / 40) and vals[-1] == vals.max()
+    assert _brute_best(z)[0] == pytest.approx(z[a:b].sum())
+    assert 10 <= a <= 14 and 23 <= b <= 27  # the planted stretch
+
+
+def test_a_span_that_is_a_window_already_is_not_a_second_candidate():
+    s = torch.zeros(20, dtype=torch.float64)
+    s[5:10] = 3.0
+    ranges = torch.tensor([[0, 10], [5, 10], [10, 20]])
+    vals, span = span_values(s, ranges, 0.0)
+    assert span.tolist() == [5, 10] and vals[-1] == float("-inf") and vals[:-1].argmax() == 1
+
+
+def test_constant_logits_do_not_divide_by_zero():
+    vals, span = span_values(torch.full((8,), 0.7), torch.tensor([[0, 4], [0, 8]]), -0.3)
+    assert torch.isfinite(vals[:2]).all() and span.tolist() == [0, 8]  # θ < 0: every snippet adds 0.3
+
+
+def _charades_model(mode):
+    from wsra_dist.model import WSRA
+
+    info = {"benchmark": "charades", "dims": {"video": 8, "text": 4}, "layout": None,
+            "model": {"hidden": 5, "depth": 1, "dropout": 0.0, "input_norm": "none", "scale_calibration": mode,
+                      "span_threshold": -0.3}}
+    torch.manual_seed(0)
+    return WSRA.from_info(info).eval()
+
+
+def test_evaluate_ranking_puts_each_querys_span_first_with_seconds_of_its_snippets():
+    from wsra_dist.data.batch import Batch
+    from wsra_dist.evaluation.predict import rank_batch
+
+    model = _charades_model("span")
+    model.scale_calibration, model.scale_stats, model.span_threshold = "span", None, -0.3
+    T, dur = 30, 24.0
+    video = torch.randn(2, T, 8)
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[1, 20:] = False  # the second video has 20 snippets
+    meta = [{"query_id": i, "video": f"v{i}", "duration": dur} for i in range(2)]
+    batch = Batch(video, mask, torch.randn(2, 4), torch.arange(2), torch.zeros(2, T), meta)
+    out = rank_batch(model, batch, "charades", torch.device("cpu"))
+    for i, r in enumerate(out):
+        n = int(mask[i].sum())
+        sl = model.scorer.pair_logits(video[i, :n], batch.text[i])
+        z = ((sl - sl.mean()) / sl.std(unbiased=False)).double().detach().numpy() + 0.3
+        a, b = best_span(torch.from_numpy(z))
+        assert r["moments"][0] == [round(a * dur / n, 4), round(b * dur / n, 4)]
+        assert r["scores"] == sorted(r["scores"], reverse=True)
+        assert len({tuple(m) for m in r["moments"]}) == len(r["moments"])  # no window twice
+
+
+def test_the_corpus_sets_span_aside_as_it_sets_contrast_aside():
+    from wsra_dist.corpus.candidates import corpus_ranking
+
+    model = _charades_model("span")
+    model.scale_calibration = "span"
+    assert corpus_ranking(model) == "span" and model.scale_calibration == "none"
+
+
+def test_recipe_keys_are_checked(tmp_path):
+    from wsra_dist.config import ConfigError, load_recipe
+
+    r = tmp_path / "r.yaml"
+    r.write_text("name: x\n")
+    got = load_recipe(r, ["model.scale_calibration=span", "model.span_threshold=-0.5"])
+    assert (got.model.scale_calibration, got.model.span_threshold) == ("span", -0.5)
+    with pytest.raises(ConfigError, match="model.span_threshold"):
+        load_recipe(r, ["model.span_threshold=.nan"])
+
+
+class _Encoder:
+    dim = 4
+
+    def encode(self, queries):
+        rng = np.random.default_rng(len(queries))
+        return rng.standard_normal((len(queries), 4)).astype(np.float32)
+
+
+def test_ground_ranks_like_evaluate_under_span():
+    """`wsra-dist ground` and evaluate give a query the same first moments: its best span, then the windows."""
+    from wsra_dist.evaluation.predict import with_span
+    from wsra_dist.geometry import benchmark_windows, window_snippet_range
+    from wsra_dist.ground import Grounder
+    from wsra_dist.scale_calibration import window_groups
+
+    model = _charades_model("span")
+    model.scale_calibration, model.scale_stats, model.span_threshold = "span", None, -0.3
+    info = {**model.info, "reader": {}}
+    g = Grounder(model, info, torch.device("cpu"), _encoder=_Encoder())
+    feats = np.random.default_rng(1).standard_normal((25, 8)).astype(np.float32)
+    res = g.ground(feats, ["a", "b", "c"], duration=20.0, top_k=4)
+    text = torch.from_numpy(_Encoder().encode(["a", "b", "c"]))
+    wins = benchmark_windows("charades", 20.0)
+    ranges = torch.tensor([window_snippet_range(a, b, 20.0, 25) for a, b in wins])
+    for r, t in zip(res, text):
+        sl = model.scorer.pair_logits(torch.from_numpy(feats), t).detach()
+        v, w, _ = with_span(sl, ranges, wins, window_groups("charades", 20.0), 20.0, -0.3)
+        order = np.argsort(-v.numpy(), kind="stable")[:4]
+        assert r["moments"] == [[round(float(w[i, 0]), 3), round(float(w[i, 1]), 3)] for i in order]
+        assert len(r["candidate_moments"]) == len(r["candidate_scores"]) == len(w)
+
+
+def test_evaluate_checks_the_span_threshold_before_loading(tmp_path):
+    from wsra_dist.data.records import DataError
+    from wsra_dist.evaluation.runner import evaluate_checkpoints
+
+    with pytest.raises(DataError, match="--span-threshold must be a finite number"):
+        evaluate_checkpoints([str(tmp_path / "no_run")], [str(tmp_path / "no_shards")], "charades", tmp_path / "o",
+                             span_threshold=float("inf"))
+
+
+def test_evaluate_refuses_a_span_threshold_for_another_ranking(trained_didemo, tmp_path):
+    """A parameter of a ranking the checkpoint does not use is refused in one line, not ignored (the DiDeMo run
+    ranks by none; span on DiDeMo's chunk candidates is refused as contrast is)."""
+    from wsra_dist.data.records import DataError
+    from wsra_dist.evaluation.runner import evaluate_checkpoints
+
+    run, shards = trained_didemo / "run", trained_didemo / "shards" / "test"
+    with pytest.raises(DataError, match="--span-threshold is a parameter of the span ranking.*--scale-calibration span"):
+        evaluate_checkpoints([str(run)], [str(shards)], "didemo", tmp_path / "o", span_threshold=0.0)
+    with pytest.raises(DataError, match="span ranks windows over snippets"):
+        evaluate_checkpoints([str(run)], [str(shards)], "didemo", tmp_path / "o", scale_calibration="span")
+    assert not (tmp_path / "o").exists()
+
+
+def test_prediction_files_refuse_every_reranking_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from wsra_dist.cli import app
+
+    for flag, value in (("--scale-calibration", "span"), ("--span-threshold", "0"), ("--contrast-weight", "1")):
+        res = CliRunner().invoke(app, ["evaluate", "--predictions", str(tmp_path / "p.jsonl"), "--annotations",
+                                       str(tmp_path / "a.json"), "--protocol", "charades", "--out",
+                                       str(tmp_path / "o"), flag, value])
+        assert res.exit_code != 0 and f"{flag} re-ranks a checkpoint's candidates" in str(res.exception), res.output
