@@ -35,9 +35,10 @@ def _refused(res, want: str) -> str:
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--train-durations", "x.csv"], "--train-durations goes with --train-annotations"),
     (["--chunk-consistency", "-1"], "--chunk-consistency"),
-    (["--contrast-weight", "0.5"], "--contrast-weight is λ of the contrast ranking, but this checkpoint ranks by none"),
+    (["--contrast-weight", "0.5"], "--contrast-weight is a parameter of the contrast ranking, which ranks windows over "
+                                   "snippets"),
     (["--span-threshold", "-0.3"], "--span-threshold does not apply to --corpus"),
-    (["--scale-calibration", "span"], "span ranks windows over snippets (Charades-STA, ActivityNet)"),
+    (["--scale-calibration", "span"], "--scale-calibration span ranks windows over snippets (Charades-STA, ActivityNet)"),
 ])
 def test_checkpoint_options_that_do_not_apply_are_refused(corpus_run, tmp_path, extra, want):
     root = corpus_run[0]

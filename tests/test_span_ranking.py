@@ -37,19 +37,38 @@ def test_span_values_are_masses_of_standardised_logits_and_the_span_ranks_first(
     vals, span = span_values(torch.from_numpy(s), ranges, -0.3)
     z = (s - s.mean()) / s.std() + 0.3
     want = [z[a:b].sum() / 40 for a, b in ranges.tolist()]
-    assert np.allclose(vals[:-1].numpy(), want, atol=1e-12)
+    assert np.allclose(vals[1:].numpy(), want, atol=1e-12)
     a, b = span.tolist()
-    assert np.isclose(vals[-1].item(), z[a:b].sum() / 40) and vals[-1] == vals.max()
+    assert np.isclose(vals[0].item(), z[a:b].sum() / 40) and vals[0] == vals.max()
     assert _brute_best(z)[0] == pytest.approx(z[a:b].sum())
     assert 10 <= a <= 14 and 23 <= b <= 27  # the planted stretch
 
 
-def test_a_span_that_is_a_window_already_is_not_a_second_candidate():
+def test_a_window_on_the_spans_snippets_is_not_a_second_candidate():
+    """The span stays (first); the window that covers the same snippets goes, whatever its seconds."""
     s = torch.zeros(20, dtype=torch.float64)
     s[5:10] = 3.0
     ranges = torch.tensor([[0, 10], [5, 10], [10, 20]])
     vals, span = span_values(s, ranges, 0.0)
-    assert span.tolist() == [5, 10] and vals[-1] == float("-inf") and vals[:-1].argmax() == 1
+    assert span.tolist() == [5, 10] and vals[2] == float("-inf") and torch.isfinite(vals[[0, 1, 3]]).all()
+    assert vals.argmax() == 0
+
+
+def test_the_span_keeps_its_own_seconds_when_a_window_rounds_onto_its_snippets():
+    """A window whose edges fall inside the span's edge snippets maps to the same snippets: the span's seconds
+    (snippet edges) are the first moment, the window is left out (no tie decided by list order)."""
+    from wsra_dist.evaluation.predict import with_span
+    from wsra_dist.geometry import window_snippet_range
+
+    T, dur = 13, 13.42
+    s = torch.full((T,), -1.0, dtype=torch.float64)
+    s[0:6] = 2.0
+    wins = np.array([[0.0, 5.368], [5.368, 10.736], [0.0, 13.42]])
+    ranges = torch.tensor([window_snippet_range(a, b, dur, T) for a, b in wins])
+    assert ranges[0].tolist() == [0, 6]  # the window rounds outward onto the span's snippets
+    vals, w, g = with_span(s, ranges, wins, torch.tensor([0, 0, 1]), dur, 0.0)
+    assert np.allclose(w[0], [0.0, 6 * dur / T]) and g[0] == -1
+    assert len(w) == 3 and not any(np.allclose(x, wins[0]) for x in w)
 
 
 def test_constant_logits_do_not_divide_by_zero():
@@ -150,18 +169,40 @@ def test_evaluate_checks_the_span_threshold_before_loading(tmp_path):
                              span_threshold=float("inf"))
 
 
-def test_evaluate_refuses_a_span_threshold_for_another_ranking(trained_didemo, tmp_path):
-    """A parameter of a ranking the checkpoint does not use is refused in one line, not ignored (the DiDeMo run
-    ranks by none; span on DiDeMo's chunk candidates is refused as contrast is)."""
+def test_evaluate_refuses_span_parameters_that_cannot_apply_before_loading(tmp_path):
+    """Refused from the options alone (nothing loaded, no statistics computed, no folder written)."""
     from wsra_dist.data.records import DataError
     from wsra_dist.evaluation.runner import evaluate_checkpoints
 
-    run, shards = trained_didemo / "run", trained_didemo / "shards" / "test"
-    with pytest.raises(DataError, match="--span-threshold is a parameter of the span ranking.*--scale-calibration span"):
-        evaluate_checkpoints([str(run)], [str(shards)], "didemo", tmp_path / "o", span_threshold=0.0)
-    with pytest.raises(DataError, match="span ranks windows over snippets"):
-        evaluate_checkpoints([str(run)], [str(shards)], "didemo", tmp_path / "o", scale_calibration="span")
+    nowhere = ([str(tmp_path / "no_run")], [str(tmp_path / "no_shards")])
+    with pytest.raises(DataError, match="--span-threshold is a parameter of the span ranking, which ranks windows"):
+        evaluate_checkpoints(*nowhere, "didemo", tmp_path / "o", span_threshold=0.0)
+    with pytest.raises(DataError, match="--scale-calibration span ranks windows over snippets"):
+        evaluate_checkpoints(*nowhere, "didemo", tmp_path / "o", scale_calibration="span")
+    with pytest.raises(DataError, match="--span-threshold is a parameter of the span ranking, not of "
+                                        "--scale-calibration standardise"):
+        evaluate_checkpoints(*nowhere, "activitynet", tmp_path / "o", scale_calibration="standardise",
+                             span_threshold=0.0)
+    with pytest.raises(DataError, match="--contrast-weight is a parameter of the contrast ranking, not of "
+                                        "--scale-calibration span"):
+        evaluate_checkpoints(*nowhere, "charades", tmp_path / "o", scale_calibration="span", contrast_weight=1.0)
     assert not (tmp_path / "o").exists()
+
+
+def test_training_refuses_a_within_video_ranking_on_didemo_chunks(planted_didemo, tmp_path):
+    """A DiDeMo checkpoint with span (or contrast) could never be evaluated: refused before training."""
+    from pathlib import Path
+
+    from wsra_dist.config import ConfigError, load_recipe
+    from wsra_dist.train import train
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "planted_didemo.yaml"
+    for mode in ("span", "contrast"):
+        r = load_recipe(recipe, [f"data.train_shards={planted_didemo / 'shards' / 'train'}", "data.val_shards=",
+                                 "data.test_shards=", f"output_dir={tmp_path / mode}", f"model.scale_calibration={mode}"])
+        with pytest.raises(ConfigError, match=f"model.scale_calibration {mode} ranks windows over snippets"):
+            train(r)
+        assert not (tmp_path / mode).exists() or not any((tmp_path / mode).iterdir())  # nothing written
 
 
 def test_prediction_files_refuse_every_reranking_option(tmp_path):

@@ -356,7 +356,8 @@ def evaluate(
                                                                "candidates (k, k), s <= k <= e) / (1 + μ), μ this value "
                                                                "(0: φ alone, the paper).  Default: each checkpoint's "
                                                                "model.chunk_consistency."),
-    scale_calibration: Optional[str] = typer.Option(None, help="--checkpoint: how windows of different sizes are "
+    scale_calibration: Optional[str] = typer.Option(None, metavar="[none|standardise|contrast|span]",
+                                                    help="--checkpoint: how windows of different sizes are "
                                                               "ranked: none (φ), standardise (per-size mean/sd of the "
                                                               "training queries' own scores, no timestamps), contrast "
                                                               "(snippet benchmarks: inside minus λ x outside) or span "
@@ -739,7 +740,9 @@ def ground(
 
     Moments are ranked as `wsra-dist evaluate` ranks them: by φ, or for a DiDeMo checkpoint trained with
     model.chunk_consistency = μ > 0 by (logit φ + μ x the lowest single-chunk logit inside the moment) / (1 + μ),
-    whose sigmoid is then the printed score."""
+    whose sigmoid is then the printed score; for a checkpoint with model.scale_calibration by its ranking
+    (standardise, contrast, or span: the query's best span first, then the benchmark's windows by their mass),
+    whose sigmoid is the printed score."""
     from .data.textio import read_text
     from .ground import ground_cli
 

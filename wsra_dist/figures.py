@@ -214,7 +214,7 @@ def _legend(fig, didemo: bool, has_truth: bool, top_k: int) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    phi = "φ: the scores that rank moments"
+    phi = "φ: the scores moments are ranked from"
     handles = [Patch(color=PHI, alpha=0.9, label=phi) if didemo else Line2D([], [], color=PHI, lw=1.5, label=phi),
                Patch(facecolor="#6a51a3", label="α: referring attention (own range)"),
                Patch(color=RANK[0], label="rank-1 moment")]

@@ -261,8 +261,8 @@ class Grounder:
     def _calibrated(self, rank_l: torch.Tensor, text: torch.Tensor, snippets: np.ndarray, moments: np.ndarray,
                     times: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """(rank_l (Q, C) under the checkpoint's model.scale_calibration, as evaluate ranks (evaluation/predict.py),
-        each query's candidates (Q, C, 2) seconds).  span adds each query's best span as candidate C + 1 (-inf where
-        that span is one of the windows already)."""
+        each query's candidates (Q, C, 2) seconds).  span puts each query's best span first (C + 1 candidates; -inf
+        for a window on the span's very snippets: scale_calibration.span_values)."""
         from .scale_calibration import DIDEMO_GROUPS, calibrate, inside_outside, span_values, window_groups
 
         mode = getattr(self.model, "scale_calibration", "none")
@@ -283,7 +283,7 @@ class Grounder:
             for q in sl:
                 v, span = span_values(q, ranges, self.model.span_threshold)
                 vals.append(v.cpu())
-                wins.append(np.concatenate([moments, span.numpy()[None].astype(np.float64) * length / T]))
+                wins.append(np.concatenate([span.numpy()[None].astype(np.float64) * length / T, moments]))
             return torch.stack(vals).to(rank_l.device), np.stack(wins)
         groups = torch.tensor(DIDEMO_GROUPS) if bench == "didemo" else window_groups(bench, length)
         return calibrate(mode, rank_l, groups, self.model.scale_stats), per_query
@@ -329,7 +329,7 @@ class Grounder:
         mu = self.model.chunk_consistency if self.model.didemo is not None else 0.0
         span = getattr(self.model, "scale_calibration", "none") == "span"
         for q, s, k, a, p, mq in zip(queries, scores, keys, alpha, phi, cands):
-            if span:  # a best span that is one of the windows already is not a candidate twice
+            if span:  # a window on the span's very snippets is not a candidate twice
                 keep = np.isfinite(k)
                 s, k, mq = s[keep], k[keep], mq[keep]
             order = np.argsort(-k, kind="stable")[:top_k]

@@ -35,9 +35,10 @@ TOP_K = 3  # moments drawn per gallery query
 
 def write_report(out: str | Path, protocol: str, table_md: str, predictions: Sequence[dict], truth: Sequence[dict],
                  checkpoints: Sequence[str], shards: Sequence[str], device=None, per_group: int = 3,
-                 chunk_consistency: float | None = None) -> Path:
+                 chunk_consistency: float | None = None, ranking: dict | None = None) -> Path:
     """Build OUT/report.html (written atomically) and return its path.  `chunk_consistency`: the DiDeMo ranking
-    weight the predictions were ranked with (the figures rank the same way; None: the checkpoint's own)."""
+    weight the predictions were ranked with (the figures rank the same way; None: the checkpoint's own);
+    `ranking`: evaluate's scale-calibration overrides (mode, contrast_weight, span_threshold), applied likewise."""
     out = Path(out)
     notes: list[str] = []
     run = Path(checkpoints[0])
@@ -50,7 +51,7 @@ def write_report(out: str | Path, protocol: str, table_md: str, predictions: Seq
         sections.append(("ksweep", "K sweep", ksweep))
     sections.append(("gallery", "Example queries", _guard(
         lambda: _gallery_section(protocol, predictions, truth, checkpoints, shards, device, per_group, notes,
-                                 chunk_consistency),
+                                 chunk_consistency, ranking),
         "the gallery", notes)))
     page = _page(protocol, len(truth), checkpoints, shards, sections, notes)
     tmp = out / f".{REPORT_FILE}.tmp"
@@ -368,14 +369,19 @@ def shard_queries(shards: str, query_ids: set) -> dict:
 
 
 def ground_examples(checkpoint: str, shards: str, examples: Sequence[Example], device=None,
-                    chunk_consistency: float | None = None) -> dict:
+                    chunk_consistency: float | None = None, ranking: dict | None = None) -> dict:
     """query_id -> (Grounder result with φ, α and candidate scores; truth spans in seconds; meta).
-    `chunk_consistency`: the DiDeMo ranking weight evaluate used (None: the checkpoint's own)."""
+    `chunk_consistency`: the DiDeMo ranking weight evaluate used (None: the checkpoint's own); `ranking`: the
+    scale-calibration overrides evaluate used (keys mode, contrast_weight, span_threshold; None: the checkpoint's)."""
     from .ground import load_model
 
     g = load_model(checkpoint, str(device) if device is not None else None)
     if chunk_consistency is not None:
         g.model.chunk_consistency = float(chunk_consistency)
+    if ranking and any(v is not None for v in ranking.values()):
+        from .evaluation.calibration import attach
+
+        attach(g.model, checkpoint, g.device, **ranking)
     found = shard_queries(shards, {e.query_id for e in examples})
     g._encoder = _ShardText({m["sentence"].strip(): txt for _, txt, m in found.values()})
     out = {}
@@ -400,13 +406,13 @@ def truth_seconds(meta: dict, didemo: bool) -> list[tuple[float, float]]:
 
 def _gallery_section(protocol: str, predictions: Sequence[dict], truth: Sequence[dict], checkpoints: Sequence[str],
                      shards: Sequence[str], device, per_group: int, notes: list[str],
-                     chunk_consistency: float | None = None) -> str:
+                     chunk_consistency: float | None = None, ranking: dict | None = None) -> str:
     from .figures import grounding_figure
 
     picked = pick_examples(top1_ious(protocol, predictions, truth), per_group)
     if not picked:
         return _note("no scored queries to show.", notes)
-    drawn = ground_examples(checkpoints[0], shards[0], picked, device, chunk_consistency)
+    drawn = ground_examples(checkpoints[0], shards[0], picked, device, chunk_consistency, ranking)
     intro = (f"{len(picked)} of the {len(truth)} queries: the best, typical (nearest the median) and worst by the "
              "IoU of the evaluated top-1 moment with the ground truth. Each figure shows φ per "
              + ("chunk" if protocol == "didemo" else "snippet")
@@ -431,8 +437,8 @@ def _gallery_section(protocol: str, predictions: Sequence[dict], truth: Sequence
     return f'<p class="caption">{escape(intro)}</p>{LEGEND}<div class="grid">{"".join(cards)}</div>'
 
 
-LEGEND = ('<div class="legend"><span><i class="sw" style="background:#0b4f8a"></i>φ: the scores that rank '
-          'moments</span><span><i class="sw" style="background:linear-gradient(90deg,#f2f0f7,#3f007d)"></i>α: '
+LEGEND = ('<div class="legend"><span><i class="sw" style="background:#0b4f8a"></i>φ: the scores moments '
+          'are ranked from</span><span><i class="sw" style="background:linear-gradient(90deg,#f2f0f7,#3f007d)"></i>α: '
           'referring attention</span><span><i class="sw" style="background:#d55e00"></i>rank-1 moment</span>'
           '<span><i class="sw" style="background:#e69f00"></i>ranks 2-3</span><span><i class="sw hatch"></i>ground '
           'truth</span></div>')

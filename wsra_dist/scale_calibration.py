@@ -132,22 +132,22 @@ def best_span(x: torch.Tensor) -> tuple[int, int]:
 
 
 def span_values(snippet_logits: torch.Tensor, ranges: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values (W + 1,) float64, span (2,) long) of `span` ranking for one query: snippet_logits (T,), ranges (W, 2)
+    """(values (1 + W,) float64, span (2,) long) of `span` ranking for one query: snippet_logits (T,), ranges (W, 2)
     [a, b) snippet indices of the benchmark's windows.  Value = Σ_{t in [a, b)} (z_t − threshold) / T with z the
-    logits standardised over the T snippets; the last value is the best span's, or -inf when that span is one
-    of the windows already (then it is not a candidate twice)."""
+    logits standardised over the T snippets.  values[0] is the best span's, values[1:] the windows'; a window on
+    the span's very snippets is -inf (its seconds differ from the span's only inside the edge snippets, so it is
+    the same candidate again: left out, and the span ranks first even among equal masses)."""
     x = snippet_logits.to(torch.float64)
     T = x.shape[0]
     sd = x.std(unbiased=False) if T > 1 else x.new_zeros(())
     z = (x - x.mean()) / sd.clamp_min(1e-12) - float(threshold)
     a, b = best_span(z)
     span = torch.tensor([a, b], dtype=torch.long)
-    r = torch.cat([ranges.long().cpu(), span.unsqueeze(0)]).to(x.device)
+    r = torch.cat([span.unsqueeze(0), ranges.long().cpu()]).to(x.device)
     c = torch.nn.functional.pad(z.cumsum(0), (1, 0))
     values = (c[r[:, 1]] - c[r[:, 0]]) / T
-    if bool(((ranges.long().cpu() == span).all(1)).any()):
-        values[-1] = float("-inf")
-    return values, span
+    same = torch.cat([torch.zeros(1, dtype=torch.bool), (ranges.long().cpu() == span).all(1)]).to(x.device)
+    return values.masked_fill(same, float("-inf")), span
 
 
 def calibrate(mode: str, logits: torch.Tensor, groups: torch.Tensor, stats: dict | None) -> torch.Tensor:

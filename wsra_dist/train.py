@@ -584,6 +584,10 @@ def _open_data(recipe: Recipe, accelerator) -> _Run:
     if recipe.model.chunk_consistency and info["layout"] is None:  # silently ignored otherwise
         raise ConfigError(f"model.chunk_consistency ranks DiDeMo's chunk candidates, but {recipe.data.train_shards} holds "
                           f"{train_src.manifest.get('benchmark')!r} shards: set it to 0")
+    if recipe.model.scale_calibration in ("contrast", "span") and info["layout"] is not None:  # unusable checkpoint
+        raise ConfigError(f"model.scale_calibration {recipe.model.scale_calibration} ranks windows over snippets "
+                          f"(Charades-STA, ActivityNet), but {recipe.data.train_shards} holds DiDeMo's chunks: use none "
+                          "or standardise (DiDeMo's candidates have model.chunk_consistency)")
     val_src = ShardSource.open(recipe.data.val_shards, recipe.data.val_manifest) if recipe.data.val_shards else None
     test_src = ShardSource.open(recipe.data.test_shards, recipe.data.test_manifest) if recipe.data.test_shards else None
     for name, src in (("train", train_src), ("val", val_src), ("test", test_src)):

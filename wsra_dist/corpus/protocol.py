@@ -182,6 +182,9 @@ def evaluate_corpus(checkpoint: str, shards: str, out: str | Path, device=None, 
     from ..data.loader import ShardSource
     from ..evaluation.predict import check_compatible, load_run
 
+    if scale_calibration == "span":  # asked for; a checkpoint's own span is set aside below (corpus_ranking)
+        raise DataError("--scale-calibration span adds each query's best span to its own video's windows; the corpus "
+                        "ranks one candidate set for every query: use none, standardise or contrast")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, info = load_run(checkpoint, device)
     set_aside = None
@@ -195,9 +198,6 @@ def evaluate_corpus(checkpoint: str, shards: str, out: str | Path, device=None, 
             attach(model, checkpoint, device, mode=scale_calibration, contrast_weight=contrast_weight)
         except ValueError as e:
             raise DataError(str(e)) from None
-    if getattr(model, "scale_calibration", "none") == "span":
-        raise DataError("--scale-calibration span adds each query's best span to its own video's windows; the corpus "
-                        "ranks one candidate set for every query: use none, standardise or contrast")
     if contrast_weight is not None and getattr(model, "scale_calibration", "none") != "contrast":
         raise DataError(f"--contrast-weight is λ of the contrast ranking, but this checkpoint ranks by "
                         f"{getattr(model, 'scale_calibration', 'none')}: add --scale-calibration contrast")

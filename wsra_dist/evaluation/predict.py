@@ -90,17 +90,18 @@ def ranking_logits(model: WSRA, batch, protocol: str, device: torch.device) -> l
 
 def with_span(snippet_logits: torch.Tensor, ranges: torch.Tensor, wins: np.ndarray, groups: torch.Tensor,
               duration: float, threshold: float) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
-    """scale_calibration span for one query: (values, windows, groups) with the best span added (its group: -1;
-    left out when it is one of the windows already)."""
+    """scale_calibration span for one query: (values, windows, groups), the best span first (its group: -1), the
+    windows after it less any on the span's very snippets (scale_calibration.span_values)."""
     from ..scale_calibration import span_values
 
     values, span = span_values(snippet_logits, ranges, threshold)
     values = values.cpu()
-    if not torch.isfinite(values[-1]):
-        return values[:-1], wins, groups
+    keep = torch.isfinite(values)
     T = snippet_logits.shape[0]
     sec = np.array([[span[0].item() * duration / T, span[1].item() * duration / T]])
-    return values, np.concatenate([np.asarray(wins, dtype=np.float64), sec]), torch.cat([groups, groups.new_full((1,), -1)])
+    allw = np.concatenate([sec, np.asarray(wins, dtype=np.float64)])
+    allg = torch.cat([groups.new_full((1,), -1), groups])
+    return values[keep], allw[keep.numpy()], allg[keep]
 
 
 @torch.inference_mode()

@@ -94,6 +94,16 @@ def check_ranking(protocol: str, chunk_consistency: float | None, scale_calibrat
             raise DataError(str(e)) from None
     if span_threshold is not None and not math.isfinite(span_threshold):
         raise DataError(f"--span-threshold must be a finite number, got {span_threshold}")
+    for flag, v, mode in (("--contrast-weight", contrast_weight, "contrast"), ("--span-threshold", span_threshold, "span")):
+        if v is not None and protocol == "didemo":  # before anything is loaded or computed
+            raise DataError(f"{flag} is a parameter of the {mode} ranking, which ranks windows over snippets "
+                            "(Charades-STA, ActivityNet); DiDeMo's candidates have --chunk-consistency")
+        if v is not None and scale_calibration is not None and scale_calibration != mode:
+            raise DataError(f"{flag} is a parameter of the {mode} ranking, not of --scale-calibration "
+                            f"{scale_calibration}")
+    if scale_calibration in ("contrast", "span") and protocol == "didemo":
+        raise DataError(f"--scale-calibration {scale_calibration} ranks windows over snippets (Charades-STA, "
+                        "ActivityNet); DiDeMo's candidates have --chunk-consistency")
     if chunk_consistency and protocol != "didemo":
         raise DataError("--chunk-consistency ranks DiDeMo's chunk candidates; it has no meaning for --protocol "
                         f"{protocol}")
@@ -155,6 +165,10 @@ def evaluate_checkpoints(
             if v is not None and model.scale_calibration != mode:
                 raise DataError(f"{flag} is a parameter of the {mode} ranking, but {ck} ranks by "
                                 f"{model.scale_calibration}: add --scale-calibration {mode}")
+        if len(checkpoints) > 1 and model.scale_calibration == "span":
+            raise DataError(f"{ck} ranks by span, which adds each query's own best span to the windows; late fusion "
+                            "adds the checkpoints' scores of the same moments, so spans would not fuse: give "
+                            "--scale-calibration contrast or none to fuse")
         used_mu.append(model.chunk_consistency)
         used_cal.append(model.scale_calibration)
         used_param.append({"contrast": {"contrast_weight": getattr(model, "contrast_weight", None)},
@@ -215,7 +229,9 @@ def evaluate_checkpoints(
         from ..report import write_report
 
         write_report(out, protocol, md, predictions, truth_all, list(checkpoints), list(shards), dev,
-                     chunk_consistency=used_mu[0] if protocol == "didemo" else None)
+                     chunk_consistency=used_mu[0] if protocol == "didemo" else None,
+                     ranking={"mode": scale_calibration, "contrast_weight": contrast_weight,
+                              "span_threshold": span_threshold})
     return metrics, md
 
 

@@ -51,7 +51,31 @@ def caption(protocol: str, n_queries: int, settings: dict, note: str = "") -> st
     return f"{text} {note}" if note else text
 
 
+def _ranking(settings: dict) -> str:
+    """" Ranking: ..." for checkpoints ranked by a scale calibration (settings of evaluate_checkpoints), else ""."""
+    cal, params = settings.get("scale_calibration") or [], settings.get("ranking_parameters") or []
+    said: list[str] = []
+    for mode, p in zip(cal, params if len(params) == len(cal) else [{}] * len(cal)):
+        if mode == "span":
+            text = (f"span (θ {p.get('span_threshold', float('nan')):g}): each query's best span of standardised "
+                    "snippet logits first (not one of the fixed windows; the upper bound covers those only), then "
+                    "the windows by their mass")
+        elif mode == "contrast":
+            text = f"contrast (λ {p.get('contrast_weight', float('nan')):g}): mean snippet logit inside minus λ x outside"
+        elif mode == "standardise":
+            text = "standardise: each window size's logits standardised by the training queries' statistics"
+        else:
+            continue
+        if text not in said:
+            said.append(text)
+    return f" Ranking: {'; '.join(said)}." if said else ""
+
+
 def _caption(protocol: str, n_queries: int, settings: dict) -> str:
+    return _protocol_caption(protocol, n_queries, settings) + _ranking(settings)
+
+
+def _protocol_caption(protocol: str, n_queries: int, settings: dict) -> str:
     if protocol == "didemo":
         return (f"DiDeMo protocol (LocalizingMoments eval.py): {n_queries} queries; 21 candidates; rank = mean of the "
                 f"3 best annotator ranks, IoU = mean of the 3 best annotator IoUs of the top-1 (inclusive chunks); "
