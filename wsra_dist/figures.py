@@ -266,7 +266,7 @@ def _grounding_figure(results, truths, benchmark, top_k, width, titles, legend):
         if didemo and "candidate_scores" in r:
             _draw_candidate_map(sub.add_subplot(gs[:, 2]), r, vlim, _chunk_pairs(tr))
         if titles:
-            sub.suptitle(_wrap(r["query"], 100), x=0.01, ha="left", fontsize=9.5, fontweight="bold", color="#111111",
+            sub.suptitle(_wrap(r["query"], max(40, int(width * 12))), x=0.01, ha="left", fontsize=9.5, fontweight="bold", color="#111111",
                          parse_math=False)  # a query is text: "$5 and $10" is not mathtext
     if legend:
         _legend(fig, didemo, has_truth, k)
