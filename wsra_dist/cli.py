@@ -543,6 +543,33 @@ def index(
     out_console.print(f"{p}: {len(m['videos'])} videos, {m['candidates']} candidates ({m['dtype']})")
 
 
+@app.command("pseudo-label")
+def pseudo_label(
+    checkpoint: Path = typer.Option(..., help="Trained run folder whose ranking labels the queries (its "
+                                              "model.scale_calibration, e.g. span, as evaluate ranks)."),
+    shards: str = typer.Option(..., metavar="<dir>", help="The TRAINING shard folder (Charades-STA or ActivityNet) "
+                                                          "the run was trained on."),
+    out: Path = typer.Option(..., help="Folder for the copy whose query times are the run's top-1 moments (written "
+                                       "to a staging folder, swapped in when complete); train a student on it with "
+                                       "loss.w_supervised, e.g. recipes/activitynet_self.yaml."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one).", callback=_device),
+):
+    """Self-training: copy the training shards with each query's times replaced by the run's top-1 moment (no
+    annotated time is read or kept; docs/method.md "Self-training")."""
+    from .evaluation.pseudo_labels import pseudo_label as run
+
+    step = {"next": 0.1}
+
+    def progress(done: int, total: int) -> None:
+        if total and done / total >= step["next"]:
+            out_console.print(f"pseudo-labelled {done}/{total} videos")
+            step["next"] += 0.1
+
+    m = run(checkpoint, shards, out, device, progress)
+    out_console.print(f"{out}: {m['num_samples']} videos, {m['num_queries']} queries pseudo-labelled by {checkpoint} "
+                      f"({m['pseudo_labels']['ranking']['scale_calibration']} ranking)")
+
+
 @app.command()
 def search(
     index: Path = typer.Argument(..., help="Index folder written by `wsra-dist index`."),

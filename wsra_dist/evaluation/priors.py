@@ -245,6 +245,11 @@ def training_from_shards(source: str, protocol: str, manifest: str = "") -> Trai
     m = load_manifest(manifest or manifest_path_for(source))
     if m.get("benchmark") != protocol:
         raise DataError(f"{source}: training shards are {m.get('benchmark')!r}, not --protocol {protocol}")
+    pseudo = m.get("pseudo_labels")
+    if isinstance(pseudo, dict):  # times written by a model (evaluation/pseudo_labels.py): the priors need the annotated ones
+        if not pseudo.get("source_shards"):
+            raise DataError(f"{source}: pseudo-labelled shards that name no source shards")
+        return training_from_shards(str(pseudo["source_shards"]), protocol)
     queries = []
     for url in shard_urls(source, m):
         for meta in read_metas(url):

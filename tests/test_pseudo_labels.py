@@ -1,0 +1,82 @@
+"""`wsra-dist pseudo-label` (evaluation/pseudo_labels.py): a copy of the training shards whose query times are
+the run's top-1 moments, as evaluate ranks them; nothing else changes and no annotated time is kept."""
+
+import json
+
+import pytest
+import torch
+
+from wsra_dist.data.loader import EpochLoader, ShardSource, iter_eval_batches
+from wsra_dist.data.records import DataError
+from wsra_dist.data.shards import read_metas, shard_urls, verify
+from wsra_dist.evaluation.predict import load_run, rank_batch
+from wsra_dist.evaluation.pseudo_labels import pseudo_label
+from wsra_dist.model import WSRA
+
+
+def _run(tmp_path, manifest, mode="span"):
+    info = {"benchmark": manifest["benchmark"], "layout": None, "text": manifest["text"],
+            "dims": {"video": manifest["dims"]["video"], "text": manifest["dims"]["text"]},
+            "model": {"hidden": 16, "depth": 1, "dropout": 0.0, "input_norm": "none", "scale_calibration": mode,
+                      "span_threshold": 0.25}}
+    torch.manual_seed(0)
+    return WSRA.from_info(info).save_pretrained(tmp_path / f"run_{mode}")
+
+
+def _metas(folder):
+    m = json.loads((folder / "manifest.json").read_text())
+    return [meta for url in shard_urls(str(folder), m) for meta in read_metas(url)]
+
+
+def test_times_are_the_runs_top1_and_nothing_else_changes(planted_charades, tmp_path):
+    train = planted_charades / "shards" / "train"
+    src = ShardSource.open(str(train))
+    run = _run(tmp_path, src.manifest)
+    out = tmp_path / "pseudo"
+    m = pseudo_label(run, str(train), out, "cpu")
+    assert verify(out) == [] and m["num_queries"] == src.manifest["num_queries"]
+    assert m["pseudo_labels"]["ranking"] == {"scale_calibration": "span", "span_threshold": 0.25}
+    assert m["pseudo_labels"]["source_shards"] == str(train.resolve())
+    # the evaluate ranking of every training query, computed independently
+    model, _ = load_run(run)
+    top1 = {}
+    for b in iter_eval_batches(src, 16):
+        for p in rank_batch(model, b, "charades", torch.device("cpu")):
+            top1[p["query_id"]] = p["moments"][0]
+    before, after = _metas(train), _metas(out)
+    assert [x["video"] for x in before] == [x["video"] for x in after]
+    for a, b in zip(before, after):
+        assert {k: v for k, v in a.items() if k != "queries"} == {k: v for k, v in b.items() if k != "queries"}
+        for qa, qb in zip(a["queries"], b["queries"]):
+            assert qb["times"] == [[qb["start"], qb["end"]]] == [top1[qa["query_id"]]] and qb["pseudo"] is True
+            assert {k: v for k, v in qa.items() if k not in ("times", "start", "end")} == \
+                {k: v for k, v in qb.items() if k not in ("times", "start", "end", "pseudo")}
+    moved = sum(qa["times"] != qb["times"] for a, b in zip(before, after) for qa, qb in zip(a["queries"], b["queries"]))
+    assert moved > 0.9 * m["num_queries"]  # the annotated times are gone, not kept beside
+    # the copy trains: the supervised target is the pseudo moment
+    batch = next(iter(EpochLoader(ShardSource.open(str(out)), 8, seed=0).epoch(0)))
+    assert torch.allclose(batch.target.sum(1), torch.ones(8))
+
+
+def test_refusals_name_the_input(planted_charades, planted_didemo, tmp_path):
+    train = planted_charades / "shards" / "train"
+    run = _run(tmp_path, ShardSource.open(str(train)).manifest)
+    with pytest.raises(DataError, match="not a trained run folder"):
+        pseudo_label(tmp_path / "nothing", str(train), tmp_path / "o1", "cpu")
+    with pytest.raises(DataError, match="'didemo' shards; pseudo-labels are written for snippet benchmarks"):
+        pseudo_label(run, str(planted_didemo / "shards" / "train"), tmp_path / "o2", "cpu")
+    pseudo_label(run, str(train), tmp_path / "p", "cpu")
+    with pytest.raises(DataError, match="already pseudo-labelled"):
+        pseudo_label(run, str(tmp_path / "p"), tmp_path / "o3", "cpu")
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3"))
+
+
+def test_the_prior_rows_read_the_source_shards_annotated_times(planted_charades, tmp_path):
+    from wsra_dist.evaluation.priors import training_from_shards
+
+    train = planted_charades / "shards" / "train"
+    run = _run(tmp_path, ShardSource.open(str(train)).manifest)
+    pseudo_label(run, str(train), tmp_path / "p", "cpu")
+    a = training_from_shards(str(train), "charades")
+    b = training_from_shards(str(tmp_path / "p"), "charades")
+    assert a.queries == b.queries and len(a.queries) > 0
