@@ -68,7 +68,13 @@ def test_refusals_name_the_input(planted_charades, planted_didemo, tmp_path):
     pseudo_label(run, str(train), tmp_path / "p", "cpu")
     with pytest.raises(DataError, match="already pseudo-labelled"):
         pseudo_label(run, str(tmp_path / "p"), tmp_path / "o3", "cpu")
-    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3"))
+    with pytest.raises(DataError, match="is the --shards folder"):
+        pseudo_label(run, str(train), train, "cpu")
+    assert verify(train) == []
+    other = _run(tmp_path / "x", {**ShardSource.open(str(train)).manifest, "benchmark": "activitynet"})
+    with pytest.raises(DataError, match="was trained on 'activitynet' shards"):
+        pseudo_label(other, str(train), tmp_path / "o4", "cpu")
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "o4"))
 
 
 def test_the_prior_rows_read_the_source_shards_annotated_times(planted_charades, tmp_path):
@@ -80,3 +86,8 @@ def test_the_prior_rows_read_the_source_shards_annotated_times(planted_charades,
     a = training_from_shards(str(train), "charades")
     b = training_from_shards(str(tmp_path / "p"), "charades")
     assert a.queries == b.queries and len(a.queries) > 0
+    m = json.loads((tmp_path / "p" / "manifest.json").read_text())  # a set naming itself as its source
+    m["pseudo_labels"]["source_shards"] = str(tmp_path / "p")
+    (tmp_path / "p" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="whose source is not annotated shards"):
+        training_from_shards(str(tmp_path / "p"), "charades")

@@ -237,7 +237,7 @@ def training_from_annotations(protocol: str, path: str | Path, durations: str | 
     return TrainingSet(protocol, [{"times": r.times, "duration": r.duration, "video": r.video} for r in recs], str(path))
 
 
-def training_from_shards(source: str, protocol: str, manifest: str = "") -> TrainingSet:
+def training_from_shards(source: str, protocol: str, manifest: str = "", _followed: bool = False) -> TrainingSet:
     """The training queries' truth (times, duration) from shards' meta.json, features untouched; the shards
     must be of `protocol`'s benchmark."""
     from ..data.shards import load_manifest, manifest_path_for, read_metas, shard_urls
@@ -247,9 +247,10 @@ def training_from_shards(source: str, protocol: str, manifest: str = "") -> Trai
         raise DataError(f"{source}: training shards are {m.get('benchmark')!r}, not --protocol {protocol}")
     pseudo = m.get("pseudo_labels")
     if isinstance(pseudo, dict):  # times written by a model (evaluation/pseudo_labels.py): the priors need the annotated ones
-        if not pseudo.get("source_shards"):
-            raise DataError(f"{source}: pseudo-labelled shards that name no source shards")
-        return training_from_shards(str(pseudo["source_shards"]), protocol)
+        if not pseudo.get("source_shards") or _followed:
+            raise DataError(f"{source}: pseudo-labelled shards whose source is not annotated shards "
+                            f"({pseudo.get('source_shards') or 'none named'}); give --train-annotations")
+        return training_from_shards(str(pseudo["source_shards"]), protocol, _followed=True)
     queries = []
     for url in shard_urls(source, m):
         for meta in read_metas(url):

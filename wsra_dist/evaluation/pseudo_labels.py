@@ -66,8 +66,14 @@ def pseudo_label(checkpoint: str | Path, shards: str, out: str | Path, device: s
     if src.manifest.get("pseudo_labels"):
         raise DataError(f"--shards {shards}: already pseudo-labelled (by {src.manifest['pseudo_labels'].get('checkpoint')}); "
                         "give the original training shards")
+    if Path(out).resolve() == Path(shards).resolve():
+        raise DataError(f"--out {out} is the --shards folder: the training shards (and their annotated times) would "
+                        "be replaced; give another folder")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, info = load_run(checkpoint, dev)
+    if info.get("benchmark") and info["benchmark"] != protocol:
+        raise DataError(f"--checkpoint {checkpoint} was trained on {info['benchmark']!r} shards, --shards {shards} "
+                        f"holds {protocol!r}")
     try:
         check_compatible(info, src.manifest, shards)
     except ValueError as e:
