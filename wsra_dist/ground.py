@@ -259,34 +259,27 @@ class Grounder:
         return window_features(feats, wins, length), wins, feats, times
 
     def _calibrated(self, rank_l: torch.Tensor, text: torch.Tensor, snippets: np.ndarray, moments: np.ndarray,
-                    times: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """(rank_l (Q, C) under the checkpoint's model.scale_calibration, as evaluate ranks (evaluation/predict.py),
-        each query's candidates (Q, C, 2) seconds).  span puts each query's best span first (C + 1 candidates; -inf
-        for a window on the span's very snippets: scale_calibration.span_values)."""
-        from .scale_calibration import DIDEMO_GROUPS, calibrate, inside_outside, span_values, window_groups
+                    times: np.ndarray) -> list[tuple[torch.Tensor, np.ndarray]]:
+        """Per query: (the values its candidates are ranked by under the checkpoint's model.scale_calibration, as
+        evaluate ranks them (evaluation/predict.py), those candidates (C, 2) in seconds).  rank_l (Q, C): the
+        values without calibration; span puts each query's best span first (predict.with_span)."""
+        from .evaluation.predict import with_span
+        from .scale_calibration import DIDEMO_GROUPS, calibrate, inside_outside, window_groups
 
         mode = getattr(self.model, "scale_calibration", "none")
-        per_query = np.broadcast_to(moments, (rank_l.shape[0], *moments.shape))
         if mode == "none":
-            return rank_l, per_query
+            return [(r, moments) for r in rank_l]
         bench = self.info.get("benchmark")
         length = float(times[-1, 1])
+        groups = torch.tensor(DIDEMO_GROUPS) if bench == "didemo" else window_groups(bench, length)
         if mode in ("contrast", "span"):  # φ of each snippet, then inside vs outside each window / the masses
             sn = torch.from_numpy(np.ascontiguousarray(snippets)).to(self.device)
             sl = self.model.scorer.pair_logits(sn.unsqueeze(0), text.unsqueeze(1))  # (Q, T)
-            T = sn.shape[0]
-            ranges = torch.tensor([window_snippet_range(a, b, length, T) for a, b in moments])
+            ranges = torch.tensor([window_snippet_range(a, b, length, sn.shape[0]) for a, b in moments])
             if mode == "contrast":
-                return (torch.stack([inside_outside(q, ranges, self.model.contrast_weight) for q in sl]).to(rank_l.device),
-                        per_query)
-            vals, wins = [], []
-            for q in sl:
-                v, span = span_values(q, ranges, self.model.span_threshold)
-                vals.append(v.cpu())
-                wins.append(np.concatenate([span.numpy()[None].astype(np.float64) * length / T, moments]))
-            return torch.stack(vals).to(rank_l.device), np.stack(wins)
-        groups = torch.tensor(DIDEMO_GROUPS) if bench == "didemo" else window_groups(bench, length)
-        return calibrate(mode, rank_l, groups, self.model.scale_stats), per_query
+                return [(inside_outside(q, ranges, self.model.contrast_weight), moments) for q in sl]
+            return [with_span(q, ranges, moments, groups, length, self.model.span_threshold)[:2] for q in sl]
+        return [(r, moments) for r in calibrate(mode, rank_l, groups, self.model.scale_stats)]
 
     @torch.inference_mode()
     def ground(self, features: np.ndarray, queries: Sequence[str], duration: float | None = None,
@@ -315,8 +308,7 @@ class Grounder:
         scores_t = torch.sigmoid(logits_t)
         # what evaluate ranks by (DiDeMo with model.chunk_consistency: WSRA.rank_logits; else φ itself), ordered by
         # the logits: a float32 sigmoid saturates at 1 for confident candidates
-        rank_l, cands = self._calibrated(self.model.rank_logits(logits_t).double(), text, snippets, moments, times)
-        scores, keys = torch.sigmoid(rank_l).cpu().numpy(), rank_l.cpu().numpy()
+        ranked = self._calibrated(self.model.rank_logits(logits_t).double(), text, snippets, moments, times)
         if self.info.get("benchmark") == "didemo":  # Eq. 2 over the 6 single-chunk candidates
             phi = scores_t[:, :6].cpu().numpy()  # φ per chunk: the single-chunk candidates' scores
             alpha = torch.softmax(self.model.attention_scale * scores_t[:, :6], -1).cpu().numpy()
@@ -327,11 +319,8 @@ class Grounder:
             alpha, phi = o.alpha.cpu().numpy(), o.scores.cpu().numpy()
         out = []
         mu = self.model.chunk_consistency if self.model.didemo is not None else 0.0
-        span = getattr(self.model, "scale_calibration", "none") == "span"
-        for q, s, k, a, p, mq in zip(queries, scores, keys, alpha, phi, cands):
-            if span:  # a window on the span's very snippets is not a candidate twice
-                keep = np.isfinite(k)
-                s, k, mq = s[keep], k[keep], mq[keep]
+        for q, (v, mq), a, p in zip(queries, ranked, alpha, phi):
+            k, s = v.double().cpu().numpy(), torch.sigmoid(v.double()).cpu().numpy()
             order = np.argsort(-k, kind="stable")[:top_k]
             out.append({"query": q, "moments": [[round(float(mq[i, 0]), 3), round(float(mq[i, 1]), 3)] for i in order],
                         "scores": [float(s[i]) for i in order], "alpha": a.tolist(), "snippet_times": times.tolist(),

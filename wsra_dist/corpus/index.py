@@ -246,10 +246,10 @@ def clean_stale(out: Path) -> None:
 
 def ranking_of(model) -> dict:
     """How the checkpoint ranks candidates beyond φ (model.scale_calibration and what it needs), for index.json."""
+    from ..evaluation.calibration import ranking_settings
+
     mode = getattr(model, "scale_calibration", "none")
-    d: dict = {"scale_calibration": mode}
-    if mode == "contrast":
-        d["contrast_weight"] = float(model.contrast_weight)
+    d = ranking_settings(model)
     if mode == "standardise":
         d["mu"] = [float(x) for x in model.scale_stats["mu"]]
         d["sd"] = [float(x) for x in model.scale_stats["sd"]]

@@ -76,6 +76,18 @@ def train_shards_of(run_dir: str | Path) -> tuple[str, str]:
     return recipe_path(run_dir, src), recipe_path(run_dir, str(data.get("train_manifest") or ""))
 
 
+def ranking_settings(model) -> dict:
+    """How a model ranks beyond φ, for the files that record it: {"scale_calibration": mode} plus λ (contrast) or
+    θ (span)."""
+    mode = getattr(model, "scale_calibration", "none")
+    d: dict = {"scale_calibration": mode}
+    if mode == "contrast":
+        d["contrast_weight"] = float(model.contrast_weight)
+    if mode == "span":
+        d["span_threshold"] = float(model.span_threshold)
+    return d
+
+
 def attach(model, run_dir: str | Path, device: str | torch.device = "cpu", mode: str | None = None,
            train_shards: str | None = None, batch_size: int = 64, contrast_weight: float | None = None,
            span_threshold: float | None = None) -> None:

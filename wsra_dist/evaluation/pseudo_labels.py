@@ -23,6 +23,7 @@ from ..data.batch import Batch
 from ..data.loader import ShardSource
 from ..data.records import DataError
 from ..data.shards import ShardWriter, Staging, encode_sample, iter_shard, sha256_file
+from .calibration import ranking_settings
 from .predict import check_compatible, load_run, rank_batch
 
 # manifest keys the writer sets itself
@@ -94,14 +95,10 @@ def pseudo_label(checkpoint: str | Path, shards: str, out: str | Path, device: s
                 done += 1
                 if progress is not None:
                     progress(done, total)
-        mode = getattr(model, "scale_calibration", "none")
-        ranking = {"scale_calibration": mode,
-                   **({"span_threshold": float(model.span_threshold)} if mode == "span" else {}),
-                   **({"contrast_weight": float(model.contrast_weight)} if mode == "contrast" else {})}
         manifest = {k: v for k, v in src.manifest.items() if k not in _WRITER_KEYS}
         manifest["pseudo_labels"] = {"checkpoint": str(checkpoint.resolve()),
                                      "weights_sha256": sha256_file(checkpoint / "model.safetensors"),
-                                     "source_shards": str(Path(shards).resolve()), "ranking": ranking,
+                                     "source_shards": str(Path(shards).resolve()), "ranking": ranking_settings(model),
                                      "rule": "each query's times are the checkpoint's top-1 moment; the source "
                                              "shards' annotated times are not kept"}
         manifest = writer.finish(manifest)

@@ -129,6 +129,7 @@ def evaluate_checkpoints(
 
     from ..data.loader import ShardSource
     from .predict import check_compatible, load_run, predict
+    from .calibration import ranking_settings
 
     if protocol not in PROTOCOLS:
         raise DataError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -171,8 +172,7 @@ def evaluate_checkpoints(
                             "--scale-calibration contrast or none to fuse")
         used_mu.append(model.chunk_consistency)
         used_cal.append(model.scale_calibration)
-        used_param.append({"contrast": {"contrast_weight": getattr(model, "contrast_weight", None)},
-                           "span": {"span_threshold": getattr(model, "span_threshold", None)}}.get(model.scale_calibration, {}))
+        used_param.append(ranking_settings(model))
         src = ShardSource.open(sh)
         reader = src.manifest.get("reader", {})
         if src.manifest.get("benchmark") != protocol:
