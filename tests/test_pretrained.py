@@ -53,3 +53,12 @@ def test_refusals_name_the_problem(trained_didemo, tmp_path):
         WSRA.from_pretrained(saved)
     with pytest.raises(ValueError, match="needs the model's config"):
         WSRA.from_info(cfg).__class__(WSRA.from_info(cfg).cfg).save_pretrained(tmp_path / "x")
+
+
+def test_config_of_another_model_beside_the_weights_is_one_clear_error(trained_didemo, tmp_path):
+    saved = WSRA.from_pretrained(trained_didemo / "run").save_pretrained(tmp_path / "m")
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["model"]["hidden"] = int(cfg["model"]["hidden"]) * 2  # a config edited or copied from a wider run
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor .* but config\.json describes .*different models"):
+        WSRA.from_pretrained(saved)

@@ -38,7 +38,8 @@ def test_span_values_are_masses_of_standardised_logits_and_the_span_ranks_first(
     z = (s - s.mean()) / s.std() + 0.3
     want = [z[a:b].sum() / 40 for a, b in ranges.tolist()]
     assert np.allclose(vals[1:].numpy(), want, atol=1e-12)
-    a, b = span.tolist()
+    a, b = (int(v) for v in span.tolist())
+    assert span.tolist() == [a, b]  # no band: whole snippets
     assert np.isclose(vals[0].item(), z[a:b].sum() / 40) and vals[0] == vals.max()
     assert _brute_best(z)[0] == pytest.approx(z[a:b].sum())
     assert 10 <= a <= 14 and 23 <= b <= 27  # the planted stretch
@@ -69,6 +70,57 @@ def test_the_span_keeps_its_own_seconds_when_a_window_rounds_onto_its_snippets()
     vals, w, g = with_span(s, ranges, wins, torch.tensor([0, 0, 1]), dur, 0.0)
     assert np.allclose(w[0], [0.0, 6 * dur / T]) and g[0] == -1
     assert len(w) == 3 and not any(np.allclose(x, wins[0]) for x in w)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_band_averages_the_best_spans_edges_over_nine_thresholds(seed):
+    """band w: the span's edges are the means of the brute-force best spans' edges at θ + o, o evenly spread
+    over [-w, w] (9 values); it still ranks first, and the windows keep their masses at θ."""
+    rng = np.random.default_rng(seed)
+    T = int(rng.integers(8, 24))
+    s = rng.standard_normal(T)
+    s[T // 4: T // 2] += 1.5
+    ranges = torch.tensor([[0, T // 2], [T // 4, T], [0, T]])
+    theta, w = float(rng.choice([-0.4, -0.3, 0.0])), float(rng.choice([0.3, 0.8]))
+    vals, span = span_values(torch.from_numpy(s), ranges, theta, w)
+    z = (s - s.mean()) / s.std() - theta
+    edges = []
+    for o in np.linspace(-w, w, 9):
+        best, found = _brute_best(z - o)
+        edges.append(found[-1] if len(found) > 1 else found[0])
+        assert np.isclose((z - o)[edges[-1][0]:edges[-1][1]].sum(), best)
+    # ties between equal-mass ranges are measure-zero for random logits: one range per threshold
+    assert np.allclose(span.numpy(), np.mean(edges, 0), atol=1e-12)
+    cells = [int(round(v)) for v in span.tolist()]
+    want = [z[a:b].sum() / T if [a, b] != cells else -np.inf for a, b in ranges.tolist()]
+    assert np.allclose(vals[1:].numpy(), want, atol=1e-12)
+    assert vals[0] == vals.max() and np.argsort(-vals.numpy(), kind="stable")[0] == 0
+
+
+def test_a_band_of_zero_is_the_single_threshold():
+    s = torch.from_numpy(np.random.default_rng(3).standard_normal(30))
+    ranges = torch.tensor([[0, 10], [10, 30]])
+    v0, s0 = span_values(s, ranges, -0.3)
+    v1, s1 = span_values(s, ranges, -0.3, 0.0)
+    assert torch.equal(v0, v1) and torch.equal(s0, s1)
+
+
+def test_evaluate_ranking_with_a_band_puts_the_averaged_span_first():
+    from wsra_dist.data.batch import Batch
+    from wsra_dist.evaluation.predict import rank_batch
+    from wsra_dist.scale_calibration import band_span
+
+    model = _charades_model("span")
+    model.scale_calibration, model.scale_stats, model.span_threshold, model.span_band = "span", None, -0.3, 0.8
+    T, dur = 30, 24.0
+    video = torch.randn(1, T, 8)
+    meta = [{"query_id": 0, "video": "v0", "duration": dur}]
+    batch = Batch(video, torch.ones(1, T, dtype=torch.bool), torch.randn(1, 4), torch.arange(1), torch.zeros(1, T), meta)
+    r = rank_batch(model, batch, "charades", torch.device("cpu"))[0]
+    sl = model.scorer.pair_logits(video[0], batch.text[0]).double().detach()
+    a, b = band_span((sl - sl.mean()) / sl.std(unbiased=False) + 0.3, 0.8).tolist()
+    assert r["moments"][0] == [round(a * dur / T, 4), round(b * dur / T, 4)]
+    assert r["scores"] == sorted(r["scores"], reverse=True)
 
 
 def test_constant_logits_do_not_divide_by_zero():
@@ -126,6 +178,11 @@ def test_recipe_keys_are_checked(tmp_path):
     assert (got.model.scale_calibration, got.model.span_threshold) == ("span", -0.5)
     with pytest.raises(ConfigError, match="model.span_threshold"):
         load_recipe(r, ["model.span_threshold=.nan"])
+    assert load_recipe(r, []).model.span_band == 0.0  # default: θ alone (the ranking before the band)
+    assert load_recipe(r, ["model.span_band=0.8"]).model.span_band == 0.8
+    for bad in ("-0.1", ".inf", ".nan"):
+        with pytest.raises(ConfigError, match="model.span_band"):
+            load_recipe(r, [f"model.span_band={bad}"])
 
 
 class _Encoder:
@@ -186,6 +243,14 @@ def test_evaluate_refuses_span_parameters_that_cannot_apply_before_loading(tmp_p
     with pytest.raises(DataError, match="--contrast-weight is a parameter of the contrast ranking, not of "
                                         "--scale-calibration span"):
         evaluate_checkpoints(*nowhere, "charades", tmp_path / "o", scale_calibration="span", contrast_weight=1.0)
+    with pytest.raises(DataError, match="--span-band is a parameter of the span ranking, which ranks windows"):
+        evaluate_checkpoints(*nowhere, "didemo", tmp_path / "o", span_band=0.5)
+    with pytest.raises(DataError, match="--span-band is a parameter of the span ranking, not of "
+                                        "--scale-calibration contrast"):
+        evaluate_checkpoints(*nowhere, "activitynet", tmp_path / "o", scale_calibration="contrast", span_band=0.5)
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(DataError, match="--span-band must be a finite number >= 0"):
+            evaluate_checkpoints(*nowhere, "activitynet", tmp_path / "o", span_band=bad)
     assert not (tmp_path / "o").exists()
 
 
@@ -210,7 +275,8 @@ def test_prediction_files_refuse_every_reranking_option(tmp_path):
 
     from wsra_dist.cli import app
 
-    for flag, value in (("--scale-calibration", "span"), ("--span-threshold", "0"), ("--contrast-weight", "1")):
+    for flag, value in (("--scale-calibration", "span"), ("--span-threshold", "0"), ("--contrast-weight", "1"),
+                        ("--span-band", "0.5")):
         res = CliRunner().invoke(app, ["evaluate", "--predictions", str(tmp_path / "p.jsonl"), "--annotations",
                                        str(tmp_path / "a.json"), "--protocol", "charades", "--out",
                                        str(tmp_path / "o"), flag, value])

@@ -370,6 +370,10 @@ def evaluate(
     span_threshold: Optional[float] = typer.Option(None, help="θ of --scale-calibration span, in standard deviations "
                                                            "of a query's snippet logits (default: the checkpoint's "
                                                            "model.span_threshold)."),
+    span_band: Optional[float] = typer.Option(None, help="Band of --scale-calibration span: the best span's edges "
+                                                      "averaged over 9 thresholds evenly spread over θ ± this, in "
+                                                      "standard deviations, >= 0; 0: θ alone (default: the "
+                                                      "checkpoint's model.span_band)."),
     corpus: bool = typer.Option(False, "--corpus", help="Video-corpus moment retrieval: rank every query against "
                                                          "every (video, moment) of the --shards split (one "
                                                          "--checkpoint, or --predictions in the predictions_corpus.jsonl "
@@ -395,7 +399,8 @@ def evaluate(
 
     if predictions is not None:
         for name, v in (("chunk-consistency", chunk_consistency), ("scale-calibration", scale_calibration),
-                        ("contrast-weight", contrast_weight), ("span-threshold", span_threshold)):
+                        ("contrast-weight", contrast_weight), ("span-threshold", span_threshold),
+                        ("span-band", span_band)):
             if v is not None:
                 raise ValueError(f"--{name} re-ranks a checkpoint's candidates; a prediction file is already ranked")
         if checkpoint:
@@ -415,7 +420,7 @@ def evaluate(
                                      iou_tolerance=iou_tolerance, train_annotations=train_annotations,
                                      train_durations=train_durations, chunk_consistency=chunk_consistency,
                                      scale_calibration=scale_calibration, contrast_weight=contrast_weight,
-                                     span_threshold=span_threshold)
+                                     span_threshold=span_threshold, span_band=span_band)
     if md:
         print(md)  # plain print: markdown rows must not be wrapped
         extra = ", predictions.jsonl, predictions_md.jsonl, report.html" if predictions is None else ""
@@ -435,6 +440,8 @@ NOT_FOR_CORPUS = {
     "clip_predictions": "corpus moments outside their video are refused",
     "span_threshold": "span ranking adds each query's best span to its own video's windows; the corpus ranks one "
                       "candidate set for every query",
+    "span_band": "span ranking adds each query's best span to its own video's windows; the corpus ranks one "
+                 "candidate set for every query",
 }
 RERANK = ("chunk_consistency", "scale_calibration", "contrast_weight", "batch_size")
 

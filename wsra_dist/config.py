@@ -70,6 +70,8 @@ class ModelConfig:
     contrast_weight: float = 16.0
     # span: θ in standard deviations of the query's snippet logits (a window's mass is Σ (z_t − θ) over its snippets)
     span_threshold: float = -0.3
+    # span: the best span's edges averaged over 9 thresholds evenly spread over θ ± span_band (0: θ alone)
+    span_band: float = 0.0
     # DiDeMo: project the 6 chunks once and pool the projections (false: project the 21 materialised candidates)
     project_chunks: bool = True
 
@@ -193,6 +195,8 @@ def _validate(r: "Recipe") -> None:
     number("model.contrast_weight", m.contrast_weight, 0.0, rule="a number >= 0 (λ of scale_calibration contrast)")
     _check(_finite(m.span_threshold), "model.span_threshold", m.span_threshold,
            "a finite number (θ of scale_calibration span, in standard deviations)")
+    number("model.span_band", m.span_band, 0.0, rule="a number >= 0 (half-width of span ranking's band of θ, in "
+                                                      "standard deviations; 0: θ alone)")
     # loss (choices and K are checked by LossConfig.validate)
     for k in ("w_video", "w_snippet", "w_batch", "w_cross", "w_supervised"):
         number(f"loss.{k}", getattr(lc, k), 0.0, rule="a number >= 0 (0 switches the term off)")

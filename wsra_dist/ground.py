@@ -278,7 +278,8 @@ class Grounder:
             ranges = torch.tensor([window_snippet_range(a, b, length, sn.shape[0]) for a, b in moments])
             if mode == "contrast":
                 return [(inside_outside(q, ranges, self.model.contrast_weight), moments) for q in sl]
-            return [with_span(q, ranges, moments, groups, length, self.model.span_threshold)[:2] for q in sl]
+            return [with_span(q, ranges, moments, groups, length, self.model.span_threshold,
+                              getattr(self.model, "span_band", 0.0))[:2] for q in sl]
         return [(r, moments) for r in calibrate(mode, rank_l, groups, self.model.scale_stats)]
 
     @torch.inference_mode()

@@ -460,7 +460,17 @@ class WSRA(nn.Module):
             raise ValueError(f"{cfg_file}: incomplete model config (missing {e})") from None
         except ValueError as e:
             raise ValueError(f"{cfg_file}: {e}") from None
-        model.load_state_dict(load_file(str(path / WEIGHTS_FILE), device="cpu"))
+        state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+        want = model.state_dict()
+        # a config edited (or copied from another run) beside the weights: name the first disagreement, not
+        # torch's multi-line RuntimeError
+        for k in sorted(set(want) | set(state)):
+            if k not in state or k not in want or tuple(state[k].shape) != tuple(want[k].shape):
+                got = tuple(state[k].shape) if k in state else "missing"
+                exp = tuple(want[k].shape) if k in want else "not in the model"
+                raise ValueError(f"{path / WEIGHTS_FILE}: tensor {k!r} is {got} but {cfg_file.name} describes "
+                                 f"{exp}: the weights and the config come from different models")
+        model.load_state_dict(state)
         return model.to(device).eval()
 
     def candidates(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

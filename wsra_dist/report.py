@@ -38,7 +38,7 @@ def write_report(out: str | Path, protocol: str, table_md: str, predictions: Seq
                  chunk_consistency: float | None = None, ranking: dict | None = None) -> Path:
     """Build OUT/report.html (written atomically) and return its path.  `chunk_consistency`: the DiDeMo ranking
     weight the predictions were ranked with (the figures rank the same way; None: the checkpoint's own);
-    `ranking`: evaluate's scale-calibration overrides (mode, contrast_weight, span_threshold), applied likewise."""
+    `ranking`: evaluate's scale-calibration overrides (mode, contrast_weight, span_threshold, span_band), applied likewise."""
     out = Path(out)
     notes: list[str] = []
     run = Path(checkpoints[0])
@@ -372,7 +372,7 @@ def ground_examples(checkpoint: str, shards: str, examples: Sequence[Example], d
                     chunk_consistency: float | None = None, ranking: dict | None = None) -> dict:
     """query_id -> (Grounder result with φ, α and candidate scores; truth spans in seconds; meta).
     `chunk_consistency`: the DiDeMo ranking weight evaluate used (None: the checkpoint's own); `ranking`: the
-    scale-calibration overrides evaluate used (keys mode, contrast_weight, span_threshold; None: the checkpoint's)."""
+    scale-calibration overrides evaluate used (keys mode, contrast_weight, span_threshold, span_band; None: the checkpoint's)."""
     from .ground import load_model
 
     g = load_model(checkpoint, str(device) if device is not None else None)

@@ -19,7 +19,9 @@ standardised over the video's snippets (z, no timestamps, no statistics), each w
 Σ_{t in window} (z_t − θ) (θ = `model.span_threshold`, in standard deviations), and the contiguous span of
 highest mass (found exactly, `best_span`) joins the candidates, so it ranks first.  A window gains by holding
 the snippets above θ and loses by each one below it: its length follows the query's evidence, not a fixed set
-of sizes (docs/method.md, "Span ranking").
+of sizes (docs/method.md, "Span ranking").  With a band w > 0 (`model.span_band`) the span's two edges are the
+means of the best spans' edges at BAND_POINTS thresholds evenly spread over [θ − w, θ + w] (one θ is a hard
+cut; the mean over a band of them is steadier), in fractional snippets.
 
 Everything here is a function of tensors (no model, no files): `window_groups` / `DIDEMO_GROUPS` name each
 candidate's size, `accumulate` / `finish` build the statistics in float64 over any number of batches,
@@ -38,6 +40,7 @@ MODES = ("none", "standardise", "contrast", "span")
 WITHIN_VIDEO = ("contrast", "span")  # from one video's snippets alone: not comparable across videos
 NEEDS_STATS = ("standardise",)
 STATS_FORMAT = "wsra-dist-scale-calibration/1"
+BAND_POINTS = 9  # thresholds averaged over by span ranking's band (model.span_band)
 
 # DiDeMo: group of each of the 21 candidates = its number of chunks - 1 (0..5).
 DIDEMO_GROUPS: tuple[int, ...] = tuple(e - s for s, e in DIDEMO_CANDIDATES)
@@ -131,23 +134,38 @@ def best_span(x: torch.Tensor) -> tuple[int, int]:
     return int(low.indices[b - 1]), b
 
 
-def span_values(snippet_logits: torch.Tensor, ranges: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values (1 + W,) float64, span (2,) long) of `span` ranking for one query: snippet_logits (T,), ranges (W, 2)
-    [a, b) snippet indices of the benchmark's windows.  Value = Σ_{t in [a, b)} (z_t − threshold) / T with z the
-    logits standardised over the T snippets.  values[0] is the best span's, values[1:] the windows'; a window on
-    the span's very snippets is -inf (its seconds differ from the span's only inside the edge snippets, so it is
-    the same candidate again: left out, and the span ranks first even among equal masses)."""
+def band_span(z: torch.Tensor, band: float) -> torch.Tensor:
+    """(2,) float64 [a, b) in fractional snippets: best_span of z − θ' averaged over BAND_POINTS thresholds θ'
+    evenly spread over [−band, band] (z already less the centre θ); band 0: best_span of z."""
+    if band <= 0:
+        return torch.tensor(best_span(z), dtype=torch.float64)
+    offsets = torch.linspace(-float(band), float(band), BAND_POINTS, dtype=torch.float64).tolist()
+    return torch.tensor([best_span(z - o) for o in offsets], dtype=torch.float64).mean(0)
+
+
+def span_values(snippet_logits: torch.Tensor, ranges: torch.Tensor, threshold: float,
+                band: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (1 + W,) float64, span (2,) float64) of `span` ranking for one query: snippet_logits (T,), ranges
+    (W, 2) [a, b) snippet indices of the benchmark's windows.  Value = Σ_{t in [a, b)} (z_t − threshold) / T with
+    z the logits standardised over the T snippets.  values[0] is the best span's (band > 0: `band_span`'s edges,
+    fractional; valued at the highest value, so it still ranks first), values[1:] the windows'; a window on the
+    span's very snippets (its edges rounded) is -inf (its seconds differ from the span's only inside the edge
+    snippets, so it is the same candidate again: left out, and the span ranks first even among equal masses)."""
     x = snippet_logits.to(torch.float64)
     T = x.shape[0]
     sd = x.std(unbiased=False) if T > 1 else x.new_zeros(())
     z = (x - x.mean()) / sd.clamp_min(1e-12) - float(threshold)
-    a, b = best_span(z)
-    span = torch.tensor([a, b], dtype=torch.long)
-    r = torch.cat([span.unsqueeze(0), ranges.long().cpu()]).to(x.device)
+    span = band_span(z.cpu(), band)
+    cells = span.round().long()
+    cells[1] = torch.clamp(torch.maximum(cells[1], cells[0] + 1), max=T)  # a band's mean span of < 1 snippet
+    cells[0] = torch.minimum(cells[0], cells[1] - 1)
+    r = torch.cat([cells.unsqueeze(0), ranges.long().cpu()]).to(x.device)
     c = torch.nn.functional.pad(z.cumsum(0), (1, 0))
     values = (c[r[:, 1]] - c[r[:, 0]]) / T
-    same = torch.cat([torch.zeros(1, dtype=torch.bool), (ranges.long().cpu() == span).all(1)]).to(x.device)
-    return values.masked_fill(same, float("-inf")), span
+    same = torch.cat([torch.zeros(1, dtype=torch.bool), (ranges.long().cpu() == cells).all(1)]).to(x.device)
+    values = values.masked_fill(same, float("-inf"))
+    values[0] = values.max()  # ties: a stable sort keeps the span (position 0) first
+    return values, span
 
 
 def calibrate(mode: str, logits: torch.Tensor, groups: torch.Tensor, stats: dict | None) -> torch.Tensor:

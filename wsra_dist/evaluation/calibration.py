@@ -85,12 +85,13 @@ def ranking_settings(model) -> dict:
         d["contrast_weight"] = float(model.contrast_weight)
     if mode == "span":
         d["span_threshold"] = float(model.span_threshold)
+        d["span_band"] = float(getattr(model, "span_band", 0.0))
     return d
 
 
 def attach(model, run_dir: str | Path, device: str | torch.device = "cpu", mode: str | None = None,
            train_shards: str | None = None, batch_size: int = 64, contrast_weight: float | None = None,
-           span_threshold: float | None = None) -> None:
+           span_threshold: float | None = None, span_band: float | None = None) -> None:
     """Set `model.scale_calibration` (`mode`, else the checkpoint's model.scale_calibration, else none) and, when
     on, `model.scale_stats`: read from RUN/scale_calibration.json when it matches the weights and the ranking,
     else computed on the run's training shards (or `train_shards`) and written there (atomically)."""
@@ -99,6 +100,7 @@ def attach(model, run_dir: str | Path, device: str | torch.device = "cpu", mode:
     model.scale_calibration, model.scale_stats = mode, None
     model.contrast_weight = float(contrast_weight if contrast_weight is not None else m.get("contrast_weight", 16.0))
     model.span_threshold = float(span_threshold if span_threshold is not None else m.get("span_threshold", -0.3))
+    model.span_band = float(span_band if span_band is not None else m.get("span_band", 0.0))
     if mode in ("contrast", "span") and (model.info.get("benchmark") == "didemo" or getattr(model, "didemo", None) is not None):
         raise DataError(f"model.scale_calibration {mode} ranks windows over snippets (Charades-STA, ActivityNet); "
                         "DiDeMo's candidates have chunk_consistency")

@@ -80,7 +80,8 @@ def ranking_logits(model: WSRA, batch, protocol: str, device: torch.device) -> l
             if mode == "contrast":
                 lg = inside_outside(sl, ranges, getattr(model, "contrast_weight", 1.0)).cpu()
             else:
-                lg, wins, groups = with_span(sl, ranges, wins, groups, dur, getattr(model, "span_threshold", -0.3))
+                lg, wins, groups = with_span(sl, ranges, wins, groups, dur, getattr(model, "span_threshold", -0.3),
+                                              getattr(model, "span_band", 0.0))
         else:
             pv = model.scorer.project_windows(video[i, :T], ranges)  # windows pooled from projected snippets
             lg = model.scorer.logits_from_hidden(pv + model.scorer.project_text(text[i])).double().cpu()
@@ -89,12 +90,12 @@ def ranking_logits(model: WSRA, batch, protocol: str, device: torch.device) -> l
 
 
 def with_span(snippet_logits: torch.Tensor, ranges: torch.Tensor, wins: np.ndarray, groups: torch.Tensor,
-              duration: float, threshold: float) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+              duration: float, threshold: float, band: float = 0.0) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
     """scale_calibration span for one query: (values, windows, groups), the best span first (its group: -1), the
-    windows after it less any on the span's very snippets (scale_calibration.span_values)."""
+    windows after it less any on the span's very snippets (scale_calibration.span_values; `band`: model.span_band)."""
     from ..scale_calibration import span_values
 
-    values, span = span_values(snippet_logits, ranges, threshold)
+    values, span = span_values(snippet_logits, ranges, threshold, band)
     values = values.cpu()
     keep = torch.isfinite(values)
     T = snippet_logits.shape[0]
@@ -142,6 +143,7 @@ def predict(model: WSRA, source: ShardSource, protocol: str, batch_size: int = 6
         model.scale_calibration, model.scale_stats = m["scale_calibration"], None
         model.contrast_weight = float(m.get("contrast_weight", 16.0))
         model.span_threshold = float(m.get("span_threshold", -0.3))
+        model.span_band = float(m.get("span_band", 0.0))
     if getattr(model, "didemo", None) is None and source.layout == "didemo_chunks":
         model.didemo = DidemoLayout.from_dict(layout_of(source.manifest))
     for batch in iter_eval_batches(source, batch_size, world, rank, verify):

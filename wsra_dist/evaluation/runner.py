@@ -72,9 +72,10 @@ def _dist():
 
 
 def check_ranking(protocol: str, chunk_consistency: float | None, scale_calibration: str | None,
-                  contrast_weight: float | None, span_threshold: float | None = None) -> float | None:
+                  contrast_weight: float | None, span_threshold: float | None = None,
+                  span_band: float | None = None) -> float | None:
     """The ranking overrides of `evaluate` (--chunk-consistency, --scale-calibration, --contrast-weight,
-    --span-threshold), checked in one line each; returns the checked chunk consistency."""
+    --span-threshold, --span-band), checked in one line each; returns the checked chunk consistency."""
     from ..model import check_chunk_consistency
 
     if chunk_consistency is not None:
@@ -94,7 +95,10 @@ def check_ranking(protocol: str, chunk_consistency: float | None, scale_calibrat
             raise DataError(str(e)) from None
     if span_threshold is not None and not math.isfinite(span_threshold):
         raise DataError(f"--span-threshold must be a finite number, got {span_threshold}")
-    for flag, v, mode in (("--contrast-weight", contrast_weight, "contrast"), ("--span-threshold", span_threshold, "span")):
+    if span_band is not None and not (math.isfinite(span_band) and span_band >= 0):
+        raise DataError(f"--span-band must be a finite number >= 0, got {span_band}")
+    for flag, v, mode in (("--contrast-weight", contrast_weight, "contrast"), ("--span-threshold", span_threshold, "span"),
+                          ("--span-band", span_band, "span")):
         if v is not None and protocol == "didemo":  # before anything is loaded or computed
             raise DataError(f"{flag} is a parameter of the {mode} ranking, which ranks windows over snippets "
                             "(Charades-STA, ActivityNet); DiDeMo's candidates have --chunk-consistency")
@@ -117,7 +121,7 @@ def evaluate_checkpoints(
     clip_predictions: bool = False, iou_tolerance: float = 0.0,
     train_annotations: str | Path | None = None, train_durations: str | Path | None = None,
     chunk_consistency: float | None = None, scale_calibration: str | None = None,
-    contrast_weight: float | None = None, span_threshold: float | None = None,
+    contrast_weight: float | None = None, span_threshold: float | None = None, span_band: float | None = None,
 ) -> tuple[dict, str | None]:
     """Score one checkpoint (or several, late-fused with weights) on their shards.  `chunk_consistency` (DiDeMo)
     replaces each checkpoint's own model.chunk_consistency ranking weight (WSRA.rank_logits); None keeps theirs.
@@ -135,7 +139,8 @@ def evaluate_checkpoints(
         raise DataError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
     check_iou_tolerance(iou_tolerance)
     _check_train_file(train_annotations, train_durations)
-    chunk_consistency = check_ranking(protocol, chunk_consistency, scale_calibration, contrast_weight, span_threshold)
+    chunk_consistency = check_ranking(protocol, chunk_consistency, scale_calibration, contrast_weight, span_threshold,
+                                      span_band)
     if len(checkpoints) != len(shards):
         raise DataError(f"give one --shards per --checkpoint (late fusion pairs them): {len(checkpoints)} vs {len(shards)}")
     weights = list(fusion_weights or [1.0 / len(checkpoints)] * len(checkpoints))
@@ -154,15 +159,16 @@ def evaluate_checkpoints(
         model, info = load_run(ck, dev)
         if chunk_consistency is not None:
             model.chunk_consistency = chunk_consistency
-        if any(v is not None for v in (chunk_consistency, scale_calibration, contrast_weight, span_threshold)):
+        if any(v is not None for v in (chunk_consistency, scale_calibration, contrast_weight, span_threshold, span_band)):
             from .calibration import attach  # the statistics of the ranking used
 
             try:
                 attach(model, ck, dev, mode=scale_calibration, contrast_weight=contrast_weight,
-                       span_threshold=span_threshold)
+                       span_threshold=span_threshold, span_band=span_band)
             except ValueError as e:
                 raise DataError(str(e)) from None
-        for flag, v, mode in (("--contrast-weight", contrast_weight, "contrast"), ("--span-threshold", span_threshold, "span")):
+        for flag, v, mode in (("--contrast-weight", contrast_weight, "contrast"), ("--span-threshold", span_threshold, "span"),
+                              ("--span-band", span_band, "span")):
             if v is not None and model.scale_calibration != mode:
                 raise DataError(f"{flag} is a parameter of the {mode} ranking, but {ck} ranks by "
                                 f"{model.scale_calibration}: add --scale-calibration {mode}")
@@ -231,7 +237,7 @@ def evaluate_checkpoints(
         write_report(out, protocol, md, predictions, truth_all, list(checkpoints), list(shards), dev,
                      chunk_consistency=used_mu[0] if protocol == "didemo" else None,
                      ranking={"mode": scale_calibration, "contrast_weight": contrast_weight,
-                              "span_threshold": span_threshold})
+                              "span_threshold": span_threshold, "span_band": span_band})
     return metrics, md
 
 

@@ -57,7 +57,9 @@ def _ranking(settings: dict) -> str:
     said: list[str] = []
     for mode, p in zip(cal, params if len(params) == len(cal) else [{}] * len(cal)):
         if mode == "span":
-            text = (f"span (θ {p.get('span_threshold', float('nan')):g}): each query's best span of standardised "
+            band = float(p.get("span_band", 0.0) or 0.0)
+            theta = f"θ {p.get('span_threshold', float('nan')):g}" + (f" ± {band:g}, edges averaged" if band else "")
+            text = (f"span ({theta}): each query's best span of standardised "
                     "snippet logits first (not one of the fixed windows; the upper bound covers those only), then "
                     "the windows by their mass")
         elif mode == "contrast":
