@@ -39,6 +39,19 @@ def test_lock_names_its_holder_and_takes_over_a_stale_one(tmp_path):
         RunLock(tmp_path).acquire()
 
 
+def test_a_folder_the_lock_made_goes_when_nothing_was_written_in_it(tmp_path):
+    with RunLock(tmp_path / "new"):  # a start that fails before writing (bad shards, bad recipe)
+        pass
+    assert not (tmp_path / "new").exists()
+    with RunLock(tmp_path / "kept"):
+        (tmp_path / "kept" / "recipe.yaml").write_text("x")
+    assert (tmp_path / "kept" / "recipe.yaml").is_file() and not (tmp_path / "kept" / LOCK_FILE).exists()
+    (tmp_path / "mine").mkdir()  # the user's own empty folder is theirs: it stays
+    with RunLock(tmp_path / "mine"):
+        pass
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_reuse_of_a_run_folder_needs_resume_or_overwrite(tmp_path):
     assert check_reuse(tmp_path / "new", "", False) == []
     (tmp_path / "recipe.yaml").write_text("x")  # a start that failed before its first checkpoint: reusable

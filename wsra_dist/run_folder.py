@@ -55,6 +55,7 @@ class RunLock:
         self.path = Path(folder) / LOCK_FILE
         self.warn = warn
         self.held = False
+        self.created = False  # the lock made the folder: release removes it again when nothing else was written
 
     def _record(self) -> dict:
         return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -70,6 +71,7 @@ class RunLock:
             return {}  # half-written by a process killed between create and write: no owner to name
 
     def acquire(self) -> None:
+        self.created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a lock taken over or removed between our tries: try again
             try:
@@ -109,6 +111,11 @@ class RunLock:
             h = self._holder()
             if h and h.get("pid") == os.getpid():
                 self.path.unlink(missing_ok=True)
+                if self.created:  # a run that failed before writing anything leaves no empty folder behind
+                    try:
+                        self.path.parent.rmdir()  # only when empty: anything written stays
+                    except OSError:
+                        pass
             self.held = False
 
     def __enter__(self) -> "RunLock":
