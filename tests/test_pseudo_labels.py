@@ -35,7 +35,7 @@ def test_times_are_the_runs_top1_and_nothing_else_changes(planted_charades, tmp_
     out = tmp_path / "pseudo"
     m = pseudo_label(run, str(train), out, "cpu")
     assert verify(out) == [] and m["num_queries"] == src.manifest["num_queries"]
-    assert m["pseudo_labels"]["ranking"] == {"scale_calibration": "span", "span_threshold": 0.25}
+    assert m["pseudo_labels"]["ranking"] == {"scale_calibration": "span", "span_threshold": 0.25, "span_band": 0.0}
     assert m["pseudo_labels"]["source_shards"] == str(train.resolve())
     # the evaluate ranking of every training query, computed independently
     model, _ = load_run(run)
@@ -56,6 +56,31 @@ def test_times_are_the_runs_top1_and_nothing_else_changes(planted_charades, tmp_
     # the copy trains: the supervised target is the pseudo moment
     batch = next(iter(EpochLoader(ShardSource.open(str(out)), 8, seed=0).epoch(0)))
     assert torch.allclose(batch.target.sum(1), torch.ones(8))
+
+
+def test_the_span_ranking_can_be_replaced_and_is_recorded(planted_charades, tmp_path):
+    """--span-threshold / --span-band: the top-1 of that ranking (as evaluate ranks with the same values), and the
+    manifest says which; refused for a checkpoint that does not rank by span, and for bad values, before writing."""
+    train = planted_charades / "shards" / "train"
+    src = ShardSource.open(str(train))
+    run = _run(tmp_path, src.manifest)
+    m = pseudo_label(run, str(train), tmp_path / "band", "cpu", span_threshold=-0.3, span_band=0.8)
+    assert m["pseudo_labels"]["ranking"] == {"scale_calibration": "span", "span_threshold": -0.3, "span_band": 0.8}
+    model, _ = load_run(run)
+    model.span_threshold, model.span_band = -0.3, 0.8
+    top1 = {p["query_id"]: p["moments"][0] for b in iter_eval_batches(src, 16)
+            for p in rank_batch(model, b, "charades", torch.device("cpu"))}
+    got = {q["query_id"]: q["times"][0] for meta in _metas(tmp_path / "band") for q in meta["queries"]}
+    assert got == top1
+    plain = {q["query_id"]: q["times"][0] for meta in _metas(tmp_path / "plain") for q in meta["queries"]} \
+        if pseudo_label(run, str(train), tmp_path / "plain", "cpu") else {}
+    assert sum(got[k] != plain[k] for k in got) > 0  # the band moved some edges
+    contrast = _run(tmp_path, src.manifest, mode="contrast")
+    with pytest.raises(DataError, match="parameters of the span ranking, but .* ranks by contrast"):
+        pseudo_label(contrast, str(train), tmp_path / "o1", "cpu", span_band=0.5)
+    with pytest.raises(DataError, match="--span-band must be a finite number >= 0"):
+        pseudo_label(run, str(train), tmp_path / "o2", "cpu", span_band=-1.0)
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2"))
 
 
 def test_refusals_name_the_input(planted_charades, planted_didemo, tmp_path):

@@ -559,6 +559,11 @@ def pseudo_label(
     out: Path = typer.Option(..., help="Folder for the copy whose query times are the run's top-1 moments (written "
                                        "to a staging folder, swapped in when complete); train a student on it with "
                                        "loss.w_supervised, e.g. recipes/activitynet_self.yaml."),
+    span_threshold: Optional[float] = typer.Option(None, help="θ of the span ranking the top-1 comes from "
+                                                               "(default: the checkpoint's model.span_threshold)."),
+    span_band: Optional[float] = typer.Option(None, help="Band of the span ranking the top-1 comes from, >= 0 (default: "
+                                                          "the checkpoint's model.span_band; recipes/activitynet_self.yaml's "
+                                                          "teacher labels with 0.8, docs/method.md)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one).", callback=_device),
 ):
     """Self-training: copy the training shards with each query's times replaced by the run's top-1 moment (no
@@ -572,7 +577,7 @@ def pseudo_label(
             out_console.print(f"pseudo-labelled {done}/{total} videos")
             step["next"] += 0.1
 
-    m = run(checkpoint, shards, out, device, progress)
+    m = run(checkpoint, shards, out, device, progress, span_threshold=span_threshold, span_band=span_band)
     out_console.print(f"{out}: {m['num_samples']} videos, {m['num_queries']} queries pseudo-labelled by {checkpoint} "
                       f"({m['pseudo_labels']['ranking']['scale_calibration']} ranking)")
 

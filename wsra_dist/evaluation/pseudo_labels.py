@@ -53,10 +53,17 @@ def _relabel(meta: dict, ranked: list[dict]) -> dict:
 
 
 def pseudo_label(checkpoint: str | Path, shards: str, out: str | Path, device: str | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> dict:
+                 progress: Callable[[int, int], None] | None = None, span_threshold: float | None = None,
+                 span_band: float | None = None) -> dict:
     """Write OUT: `shards` with every query's times replaced by `checkpoint`'s top-1 moment; returns the manifest.
-    `progress(videos_done, videos_total)` is called after each video."""
+    `progress(videos_done, videos_total)` is called after each video.  `span_threshold` / `span_band` replace the
+    checkpoint's model.span_threshold / model.span_band (a checkpoint ranked by span; None keeps its own)."""
+    import math
+
     checkpoint = Path(checkpoint)
+    for flag, v, low in (("--span-threshold", span_threshold, None), ("--span-band", span_band, 0.0)):
+        if v is not None and not (math.isfinite(v) and (low is None or v >= low)):
+            raise DataError(f"{flag} must be a finite number{'' if low is None else ' >= 0'}, got {v}")
     if not (checkpoint / "model.safetensors").is_file():
         raise DataError(f"--checkpoint {checkpoint}: not a trained run folder (no model.safetensors)")
     src = ShardSource.open(shards)
@@ -72,6 +79,14 @@ def pseudo_label(checkpoint: str | Path, shards: str, out: str | Path, device: s
                         "be replaced; give another folder")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, info = load_run(checkpoint, dev)
+    if span_threshold is not None or span_band is not None:
+        if model.scale_calibration != "span":
+            raise DataError(f"--span-threshold / --span-band are parameters of the span ranking, but {checkpoint} "
+                            f"ranks by {model.scale_calibration}")
+        if span_threshold is not None:
+            model.span_threshold = float(span_threshold)
+        if span_band is not None:
+            model.span_band = float(span_band)
     if info.get("benchmark") and info["benchmark"] != protocol:
         raise DataError(f"--checkpoint {checkpoint} was trained on {info['benchmark']!r} shards, --shards {shards} "
                         f"holds {protocol!r}")
