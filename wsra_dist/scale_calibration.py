@@ -20,8 +20,8 @@ standardised over the video's snippets (z, no timestamps, no statistics), each w
 highest mass (found exactly, `best_span`) joins the candidates, so it ranks first.  A window gains by holding
 the snippets above θ and loses by each one below it: its length follows the query's evidence, not a fixed set
 of sizes (docs/method.md, "Span ranking").  With a band w > 0 (`model.span_band`) the span's two edges are the
-means of the best spans' edges at BAND_POINTS thresholds evenly spread over [θ − w, θ + w] (one θ is a hard
-cut; the mean over a band of them is steadier), in fractional snippets.
+means of the best spans' edges at BAND_POINTS thresholds evenly spread over [θ − w, θ + w], in fractional
+snippets (one θ is a hard cut; the band trades exact edges for steadier ones: measured in docs/method.md).
 
 Everything here is a function of tensors (no model, no files): `window_groups` / `DIDEMO_GROUPS` name each
 candidate's size, `accumulate` / `finish` build the statistics in float64 over any number of batches,
