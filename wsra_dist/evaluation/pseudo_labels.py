@@ -58,12 +58,9 @@ def pseudo_label(checkpoint: str | Path, shards: str, out: str | Path, device: s
     """Write OUT: `shards` with every query's times replaced by `checkpoint`'s top-1 moment; returns the manifest.
     `progress(videos_done, videos_total)` is called after each video.  `span_threshold` / `span_band` replace the
     checkpoint's model.span_threshold / model.span_band (a checkpoint ranked by span; None keeps its own)."""
-    import math
+    from .runner import check_ranking
 
     checkpoint = Path(checkpoint)
-    for flag, v, low in (("--span-threshold", span_threshold, None), ("--span-band", span_band, 0.0)):
-        if v is not None and not (math.isfinite(v) and (low is None or v >= low)):
-            raise DataError(f"{flag} must be a finite number{'' if low is None else ' >= 0'}, got {v}")
     if not (checkpoint / "model.safetensors").is_file():
         raise DataError(f"--checkpoint {checkpoint}: not a trained run folder (no model.safetensors)")
     src = ShardSource.open(shards)
@@ -71,6 +68,7 @@ def pseudo_label(checkpoint: str | Path, shards: str, out: str | Path, device: s
     if protocol not in ("charades", "activitynet"):
         raise DataError(f"--shards {shards}: {protocol!r} shards; pseudo-labels are written for snippet benchmarks "
                         "(Charades-STA, ActivityNet)")
+    check_ranking(protocol, None, None, None, span_threshold, span_band)  # evaluate's checks, before loading
     if src.manifest.get("pseudo_labels"):
         raise DataError(f"--shards {shards}: already pseudo-labelled (by {src.manifest['pseudo_labels'].get('checkpoint')}); "
                         "give the original training shards")
