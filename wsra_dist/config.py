@@ -113,6 +113,16 @@ class EvalConfig:
 
 
 @dataclass
+class SelfTrainingConfig:
+    # Rounds of self-training after the weak run (wsra_dist/self_training.py; docs/method.md "Self-training"):
+    # 0: off.  Each round labels the TRAINING queries with the previous run's top-1 moments and trains a student
+    # from scratch on them (the weak losses + L_supervised); the last student is the run in output_dir.
+    rounds: int = 0
+    span_band: float = -1.0  # band of the teacher's span ranking used to label (< 0: the teacher's model.span_band)
+    w_supervised: float = 1.0  # the students' loss.w_supervised (cross-entropy on the pseudo-labelled times)
+
+
+@dataclass
 class Recipe:
     name: str = "wsra"
     seed: int = 0
@@ -129,6 +139,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
 
     def validate(self) -> None:
         """Every value checked before any work is done; a bad one raises ConfigError naming its key."""
@@ -225,6 +236,25 @@ def _validate(r: "Recipe") -> None:
     integer("train.checkpoint_every", t.checkpoint_every, 0, "an integer >= 0 (steps; 0: only at epoch ends)")
     integer("train.keep_checkpoints", t.keep_checkpoints, 1, "an integer >= 1 (resume needs the last checkpoint)")
     integer("train.process_group_timeout_s", t.process_group_timeout_s, 1, "an integer >= 1 (seconds)")
+    # self-training
+    st = r.self_training
+    integer("self_training.rounds", st.rounds, 0, "an integer >= 0 (0: off)")
+    _check(_finite(st.span_band), "self_training.span_band", st.span_band,
+           "a finite number (< 0: the teacher's own model.span_band)")
+    number("self_training.w_supervised", st.w_supervised, 0.0, low_open=True)
+    if st.rounds:
+        if lc.w_supervised:  # the teacher would learn from the annotated times the method never reads
+            raise ConfigError(f"loss.w_supervised={lc.w_supervised:g} with self_training.rounds={st.rounds}: the "
+                              "teacher would be trained on annotated times; set loss.w_supervised=0 (the students' "
+                              "weight is self_training.w_supervised)")
+        if st.span_band >= 0 and m.scale_calibration != "span":
+            raise ConfigError(f"self_training.span_band={st.span_band:g} is a parameter of the span ranking, but "
+                              f"model.scale_calibration is {m.scale_calibration}; set it to -1 (the teacher's own "
+                              "ranking) or use scale_calibration span")
+        if r.resume not in ("", "auto", "latest"):
+            raise ConfigError(f"resume={r.resume} with self_training.rounds={st.rounds}: a self-training run has one "
+                              "checkpoint folder per phase; use resume=latest or resume=auto (each phase continues "
+                              "where it stopped)")
     # evaluation
     integer("eval.batch_size", e.batch_size, 1)
     choice("eval.charades_filter", e.charades_filter, ("clamp", "strict"))

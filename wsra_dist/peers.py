@@ -287,3 +287,41 @@ def explain(exc: BaseException) -> str | None:
         first = first.split("]", 1)[1].strip()
     first = first.split(". This is typically caused", 1)[0]  # gloo's boilerplate advice
     return _WATCH.describe(first[:300].rstrip("."))
+
+
+# ---------------------------------------------------------------------------------- rank 0 working alone
+def _store():
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._get_default_store()
+
+
+def publish(key: str, value: str) -> None:
+    """Rank 0 says the others may go on (`value` tells them how it went); see `await_rank0`."""
+    _store().set(f"wsra/solo/{key}", value)
+
+
+def await_rank0(key: str, where: str, step: int = 0, poll_s: float = 0.2, stall_beats: int = 20) -> str:
+    """The other ranks wait here while rank 0 works alone for longer than a collective may wait (e.g. writing a
+    split's pseudo-labels): polling the store, not in a collective, so train.process_group_timeout_s does not
+    apply; a rank 0 whose heartbeat stops for `stall_beats` beats ends this process with the lost-peer line."""
+    store, watch = _store(), _WATCH
+    full = f"wsra/solo/{key}"
+    last, still = None, 0.0
+    at(where, step)
+    while True:
+        if store.check([full]):
+            return store.get(full).decode()
+        time.sleep(poll_s)
+        if watch is None:
+            continue
+        try:
+            beat = int(store.add("wsra/hb/0", 0))
+        except Exception:  # noqa: BLE001 - the store lives with rank 0
+            watch._give_up(f"the rendezvous store stopped answering while waiting for rank 0 ({where})")
+            return ""
+        still = still + poll_s if beat == last else 0.0
+        last = beat
+        if still > stall_beats * HEARTBEAT_S:
+            watch._give_up(f"rank 0's heartbeat stopped while it was {where}")
+            return ""

@@ -26,6 +26,7 @@ from .config import ConfigError
 LOCK_FILE = ".wsra-run.lock"
 # files an earlier `wsra_dist.train` wrote into its output_dir (events files and checkpoints/ are matched apart)
 RUN_FILES = ("model.safetensors", "wsra_model.json", "history.json", "recipe.yaml")
+PHASES_DIR = "self_training"  # the earlier phases of a self-training run (wsra_dist/self_training.py)
 
 
 def _proc_start(pid: int) -> str | None:
@@ -137,7 +138,21 @@ def previous_run(folder: str | Path) -> list[str]:
         found.append("checkpoints/")
     if (folder / "tensorboard").is_dir() and any((folder / "tensorboard").rglob("events.out.tfevents*")):
         found.append("tensorboard/")
+    if _phases_started(folder / PHASES_DIR):
+        found.append(f"{PHASES_DIR}/")
     return found
+
+
+def _phases_started(phases: Path) -> bool:
+    """A self-training run's earlier phases hold a run or labels (a teacher's failed start alone does not count:
+    the next start sets it aside, as for any run)."""
+    if not phases.is_dir():
+        return False
+    for d in phases.iterdir():
+        found = previous_run(d) if d.is_dir() else []
+        if (found and not is_failed_start(found)) or (d / "manifest.json").is_file() or d.name == "summary.json":
+            return True
+    return False
 
 
 # What a start that failed before its first checkpoint leaves (the recipe and TensorBoard are written just before
@@ -169,9 +184,12 @@ def set_aside_failed_start(folder: str | Path) -> Path | None:
     return dest
 
 
-def clear_previous_run(folder: str | Path) -> None:
-    """overwrite=true: remove what `previous_run` lists (nothing else the folder holds)."""
+def clear_previous_run(folder: str | Path, phases: bool = True) -> None:
+    """overwrite=true: remove what `previous_run` lists (nothing else the folder holds); `phases=False` keeps the
+    self-training phases (the last phase of a self-training run replaces only its own files)."""
     folder = Path(folder)
+    if phases:
+        shutil.rmtree(folder / PHASES_DIR, ignore_errors=True)
     for n in RUN_FILES:
         (folder / n).unlink(missing_ok=True)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)

@@ -50,7 +50,7 @@ from . import peers
 from .lifetime import die_with_parent, launched_worker
 from .evaluation.predict import model_from_info, predict
 from .model import RUN_CONFIG_FILE as INFO_FILE, WEIGHTS_FILE as MODEL_FILE
-from .run_folder import RunLock, check_reuse, clear_previous_run, previous_run, set_aside_failed_start
+from .run_folder import PHASES_DIR, RunLock, check_reuse, clear_previous_run, previous_run, set_aside_failed_start
 from .stop_signals import STALL_S, StopDuringRead, Stopped, StopSignals
 
 CKPT_DIR = "checkpoints"
@@ -467,6 +467,10 @@ def train(recipe: Recipe) -> Path:
     try:
         lock = _own_output_dir(recipe, accelerator)
         with StopSignals() as stop:
+            if recipe.self_training.rounds:  # teacher -> pseudo-labels -> student phases, each a _train
+                from .self_training import run_rounds
+
+                return run_rounds(recipe, accelerator, stop, _train)
             return _train(recipe, accelerator, stop)
     finally:
         if lock is not None:
@@ -521,6 +525,8 @@ class _Run:
     term_at: int = 0
     debug_dir: str | None = None
     sample_log: object = None
+    phase: str | None = None  # a phase of a self-training run (its name), None for a run of its own
+    final: bool = True  # the process's last training: ends the trackers, the peer watch and the process group
     # time and throughput: evaluation and checkpoints are not training time
     t_start: float = 0.0
     t_log: float = 0.0
@@ -541,14 +547,17 @@ class _Run:
         return self.plans[e]
 
 
-def _train(recipe: Recipe, accelerator, stop: StopSignals | None = None) -> Path:
+def _train(recipe: Recipe, accelerator, stop: StopSignals | None = None, phase: str | None = None,
+           final: bool = True) -> Path:
+    """One training into recipe.output_dir (the folder is already owned); `phase`/`final`: a phase of a
+    self-training run, and whether it is the process's last."""
     from accelerate.utils import set_seed
 
     set_seed(recipe.seed)
     if recipe.train.deterministic:
         torch.use_deterministic_algorithms(True)
     run = _open_data(recipe, accelerator)
-    run.stop = stop
+    run.stop, run.phase, run.final = stop, phase, final
     try:
         return _train_run(run)
     except StopDuringRead as e:  # a signal while shard data did not come: the step cannot finish
@@ -559,9 +568,12 @@ def _train_run(run: _Run) -> Path:
     recipe, accelerator = run.recipe, run.accelerator
     _make_loader(run)
     if recipe.overwrite:  # every check has passed: only now is the earlier run removed
-        if accelerator.is_main_process and (found := previous_run(recipe.output_dir)):
-            clear_previous_run(recipe.output_dir)
-            accelerator.print(f"overwrite=true: removed the earlier run in {recipe.output_dir} ({', '.join(found)})")
+        # a self-training phase in output_dir itself keeps the phases before it (self_training/)
+        found = [n for n in previous_run(recipe.output_dir) if run.phase is None or n != f"{PHASES_DIR}/"]
+        if accelerator.is_main_process and found:
+            clear_previous_run(recipe.output_dir, phases=run.phase is None)
+            why = "overwrite=true" if run.phase is None else f"self-training, {run.phase}"
+            accelerator.print(f"{why}: removed the earlier run in {recipe.output_dir} ({', '.join(found)})")
         accelerator.wait_for_everyone()
     else:  # a start that failed before its first checkpoint: its files are kept, out of this run's way
         if accelerator.is_main_process and (aside := set_aside_failed_start(recipe.output_dir)):
@@ -686,6 +698,9 @@ def _start_outputs(run: _Run) -> None:
     recipe, accelerator = run.recipe, run.accelerator
     # No config here: accelerate would write it with add_hparams into a second, timestamped run with no
     # metric columns.  write_hparams() puts hparams + final metrics into this run's own folder at the end.
+    pc = accelerator.project_configuration  # this run's folder (a self-training phase is one run of several)
+    pc.project_dir = pc.logging_dir = recipe.output_dir
+    accelerator.trackers = []  # init_trackers appends: the phase before has finished its own
     accelerator.init_trackers("tensorboard")
     run.out_dir = Path(recipe.output_dir)
     if accelerator.is_main_process:
@@ -927,8 +942,13 @@ def _finish(run: _Run) -> Path:
         write_hparams(accelerator, recipe, state.history, final, state.step)
     with peers.waiting("the final barrier", state.step):
         accelerator.wait_for_everyone()
-    peers.stop()
-    accelerator.end_training()
+    if run.final:
+        peers.stop()
+        accelerator.end_training()
+    else:  # a phase before another: its TensorBoard files end, the process group and the peer watch stay
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        accelerator.free_memory()  # accelerate's references to this phase's model and optimizer
     return run.out_dir
 
 

@@ -54,16 +54,17 @@ def _relabel(meta: dict, ranked: list[dict]) -> dict:
 
 def pseudo_label(checkpoint: str | Path, shards: str, out: str | Path, device: str | None = None,
                  progress: Callable[[int, int], None] | None = None, span_threshold: float | None = None,
-                 span_band: float | None = None) -> dict:
+                 span_band: float | None = None, manifest: str = "") -> dict:
     """Write OUT: `shards` with every query's times replaced by `checkpoint`'s top-1 moment; returns the manifest.
     `progress(videos_done, videos_total)` is called after each video.  `span_threshold` / `span_band` replace the
-    checkpoint's model.span_threshold / model.span_band (a checkpoint ranked by span; None keeps its own)."""
+    checkpoint's model.span_threshold / model.span_band (a checkpoint ranked by span; None keeps its own).  `manifest`:
+    the shards' manifest when `shards` is a URL pattern (as data.train_manifest)."""
     from .runner import check_ranking
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / "model.safetensors").is_file():
         raise DataError(f"--checkpoint {checkpoint}: not a trained run folder (no model.safetensors)")
-    src = ShardSource.open(shards)
+    src = ShardSource.open(shards, manifest)
     protocol = src.manifest.get("benchmark")
     if protocol not in ("charades", "activitynet"):
         raise DataError(f"--shards {shards}: {protocol!r} shards; pseudo-labels are written for snippet benchmarks "
