@@ -16,6 +16,10 @@ Batches the top/last-K sampler cannot use never stop a run:
   with hard negatives) for that step; the decision is a function of the gathered video ids, so every
   process takes it together.  With no other term weighted, the batch is skipped (no optimizer step).
 
+With `self_training.rounds: R` (recipes/activitynet_best.yaml) one command trains a teacher, writes its top-1
+moments as the training queries' times and trains a student on them, R times; the last student is the run in
+output_dir, the phases before it are under output_dir/self_training/ (wsra_dist/self_training.py).
+
 Checkpoints never unpickle code: the position in training is `train_state.json`, the weights are
 safetensors, and the optimizer and RNG states accelerate writes are read with
 `torch.load(weights_only=True)` (numpy's RNG arrays allowlisted) by `load_checkpoint`, never by
