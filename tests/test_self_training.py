@@ -82,28 +82,27 @@ def test_a_finished_run_resumed_trains_nothing_and_a_new_run_there_is_refused(bu
         train(_recipe(shards, built, *ROUND))
 
 
-def test_stopped_in_the_student_resumes_there_and_ends_as_uninterrupted(built, planted_charades, tmp_path,
-                                                                        monkeypatch):
-    """SIGTERM in the student: resume=latest keeps the teacher and its labels and continues the student from its
-    checkpoint; the weights equal the run that was never stopped."""
+def test_stopped_in_the_teacher_and_in_the_student_resumes_there(built, planted_charades, tmp_path, monkeypatch):
+    """SIGTERM in the teacher, then in the student: each resume=latest keeps what is finished (the teacher and its
+    labels are not written again) and continues the phase that stopped from its checkpoint; the weights equal the
+    run that was never stopped."""
     shards, out = planted_charades / "shards", tmp_path / "run"
-    r = _recipe(shards, out, *ROUND)
     steps = json.loads((built / "self_training" / "teacher" / "history.json").read_text())["steps"]
-    monkeypatch.setenv("WSRA_TEST_SIGTERM_AT_STEP", str(steps - 3))  # the teacher passes it too: stops there first
+    monkeypatch.setenv("WSRA_TEST_SIGTERM_AT_STEP", str(steps - 3))
     with pytest.raises(Stopped):
-        train(r)
-    assert not (out / "self_training" / "teacher" / "model.safetensors").exists()
+        train(_recipe(shards, out, *ROUND))
+    teacher = out / "self_training" / "teacher"
+    assert (teacher / "checkpoints").is_dir() and not (teacher / "model.safetensors").exists()
+    monkeypatch.setenv("WSRA_TEST_SIGTERM_AT_STEP", "2")  # the resumed teacher is past it; the student is not
+    with pytest.raises(Stopped, match="at step 2"):
+        train(_recipe(shards, out, *ROUND, "resume=latest"))
+    kept = [teacher / "model.safetensors", out / "self_training" / "pseudo-labels-1" / "manifest.json"]
+    before = [f.stat().st_mtime_ns for f in kept]
+    assert not (out / "model.safetensors").exists() and (out / "checkpoints").is_dir()
     monkeypatch.delenv("WSRA_TEST_SIGTERM_AT_STEP")
     train(_recipe(shards, out, *ROUND, "resume=latest"))
-    assert max_weight_diff(load_weights(out), load_weights(built)) == 0.0
-    # the student stopped now: teacher and labels are kept as they are
-    kept = [out / "self_training" / "teacher" / "model.safetensors",
-            out / "self_training" / "pseudo-labels-1" / "manifest.json"]
-    before = [f.stat().st_mtime_ns for f in kept]
-    (out / "model.safetensors").unlink()
-    (out / "history.json").unlink()
-    train(_recipe(shards, out, *ROUND, "resume=latest"))
     assert [f.stat().st_mtime_ns for f in kept] == before
+    assert max_weight_diff(load_weights(teacher), load_weights(built / "self_training" / "teacher")) == 0.0
     assert max_weight_diff(load_weights(out), load_weights(built)) == 0.0
 
 
