@@ -221,3 +221,18 @@ def test_a_stop_while_labelling_discards_the_labels_and_resumes_there(built, pla
     monkeypatch.setattr(pseudo_labels, "pseudo_label", real)
     train(_recipe(shards, out, *ROUND, "resume=latest"))
     assert max_weight_diff(load_weights(out), load_weights(built)) == 0.0
+
+
+@pytest.mark.slow
+def test_deepspeed_runs_every_phase(planted_charades, tmp_path):
+    """ZeRO-2 (two CPU processes): each phase prepares its own engine; the one before is destroyed, not reused."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "ds"
+    p = run_checked([*LAUNCH, "--config_file", str(ROOT / "recipes" / "deepspeed_zero2.yaml"), "--num_processes", "2",
+                     "-m", "wsra_dist.train", str(RECIPE),
+                     *_args(planted_charades / "shards", out, *ROUND, "train.batch_size=4", "optim.name=adamw")],
+                    env={"OMP_NUM_THREADS": "1"})
+    assert "self-training: student 1: test" in p.stdout + p.stderr
+    summary = json.loads((out / "self_training" / "summary.json").read_text())
+    assert [bool(r["test"]) for r in summary["phases"]] == [True, True]
+    assert max_weight_diff(load_weights(out), load_weights(out / "self_training" / "teacher")) > 0
