@@ -236,3 +236,42 @@ def test_deepspeed_runs_every_phase(planted_charades, tmp_path):
     summary = json.loads((out / "self_training" / "summary.json").read_text())
     assert [bool(r["test"]) for r in summary["phases"]] == [True, True]
     assert max_weight_diff(load_weights(out), load_weights(out / "self_training" / "teacher")) > 0
+
+
+def test_waiting_for_rank0_ends_when_it_says_so_or_when_its_heartbeat_stops(monkeypatch):
+    """peers.await_rank0 (the other ranks while rank 0 labels): returns rank 0's word; waits for a rank 0 whose
+    heartbeat goes on however long it takes; ends with the lost-peer line when the heartbeat stops."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from wsra_dist import peers
+
+    store = dist.HashStore()
+    monkeypatch.setattr(peers, "_store", lambda: store)
+    peers.publish("a", "ok")
+    assert peers.await_rank0("a", "labelling") == "ok"
+
+    class Watch:
+        def _give_up(self, why):
+            raise RuntimeError(why)
+
+        def at(self, where, step):
+            pass
+
+    monkeypatch.setattr(peers, "_WATCH", Watch())
+    store.add("wsra/hb/0", 1)
+    with pytest.raises(RuntimeError, match="rank 0's heartbeat stopped while it was labelling"):
+        peers.await_rank0("never", "labelling", poll_s=0.01, stall_beats=1)
+
+    def alive_and_slow():
+        for _ in range(40):  # beats for longer than stall_beats x HEARTBEAT_S, then answers
+            store.add("wsra/hb/0", 1)
+            time.sleep(0.05)
+        peers.publish("b", "failed")
+
+    t = threading.Thread(target=alive_and_slow)
+    t.start()
+    assert peers.await_rank0("b", "labelling", poll_s=0.01, stall_beats=1) == "failed"
+    t.join()
