@@ -232,7 +232,9 @@ def test_deepspeed_runs_every_phase(planted_charades, tmp_path):
                      "-m", "wsra_dist.train", str(RECIPE),
                      *_args(planted_charades / "shards", out, *ROUND, "train.batch_size=4", "optim.name=adamw")],
                     env={"OMP_NUM_THREADS": "1"})
-    assert "self-training: student 1: test" in p.stdout + p.stderr
+    text = p.stdout + p.stderr
+    assert "self-training: student 1: test" in text
+    assert "unable to detect" not in text  # DS_ACCELERATOR=cpu is set for DeepSpeed on CPU, not guessed per rank
     summary = json.loads((out / "self_training" / "summary.json").read_text())
     assert [bool(r["test"]) for r in summary["phases"]] == [True, True]
     assert max_weight_diff(load_weights(out), load_weights(out / "self_training" / "teacher")) > 0

@@ -92,15 +92,17 @@ class TrainState:
 
 
 def make_accelerator(recipe: Recipe):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
-
     has_gpu = torch.cuda.is_available()
     if recipe.train.device == "cuda" and not has_gpu:
         raise ConfigError("train.device=cuda: no GPU is visible on this machine (torch.cuda.is_available() is False); "
                           "set train.device=auto or cpu")  # a setting, not an internal error
     use_cpu = recipe.train.device == "cpu" or not has_gpu
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if use_cpu and deepspeed:  # said, not guessed: DeepSpeed's guess warns "unable to detect" a GPU on every rank
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
     pg = InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.train.process_group_timeout_s),
                                 backend="gloo" if (use_cpu and deepspeed) else None)
     kwargs = dict(log_with="tensorboard",
