@@ -234,7 +234,9 @@ def test_deepspeed_runs_every_phase(planted_charades, tmp_path):
                     env={"OMP_NUM_THREADS": "1"})
     text = p.stdout + p.stderr
     assert "self-training: student 1: test" in text
-    assert "unable to detect" not in text  # DS_ACCELERATOR=cpu is set for DeepSpeed on CPU, not guessed per rank
+    # DS_ACCELERATOR=cpu is set for DeepSpeed on CPU, so no rank guesses (and warns); the launcher's own import of
+    # DeepSpeed, before any of this code runs, still may
+    assert text.count("unable to detect") <= 1
     summary = json.loads((out / "self_training" / "summary.json").read_text())
     assert [bool(r["test"]) for r in summary["phases"]] == [True, True]
     assert max_weight_diff(load_weights(out), load_weights(out / "self_training" / "teacher")) > 0
