@@ -98,7 +98,8 @@ def make_accelerator(recipe: Recipe):
                           "set train.device=auto or cpu")  # a setting, not an internal error
     use_cpu = recipe.train.device == "cpu" or not has_gpu
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if use_cpu and deepspeed:  # said, not guessed: DeepSpeed's guess warns "unable to detect" a GPU on every rank
+    if use_cpu:  # said, not guessed: DeepSpeed's guess warns "unable to detect" a GPU on every rank.  Plain runs
+        # import DeepSpeed too (accelerate's unwrap_model, at every checkpoint) when it is installed
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
