@@ -123,6 +123,25 @@ def test_labels_of_another_teacher_are_written_again(built, planted_charades, tm
     assert max_weight_diff(load_weights(out), load_weights(built)) == 0.0
 
 
+def test_another_kept_fraction_relabels_and_keeps_the_teacher(built, planted_charades, tmp_path):
+    """self_training.keep changed on resume: the teacher is kept (bitwise), the labels are written again with the
+    new weights (the same times), and the student is trained again on them, as by hand."""
+    import shutil
+
+    shards, out = planted_charades / "shards", tmp_path / "run"
+    shutil.copytree(built, out)
+    train(_recipe(shards, out, *ROUND, "self_training.keep=0.5", "resume=latest"))
+    labels = load_manifest(out / "self_training" / "pseudo-labels-1")["pseudo_labels"]
+    assert labels["keep"] == 0.5 and labels["confidence_floor"] is not None
+    assert max_weight_diff(load_weights(out / "self_training" / "teacher"),
+                           load_weights(built / "self_training" / "teacher")) == 0.0
+    assert max_weight_diff(load_weights(out), load_weights(built)) > 0.0  # fewer supervised times: another student
+    by_hand = tmp_path / "labels"
+    pseudo_label(built / "self_training" / "teacher", str(shards / "train"), by_hand, "cpu", span_band=0.5, keep=0.5)
+    assert [s["sha256"] for s in load_manifest(by_hand)["shards"]] == \
+        [s["sha256"] for s in load_manifest(out / "self_training" / "pseudo-labels-1")["shards"]]
+
+
 def test_what_cannot_work_is_refused_before_the_teacher_trains(planted_charades, planted_didemo, tmp_path):
     shards = planted_charades / "shards"
     out = tmp_path / "run"
@@ -136,6 +155,9 @@ def test_what_cannot_work_is_refused_before_the_teacher_trains(planted_charades,
         _recipe(shards, out, "self_training.rounds=-1").validate()
     with pytest.raises(ConfigError, match="self_training.w_supervised must be a number > 0"):
         _recipe(shards, out, *ROUND, "self_training.w_supervised=0").validate()
+    for bad in ("0", "1.5"):
+        with pytest.raises(ConfigError, match="self_training.keep must be a number > 0 and <= 1"):
+            _recipe(shards, out, *ROUND, f"self_training.keep={bad}").validate()
     didemo = load_recipe(ROOT / "recipes" / "planted_didemo.yaml", [
         f"data.train_shards={planted_didemo / 'shards' / 'train'}", "data.val_shards=", "data.test_shards=",
         f"output_dir={out}", "self_training.rounds=1", "train.progress=false"])

@@ -564,6 +564,9 @@ def pseudo_label(
     span_band: Optional[float] = typer.Option(None, help="Band of the span ranking the top-1 comes from, >= 0 (default: "
                                                           "the checkpoint's model.span_band; recipes/activitynet_self.yaml's "
                                                           "teacher labels with 0.8, docs/method.md)."),
+    keep: float = typer.Option(1.0, help="Fraction of the queries, in (0, 1], whose pseudo times the student's "
+                                         "L_supervised uses: the highest top-1 scores first (weight 1); the rest get "
+                                         "weight 0 and train by the weak losses alone (recipe key self_training.keep)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one).", callback=_device),
 ):
     """Self-training: copy the training shards with each query's times replaced by the run's top-1 moment (no
@@ -577,9 +580,10 @@ def pseudo_label(
             out_console.print(f"pseudo-labelled {done}/{total} videos")
             step["next"] += 0.1
 
-    m = run(checkpoint, shards, out, device, progress, span_threshold=span_threshold, span_band=span_band)
+    m = run(checkpoint, shards, out, device, progress, span_threshold=span_threshold, span_band=span_band, keep=keep)
+    kept = "" if keep >= 1 else f"; the {keep:g} most confident keep weight 1"
     out_console.print(f"{out}: {m['num_samples']} videos, {m['num_queries']} queries pseudo-labelled by {checkpoint} "
-                      f"({m['pseudo_labels']['ranking']['scale_calibration']} ranking)")
+                      f"({m['pseudo_labels']['ranking']['scale_calibration']} ranking{kept})")
 
 
 @app.command()

@@ -120,6 +120,9 @@ class SelfTrainingConfig:
     rounds: int = 0
     span_band: float = -1.0  # band of the teacher's span ranking used to label (< 0: the teacher's model.span_band)
     w_supervised: float = 1.0  # the students' loss.w_supervised (cross-entropy on the pseudo-labelled times)
+    # the fraction of training queries whose pseudo times the student's L_supervised uses, the teacher's most
+    # confident top-1 scores first (the rest train by the weak losses alone); 1: every query
+    keep: float = 1.0
 
 
 @dataclass
@@ -242,6 +245,7 @@ def _validate(r: "Recipe") -> None:
     _check(_finite(st.span_band), "self_training.span_band", st.span_band,
            "a finite number (< 0: the teacher's own model.span_band)")
     number("self_training.w_supervised", st.w_supervised, 0.0, low_open=True)
+    number("self_training.keep", st.keep, 0.0, 1.0, low_open=True, high_open=False)
     if st.rounds:
         if lc.w_supervised:  # the teacher would learn from the annotated times the method never reads
             raise ConfigError(f"loss.w_supervised={lc.w_supervised:g} with self_training.rounds={st.rounds}: the "

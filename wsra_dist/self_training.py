@@ -93,8 +93,8 @@ def finished(run_dir: str | Path) -> bool:
     return all((Path(run_dir) / n).is_file() for n in (WEIGHTS_FILE, "history.json"))
 
 
-def labels_current(labels: Path, teacher: Path, source: str, span_band: float) -> bool:
-    """Do `labels` hold `teacher`'s (same weights, same source shards, same band) answers?"""
+def labels_current(labels: Path, teacher: Path, source: str, span_band: float, keep: float = 1.0) -> bool:
+    """Do `labels` hold `teacher`'s (same weights, same source shards, same band, same kept fraction) answers?"""
     if not (labels / MANIFEST).is_file() or not (teacher / WEIGHTS_FILE).is_file():
         return False
     try:
@@ -103,6 +103,7 @@ def labels_current(labels: Path, teacher: Path, source: str, span_band: float) -
         return False
     same_band = span_band < 0 or pl.get("ranking", {}).get("span_band") == float(span_band)
     return (pl.get("weights_sha256") == sha256_file(teacher / WEIGHTS_FILE) and same_band
+            and float(pl.get("keep", 1.0)) == float(keep)
             and pl.get("source_shards") == str(Path(source).resolve()))
 
 
@@ -137,7 +138,8 @@ def _write_labels(recipe: Recipe, accelerator, stop, phase: Phase) -> None:
             with progress:
                 task = progress.add_task("", total=None)
                 pseudo_label(phase.teacher, recipe.data.train_shards, phase.labels, str(accelerator.device), tick,
-                             span_band=band if band >= 0 else None, manifest=recipe.data.train_manifest)
+                             span_band=band if band >= 0 else None, manifest=recipe.data.train_manifest,
+                             keep=recipe.self_training.keep)
             said = "ok"
         except Stopped as e:
             said = f"stopped {e.signum}"
@@ -161,7 +163,7 @@ def run_rounds(recipe: Recipe, accelerator, stop, train_one: Callable[..., Path]
         last = i == len(phases) - 1
         if ph.labels is not None:
             current = resumed and labels_current(ph.labels, ph.teacher, recipe.data.train_shards,
-                                                 recipe.self_training.span_band)
+                                                 recipe.self_training.span_band, recipe.self_training.keep)
             relabelled = not _agree(accelerator, current)
             if relabelled:
                 _write_labels(recipe, accelerator, stop, ph)

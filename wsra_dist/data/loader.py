@@ -210,7 +210,8 @@ def _passed_to_trainer(it: Iterator[dict]) -> Iterator:
 
 
 def _target(meta: dict, T: int) -> np.ndarray:
-    """Annotated-time distribution over snippets/candidates, for the supervised reference only."""
+    """Annotated-time distribution over snippets/candidates, for L_supervised only (the supervised reference, or a
+    self-training student: pseudo-labelled queries carry a `weight`, 0 for those whose times it must not use)."""
     t = np.zeros(T, dtype=np.float32)
     if "target" in meta:  # DiDeMo: the majority annotation among the 21 candidates
         t[int(meta["target"])] = 1.0
@@ -220,7 +221,7 @@ def _target(meta: dict, T: int) -> np.ndarray:
     inside = (k >= s) & (k <= e)
     if not inside.any():
         inside[min(int(s / d * T), T - 1)] = True
-    t[inside] = 1.0 / inside.sum()
+    t[inside] = float(meta.get("weight", 1.0)) / inside.sum()
     return t
 
 

@@ -6,6 +6,10 @@ No timestamp is read: the copy's times are the model's, and the source shards' a
 not kept beside them.  A second run trained on the copy with `loss.w_supervised` (cross-entropy on those
 times) beside the weak losses is the student (`recipes/activitynet_self.yaml`).
 
+Each query also gets the top-1's score (`confidence`) and a `weight`: 1 for the `keep` fraction with the highest
+scores, else 0; the loader scales the query's supervised target by it, so a student learns the times of the
+teacher's confident answers only and the rest of the queries by the weak losses (docs/method.md).
+
 Snippet benchmarks only (Charades-STA, ActivityNet): DiDeMo's supervised target is a candidate index, which
 this does not write.  The copy is written through the shard writer's staging folder and swapped in when
 complete; its manifest names the checkpoint (path and weights' SHA-256) and the ranking used.
@@ -13,6 +17,7 @@ complete; its manifest names the checkpoint (path and weights' SHA-256) and the 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -43,40 +48,57 @@ def _video_batch(sample: dict) -> Batch:
                  torch.full((Q,), int(meta.get("video_hash", 0)), dtype=torch.long), torch.zeros(Q, T), metas)
 
 
-def _relabel(meta: dict, ranked: list[dict]) -> dict:
-    """The video's meta with each query's times replaced by its top-1 moment (marked `pseudo`)."""
+def _relabel(meta: dict, ranked: list[dict], floor: float = -np.inf) -> dict:
+    """The video's meta with each query's times replaced by its top-1 moment (marked `pseudo`), its top-1 score
+    as `confidence`, and `weight` 1 when that score reaches `floor` (the student's L_supervised uses the times),
+    else 0 (the query trains by the weak losses alone)."""
     out = {**meta, "queries": []}
     for q, r in zip(meta["queries"], ranked):
         s, e = (float(x) for x in r["moments"][0])
-        out["queries"].append({**q, "start": s, "end": e, "times": [[s, e]], "pseudo": True})
+        c = float(r["scores"][0])
+        out["queries"].append({**q, "start": s, "end": e, "times": [[s, e]], "pseudo": True, "confidence": c,
+                               "weight": 1.0 if c >= floor else 0.0})
     return out
 
 
-def pseudo_label(checkpoint: str | Path, shards: str, out: str | Path, device: str | None = None,
-                 progress: Callable[[int, int], None] | None = None, span_threshold: float | None = None,
-                 span_band: float | None = None, manifest: str = "") -> dict:
-    """Write OUT: `shards` with every query's times replaced by `checkpoint`'s top-1 moment; returns the manifest.
-    `progress(videos_done, videos_total)` is called after each video.  `span_threshold` / `span_band` replace the
-    checkpoint's model.span_threshold / model.span_band (a checkpoint ranked by span; None keeps its own).  `manifest`:
-    the shards' manifest when `shards` is a URL pattern (as data.train_manifest)."""
+def confidence_floor(confidences: list[float], keep: float) -> float:
+    """The score a query's top-1 must reach to be among the `keep` most confident fraction (at least one query;
+    ties at the floor are all kept, so a little more than `keep` may be)."""
+    if not confidences:
+        return -np.inf
+    if keep >= 1.0:
+        return -np.inf
+    c = np.sort(np.asarray(confidences, dtype=np.float64))[::-1]
+    return float(c[max(int(np.ceil(keep * len(c))), 1) - 1])
+
+
+def _check_inputs(checkpoint: Path, src: ShardSource, shards: str, out: str | Path, span_threshold: float | None,
+                  span_band: float | None, keep: float) -> str:
+    """Every refusal that needs no model, before anything loads or is written; returns the benchmark."""
     from .runner import check_ranking
 
-    checkpoint = Path(checkpoint)
     if not (checkpoint / "model.safetensors").is_file():
         raise DataError(f"--checkpoint {checkpoint}: not a trained run folder (no model.safetensors)")
-    src = ShardSource.open(shards, manifest)
     protocol = src.manifest.get("benchmark")
     if protocol not in ("charades", "activitynet"):
         raise DataError(f"--shards {shards}: {protocol!r} shards; pseudo-labels are written for snippet benchmarks "
                         "(Charades-STA, ActivityNet)")
     check_ranking(protocol, None, None, None, span_threshold, span_band)  # evaluate's checks, before loading
+    if not (isinstance(keep, (int, float)) and math.isfinite(keep) and 0.0 < keep <= 1.0):
+        raise DataError(f"--keep must be a fraction in (0, 1], got {keep}")
     if src.manifest.get("pseudo_labels"):
         raise DataError(f"--shards {shards}: already pseudo-labelled (by {src.manifest['pseudo_labels'].get('checkpoint')}); "
                         "give the original training shards")
     if Path(out).resolve() == Path(shards).resolve():
         raise DataError(f"--out {out} is the --shards folder: the training shards (and their annotated times) would "
                         "be replaced; give another folder")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return protocol
+
+
+def _load_teacher(checkpoint: Path, src: ShardSource, shards: str, protocol: str, dev: torch.device,
+                  span_threshold: float | None, span_band: float | None):
+    """The checkpoint's model with the span ranking's θ / band replaced where given; refused when it does not fit
+    the shards."""
     model, info = load_run(checkpoint, dev)
     if span_threshold is not None or span_band is not None:
         if model.scale_calibration != "span":
@@ -93,28 +115,56 @@ def pseudo_label(checkpoint: str | Path, shards: str, out: str | Path, device: s
         check_compatible(info, src.manifest, shards)
     except ValueError as e:
         raise DataError(str(e)) from None
+    return model
+
+
+def _samples(src: ShardSource):
+    for url, sha in zip(src.urls, src.shas):
+        yield from iter_shard(url, src.manifest, sha, src.read_timeout_s)
+
+
+def pseudo_label(checkpoint: str | Path, shards: str, out: str | Path, device: str | None = None,
+                 progress: Callable[[int, int], None] | None = None, span_threshold: float | None = None,
+                 span_band: float | None = None, manifest: str = "", keep: float = 1.0) -> dict:
+    """Write OUT: `shards` with every query's times replaced by `checkpoint`'s top-1 moment; returns the manifest.
+    `keep` (0 < keep <= 1): the fraction of queries, most confident top-1 score first, whose times the student's
+    L_supervised uses (weight 1; the rest weight 0).  `progress(videos_done, videos_total)` is called after each
+    video of the ranking pass.  `span_threshold` / `span_band` replace the checkpoint's model.span_threshold /
+    model.span_band (a checkpoint ranked by span; None keeps its own).  `manifest`: the shards' manifest when
+    `shards` is a URL pattern (as data.train_manifest)."""
+    checkpoint = Path(checkpoint)
+    src = ShardSource.open(shards, manifest)
+    protocol = _check_inputs(checkpoint, src, shards, out, span_threshold, span_band, keep)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = _load_teacher(checkpoint, src, shards, protocol, dev, span_threshold, span_band)
     src.check_files("--shards")
     staging = Staging(out)
     stage = staging.create(int(src.manifest.get("total_bytes") or 0))
     writer = ShardWriter(stage, max(int(s["num_samples"]) for s in src.manifest["shards"]),
                          compress=src.manifest.get("compression") == "gzip")
-    total, done = int(src.manifest.get("num_samples") or 0), 0
+    total = int(src.manifest.get("num_samples") or 0)
     try:
-        for url, sha in zip(src.urls, src.shas):
-            for sample in iter_shard(url, src.manifest, sha, src.read_timeout_s):
-                meta = sample["meta.json"]
-                ranked = rank_batch(model, _video_batch(sample), protocol, dev) if meta["queries"] else []
-                writer.write(sample["__key__"], encode_sample(sample["video.npy"], sample["text.npy"],
-                                                              _relabel(meta, ranked)), len(meta["queries"]))
-                done += 1
-                if progress is not None:
-                    progress(done, total)
+        # pass 1 ranks every query (the floor of `keep` needs all the scores); pass 2 writes the copy
+        ranked: dict[str, list[dict]] = {}
+        for sample in _samples(src):
+            queries = sample["meta.json"]["queries"]
+            ranked[sample["__key__"]] = rank_batch(model, _video_batch(sample), protocol, dev) if queries else []
+            if progress is not None:
+                progress(len(ranked), total)
+        floor = confidence_floor([r["scores"][0] for rs in ranked.values() for r in rs], keep)
+        for sample in _samples(src):
+            meta = sample["meta.json"]
+            writer.write(sample["__key__"], encode_sample(sample["video.npy"], sample["text.npy"],
+                                                          _relabel(meta, ranked[sample["__key__"]], floor)),
+                         len(meta["queries"]))
         manifest = {k: v for k, v in src.manifest.items() if k not in _WRITER_KEYS}
         manifest["pseudo_labels"] = {"checkpoint": str(checkpoint.resolve()),
                                      "weights_sha256": sha256_file(checkpoint / "model.safetensors"),
                                      "source_shards": str(Path(shards).resolve()), "ranking": ranking_settings(model),
+                                     "keep": float(keep), "confidence_floor": floor if np.isfinite(floor) else None,
                                      "rule": "each query's times are the checkpoint's top-1 moment; the source "
-                                             "shards' annotated times are not kept"}
+                                             "shards' annotated times are not kept; weight 1 (times used by "
+                                             "L_supervised) when the top-1 score reaches confidence_floor"}
         manifest = writer.finish(manifest)
     except BaseException:
         writer.abort()
