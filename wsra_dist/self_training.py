@@ -7,7 +7,8 @@ runs in one command what `wsra-dist pseudo-label` and a second training run by h
 1. the teacher: the recipe with self-training off, into OUTPUT_DIR/self_training/teacher;
 2. its pseudo-labels: every TRAINING query's times replaced by the teacher's top-1 moment (its ranking, with the
    span band `self_training.span_band`), written by rank 0 into OUTPUT_DIR/self_training/pseudo-labels-1 while
-   the other ranks wait (evaluation/pseudo_labels.py: no annotated time is read or kept);
+   the other ranks wait (evaluation/pseudo_labels.py: no annotated time is read or kept; with
+   `self_training.keep` < 1 only the teacher's most confident fraction trains L_supervised);
 3. the student: the same recipe trained from scratch on those shards with loss.w_supervised =
    `self_training.w_supervised`, into OUTPUT_DIR itself, so `evaluate --checkpoint OUTPUT_DIR` is the student.
 
