@@ -228,6 +228,10 @@ def test_cli_evaluate_corpus_index_search(corpus_run, tmp_path):
     p = run_cli("search", str(tmp_path / "idx"), "a person opens a door", "--top-k", "3", "--json")
     rows = [json.loads(x) for x in p.stdout.strip().splitlines()]
     assert len(rows) == 3 and set(rows[0]) == {"video", "start", "end", "score"}
+    p = run_cli("search", str(tmp_path / "idx"), "a person opens a door", "--top-k", "3")
+    lines = [x for x in p.stdout.splitlines() if "(logit " in x]
+    assert len(lines) == 3 and [float(x.split("(logit ")[1].rstrip(")")) for x in lines] == \
+        sorted((float(x.split("(logit ")[1].rstrip(")")) for x in lines), reverse=True)
     p = run_cli("search", str(tmp_path), "x", check=False)
     assert p.returncode == 2 and "not an index" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     p = run_cli("search", str(tmp_path / "idx"), "  ", check=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -155,6 +156,9 @@ def test_python_api_load_index(index_pair):
     got = s.search("a person opens a door", top_k=5)
     want = Searcher(CorpusIndex.load(out / "features"), encoder=s.encoder, device="cpu").search("a person opens a door", top_k=5)
     assert [m.json() for m in got] == [m.json() for m in want] and len(got) == 5
+    # the logit the order follows comes with each moment (the sigmoid saturates; the logit does not)
+    lg = [m.logit for m in got]
+    assert lg == sorted(lg, reverse=True) and all(abs(1 / (1 + math.exp(-x)) - m.score) < 1e-12 for x, m in zip(lg, got))
 
 
 def _window_model(mode: str):

@@ -597,7 +597,8 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines {video, start, end, score} instead of a table."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one).", callback=_device),
 ):
-    """Find a sentence across every video of an index: moments (video, start, end in seconds, score), best first.
+    """Find a sentence across every video of an index: moments (video, start, end in seconds, score, and the
+    ranking logit the order follows), best first.
 
     The score is the sigmoid of the ranking logit (φ; DiDeMo with the checkpoint's chunk consistency; standardised
     per window size under model.scale_calibration standardise).  Python: wsra_dist.corpus.load_index(INDEX).search()."""
@@ -610,8 +611,8 @@ def search(
         for m in res:
             print(json.dumps(m.json()))
         return
-    for i, m in enumerate(res, 1):
-        out_console.print(f"{i:3d}  {m.video}  {m.start:8.1f} - {m.end:8.1f} s  {m.score:.4f}")
+    for i, m in enumerate(res, 1):  # the logit too: a sigmoid above ~0.99995 prints as 1.0000 for several ranks
+        out_console.print(f"{i:3d}  {m.video}  {m.start:8.1f} - {m.end:8.1f} s  {m.score:.4f}  (logit {m.logit:.3f})")
 
 
 @app.command()

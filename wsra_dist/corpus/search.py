@@ -34,6 +34,7 @@ class Moment:
     start: float
     end: float
     score: float  # sigmoid of the ranking logit (φ, or the chunk-consistency value)
+    logit: float = float("nan")  # the ranking logit itself: the order where the sigmoid saturates to 1 (logit > ~9)
 
     def json(self) -> dict:
         return {"video": self.video, "start": round(self.start, 3), "end": round(self.end, 3), "score": self.score}
@@ -178,10 +179,10 @@ class Searcher:
         top = torch.topk(logits, want).indices
         top = top[torch.isfinite(logits[top])].cpu().numpy()  # masked candidates are never answers
         keep = nms_within_videos(top, self._corpus, nms, top_k) if nms < 1 else list(top[:top_k])
-        sc = torch.sigmoid(logits[keep]).cpu().numpy() if keep else []
+        lg = logits[keep].cpu() if keep else torch.zeros(0, dtype=torch.float64)
         c = self._corpus
-        return [Moment(c.videos[int(c.video_of[i])], float(c.starts[i]), float(c.ends[i]), float(s))
-                for i, s in zip(keep, sc)]
+        return [Moment(c.videos[int(c.video_of[i])], float(c.starts[i]), float(c.ends[i]), float(torch.sigmoid(x)),
+                       float(x)) for i, x in zip(keep, lg)]
 
 
 def load_index(path, device: str | torch.device | None = None) -> Searcher:
