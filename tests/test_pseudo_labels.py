@@ -50,9 +50,9 @@ def test_times_are_the_runs_top1_and_nothing_else_changes(planted_charades, tmp_
         assert {k: v for k, v in a.items() if k != "queries"} == {k: v for k, v in b.items() if k != "queries"}
         for qa, qb in zip(a["queries"], b["queries"]):
             assert qb["times"] == [[qb["start"], qb["end"]]] == [top1[qa["query_id"]]] and qb["pseudo"] is True
-            assert qb["confidence"] == conf[qa["query_id"]] and qb["weight"] == 1.0  # keep 1: every query's times
+            assert qb["weight"] == 1.0  # keep 1: every query's times train L_supervised
             assert {k: v for k, v in qa.items() if k not in ("times", "start", "end")} == \
-                {k: v for k, v in qb.items() if k not in ("times", "start", "end", "pseudo", "confidence", "weight")}
+                {k: v for k, v in qb.items() if k not in ("times", "start", "end", "pseudo", "weight")}
     moved = sum(qa["times"] != qb["times"] for a, b in zip(before, after) for qa, qb in zip(a["queries"], b["queries"]))
     assert moved > 0.9 * m["num_queries"]  # the annotated times are gone, not kept beside
     # the copy trains: the supervised target is the pseudo moment
@@ -72,11 +72,14 @@ def test_keep_gives_the_most_confident_fraction_weight_one(planted_charades, tmp
     m = pseudo_label(run, str(train), tmp_path / "part", "cpu", keep=0.4)
     part = {q["query_id"]: q for meta in _metas(tmp_path / "part") for q in meta["queries"]}
     assert {k: q["times"] for k, q in part.items()} == {k: q["times"] for k, q in full.items()}
-    scores = sorted((q["confidence"] for q in full.values()), reverse=True)
+    model, _ = load_run(run)
+    conf = {p["query_id"]: p["scores"][0] for b in iter_eval_batches(src, 16)
+            for p in rank_batch(model, b, "charades", torch.device("cpu"))}
+    scores = sorted(conf.values(), reverse=True)
     n_keep = -(-4 * len(scores) // 10)
     assert m["pseudo_labels"]["keep"] == 0.4 and m["pseudo_labels"]["confidence_floor"] == scores[n_keep - 1]
     kept = {k for k, q in part.items() if q["weight"] == 1.0}
-    assert kept == {k for k, q in part.items() if q["confidence"] >= scores[n_keep - 1]}
+    assert kept == {k for k in part if conf[k] >= scores[n_keep - 1]}
     assert n_keep <= len(kept) < len(part) and all(q["weight"] in (0.0, 1.0) for q in part.values())
     for b in EpochLoader(ShardSource.open(str(tmp_path / "part")), 8, seed=0).epoch(0):
         w = torch.tensor([part[x["query_id"]]["weight"] for x in b.meta])

@@ -6,8 +6,7 @@ No timestamp is read: the copy's times are the model's, and the source shards' a
 not kept beside them.  A second run trained on the copy with `loss.w_supervised` (cross-entropy on those
 times) beside the weak losses is the student (`recipes/activitynet_self.yaml`).
 
-Each query also gets the top-1's score (`confidence`) and a `weight`: 1 for the `keep` fraction with the highest
-scores, else 0; the loader scales the query's supervised target by it, so a student learns the times of the
+Each query also gets a `weight`: 1 for the `keep` fraction with the highest top-1 scores, else 0; the loader scales the query's supervised target by it, so a student learns the times of the
 teacher's confident answers only and the rest of the queries by the weak losses (docs/method.md).
 
 Snippet benchmarks only (Charades-STA, ActivityNet): DiDeMo's supervised target is a candidate index, which
@@ -49,15 +48,15 @@ def _video_batch(sample: dict) -> Batch:
 
 
 def _relabel(meta: dict, ranked: list[dict], floor: float = -np.inf) -> dict:
-    """The video's meta with each query's times replaced by its top-1 moment (marked `pseudo`), its top-1 score
-    as `confidence`, and `weight` 1 when that score reaches `floor` (the student's L_supervised uses the times),
-    else 0 (the query trains by the weak losses alone)."""
+    """The video's meta with each query's times replaced by its top-1 moment (marked `pseudo`) and a `weight`: 1
+    when its top-1 score reaches `floor` (the student's L_supervised uses the times), else 0 (the query trains by
+    the weak losses alone).  The score itself is not written: its last bits differ between thread counts and
+    processes, and the labels must be the same bytes wherever the same teacher writes them."""
     out = {**meta, "queries": []}
     for q, r in zip(meta["queries"], ranked):
         s, e = (float(x) for x in r["moments"][0])
-        c = float(r["scores"][0])
-        out["queries"].append({**q, "start": s, "end": e, "times": [[s, e]], "pseudo": True, "confidence": c,
-                               "weight": 1.0 if c >= floor else 0.0})
+        out["queries"].append({**q, "start": s, "end": e, "times": [[s, e]], "pseudo": True,
+                               "weight": 1.0 if float(r["scores"][0]) >= floor else 0.0})
     return out
 
 
@@ -151,7 +150,7 @@ def pseudo_label(checkpoint: str | Path, shards: str, out: str | Path, device: s
             ranked[sample["__key__"]] = rank_batch(model, _video_batch(sample), protocol, dev) if queries else []
             if progress is not None:
                 progress(len(ranked), total)
-        floor = confidence_floor([r["scores"][0] for rs in ranked.values() for r in rs], keep)
+        floor = confidence_floor([float(r["scores"][0]) for rs in ranked.values() for r in rs], keep)
         for sample in _samples(src):
             meta = sample["meta.json"]
             writer.write(sample["__key__"], encode_sample(sample["video.npy"], sample["text.npy"],
