@@ -6,8 +6,9 @@ No timestamp is read: the copy's times are the model's, and the source shards' a
 not kept beside them.  A second run trained on the copy with `loss.w_supervised` (cross-entropy on those
 times) beside the weak losses is the student (`recipes/activitynet_self.yaml`).
 
-Each query also gets a `weight`: 1 for the `keep` fraction with the highest top-1 scores, else 0; the loader scales the query's supervised target by it, so a student learns the times of the
-teacher's confident answers only and the rest of the queries by the weak losses (docs/method.md).
+Each query also gets a `weight`: 1 for the `keep` fraction with the highest top-1 scores, else 0; the loader
+scales the query's supervised target by it, so a student learns the times of the teacher's confident answers only
+and the rest of the queries by the weak losses (docs/method.md).
 
 Snippet benchmarks only (Charades-STA, ActivityNet): DiDeMo's supervised target is a candidate index, which
 this does not write.  The copy is written through the shard writer's staging folder and swapped in when
@@ -63,9 +64,7 @@ def _relabel(meta: dict, ranked: list[dict], floor: float = -np.inf) -> dict:
 def confidence_floor(confidences: list[float], keep: float) -> float:
     """The score a query's top-1 must reach to be among the `keep` most confident fraction (at least one query;
     ties at the floor are all kept, so a little more than `keep` may be)."""
-    if not confidences:
-        return -np.inf
-    if keep >= 1.0:
+    if not confidences or keep >= 1.0:
         return -np.inf
     c = np.sort(np.asarray(confidences, dtype=np.float64))[::-1]
     return float(c[max(int(np.ceil(keep * len(c))), 1) - 1])
@@ -143,19 +142,26 @@ def pseudo_label(checkpoint: str | Path, shards: str, out: str | Path, device: s
                          compress=src.manifest.get("compression") == "gzip")
     total = int(src.manifest.get("num_samples") or 0)
     try:
-        # pass 1 ranks every query (the floor of `keep` needs all the scores); pass 2 writes the copy
-        ranked: dict[str, list[dict]] = {}
-        for sample in _samples(src):
-            queries = sample["meta.json"]["queries"]
-            ranked[sample["__key__"]] = rank_batch(model, _video_batch(sample), protocol, dev) if queries else []
-            if progress is not None:
-                progress(len(ranked), total)
-        floor = confidence_floor([float(r["scores"][0]) for rs in ranked.values() for r in rs], keep)
-        for sample in _samples(src):
+        def write(sample: dict, floor: float) -> None:
             meta = sample["meta.json"]
             writer.write(sample["__key__"], encode_sample(sample["video.npy"], sample["text.npy"],
                                                           _relabel(meta, ranked[sample["__key__"]], floor)),
                          len(meta["queries"]))
+
+        # keep < 1: the floor needs every score, so the ranking pass comes first and a second pass writes the copy
+        # (keep 1, the recipes' default: one pass, every query weight 1)
+        ranked: dict[str, list[dict]] = {}
+        for sample in _samples(src):
+            queries = sample["meta.json"]["queries"]
+            ranked[sample["__key__"]] = rank_batch(model, _video_batch(sample), protocol, dev) if queries else []
+            if keep >= 1.0:
+                write(sample, -np.inf)
+            if progress is not None:
+                progress(len(ranked), total)
+        floor = confidence_floor([float(r["scores"][0]) for rs in ranked.values() for r in rs], keep)
+        if keep < 1.0:
+            for sample in _samples(src):
+                write(sample, floor)
         manifest = {k: v for k, v in src.manifest.items() if k not in _WRITER_KEYS}
         manifest["pseudo_labels"] = {"checkpoint": str(checkpoint.resolve()),
                                      "weights_sha256": sha256_file(checkpoint / "model.safetensors"),
