@@ -68,7 +68,22 @@ def test_built_in_phases_equal_the_commands_by_hand(built, planted_charades, tmp
     assert pipeline.self_training.rounds == 1 and pipeline.loss.w_supervised == 0.0
     summary = json.loads((phases / "summary.json").read_text())
     assert [r["phase"] for r in summary["phases"]] == ["teacher", "student 1"]
+    # each phase's HParams row shows the pipeline's self_training keys and its phase (its own recipe has them off)
+    for run, name in ((phases / "teacher", "teacher"), (built, "student 1")):
+        hp = _hparams(run)
+        assert hp["self_training.rounds"].number_value == 1 and hp["self_training.phase"].string_value == name
+        assert hp["self_training.span_band"].number_value == 0.5
     assert summary["phases"][1]["test"] == json.loads((built / "history.json").read_text())["test"]
+
+
+def _hparams(run: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    ev = EventAccumulator(str(next((run / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    ev.Reload()
+    exp = [plugin_data_pb2.HParamsPluginData.FromString(c) for c in ev.PluginTagToContent("hparams").values()]
+    return [e for e in exp if e.HasField("session_start_info")][0].session_start_info.hparams
 
 
 def test_a_finished_run_resumed_trains_nothing_and_a_new_run_there_is_refused(built, planted_charades):
@@ -140,6 +155,37 @@ def test_another_kept_fraction_relabels_and_keeps_the_teacher(built, planted_cha
     pseudo_label(built / "self_training" / "teacher", str(shards / "train"), by_hand, "cpu", span_band=0.5, keep=0.5)
     assert [s["sha256"] for s in load_manifest(by_hand)["shards"]] == \
         [s["sha256"] for s in load_manifest(out / "self_training" / "pseudo-labels-1")["shards"]]
+
+
+def test_a_wider_student_learns_the_same_teacher_s_labels(built, planted_charades, tmp_path):
+    """self_training.hidden: the teacher and its labels are the default run's (bitwise); the student is
+    model.hidden wide and equals a run by hand with that width; a finished run resumed with another width is refused
+    rather than reported as this recipe's student."""
+    import shutil
+
+    from wsra_dist.self_training import plan
+
+    shards, out = planted_charades / "shards", tmp_path / "run"
+    teacher, student = plan(_recipe(shards, out, *ROUND, "self_training.hidden=24"))
+    assert (teacher.recipe.model.hidden, student.recipe.model.hidden) == (16, 24)
+    assert plan(_recipe(shards, out, *ROUND))[1].recipe.model.hidden == 16  # 0: the teacher's width
+    train(_recipe(shards, out, *ROUND, "self_training.hidden=24"))
+    assert max_weight_diff(load_weights(out / "self_training" / "teacher"),
+                           load_weights(built / "self_training" / "teacher")) == 0.0
+    assert [s["sha256"] for s in load_manifest(out / "self_training" / "pseudo-labels-1")["shards"]] == \
+        [s["sha256"] for s in load_manifest(built / "self_training" / "pseudo-labels-1")["shards"]]
+    by_hand = tmp_path / "by_hand"
+    train(_recipe(shards, by_hand, "loss.w_supervised=1", "model.hidden=24",
+                  f"data.train_shards={built / 'self_training' / 'pseudo-labels-1'}"))
+    assert max_weight_diff(load_weights(out), load_weights(by_hand)) == 0.0
+    assert load_recipe(out / "recipe.yaml").model.hidden == 24
+    again = tmp_path / "again"
+    shutil.copytree(built, again)
+    with pytest.raises(ConfigError, match=r"finished student 1 .* another model shape \(model.hidden 16 there, 24 here"):
+        train(_recipe(shards, again, *ROUND, "self_training.hidden=24", "resume=latest"))
+    for bad, why in (("-1", "must be an integer >= 0"), ("1.5", "expected an integer")):
+        with pytest.raises(ConfigError, match=f"self_training.hidden:? {why}"):
+            _recipe(shards, out, *ROUND, f"self_training.hidden={bad}").validate()
 
 
 def test_what_cannot_work_is_refused_before_the_teacher_trains(planted_charades, planted_didemo, tmp_path):

@@ -123,6 +123,9 @@ class SelfTrainingConfig:
     # the fraction of training queries whose pseudo times the student's L_supervised uses, the teacher's most
     # confident top-1 scores first (the rest train by the weak losses alone); 1: every query
     keep: float = 1.0
+    # the students' model.hidden (φ's width); 0: the teacher's. A student fits labels, not the weak objective, so
+    # a wider one can use them without the teacher's ranking problem getting wider too (docs/method.md)
+    hidden: int = 0
 
 
 @dataclass
@@ -246,6 +249,7 @@ def _validate(r: "Recipe") -> None:
            "a finite number (< 0: the teacher's own model.span_band)")
     number("self_training.w_supervised", st.w_supervised, 0.0, low_open=True)
     number("self_training.keep", st.keep, 0.0, 1.0, low_open=True, high_open=False)
+    integer("self_training.hidden", st.hidden, 0, "an integer >= 0 (0: the teacher's model.hidden)")
     if st.rounds:
         if lc.w_supervised:  # the teacher would learn from the annotated times the method never reads
             raise ConfigError(f"loss.w_supervised={lc.w_supervised:g} with self_training.rounds={st.rounds}: the "

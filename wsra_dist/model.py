@@ -23,6 +23,7 @@ MODEL_FORMAT = "wsra-dist-model/1"  # in config.json and the safetensors metadat
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"  # save_pretrained
 RUN_CONFIG_FILE = "wsra_model.json"  # the same dict in training run and checkpoint folders
+SHAPE_KEYS = ("hidden", "depth", "input_norm")  # model.* keys that decide the parameters' names and shapes
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:

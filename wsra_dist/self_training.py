@@ -10,7 +10,7 @@ runs in one command what `wsra-dist pseudo-label` and a second training run by h
    the other ranks wait (evaluation/pseudo_labels.py: no annotated time is read or kept; with
    `self_training.keep` < 1 only the teacher's most confident fraction trains L_supervised);
 3. the student: the same recipe trained from scratch on those shards with loss.w_supervised =
-   `self_training.w_supervised`, into OUTPUT_DIR itself, so `evaluate --checkpoint OUTPUT_DIR` is the student.
+   `self_training.w_supervised` (and model.hidden = `self_training.hidden` when > 0), into OUTPUT_DIR itself, so `evaluate --checkpoint OUTPUT_DIR` is the student.
 
 With rounds > 1 each student teaches the next (self_training/round-R).  resume=latest|auto skips the finished
 phases and continues the one that stopped (labels are written again only when their teacher changed);
@@ -29,11 +29,11 @@ from typing import Callable
 import torch
 
 from . import peers
-from .config import ConfigError, Recipe, SelfTrainingConfig, dump_recipe
+from .config import ConfigError, Recipe, SelfTrainingConfig, dump_recipe, load_recipe
 from .data.loader import ShardSource
 from .data.records import DataError
 from .data.shards import MANIFEST, load_manifest, sha256_file
-from .model import WEIGHTS_FILE
+from .model import SHAPE_KEYS, WEIGHTS_FILE
 from .run_folder import PHASES_DIR
 from .stop_signals import Stopped
 
@@ -63,6 +63,7 @@ def plan(recipe: Recipe) -> list[Phase]:
             phase.teacher = Path(phases[-1].recipe.output_dir)
             p.data.train_shards, p.data.train_manifest = str(phase.labels), ""
             p.loss.w_supervised = recipe.self_training.w_supervised
+            p.model.hidden = recipe.self_training.hidden or p.model.hidden
         phases.append(phase)
     return phases
 
@@ -106,6 +107,20 @@ def labels_current(labels: Path, teacher: Path, source: str, span_band: float, k
     return (pl.get("weights_sha256") == sha256_file(teacher / WEIGHTS_FILE) and same_band
             and float(pl.get("keep", 1.0)) == float(keep)
             and pl.get("source_shards") == str(Path(source).resolve()))
+
+
+def _check_kept_shape(phase: Phase) -> None:
+    """A finished phase is kept only if its model has the shape this recipe plans (self_training.hidden changed:
+    refuse rather than evaluate a student of the other width as if it were this recipe's)."""
+    saved = Path(phase.recipe.output_dir) / "recipe.yaml"
+    if not saved.is_file():
+        return
+    old = load_recipe(saved).model
+    diffs = [f"model.{k} {getattr(old, k)!r} there, {getattr(phase.recipe.model, k)!r} here" for k in SHAPE_KEYS
+             if getattr(old, k) != getattr(phase.recipe.model, k)]
+    if diffs:
+        raise ConfigError(f"resume: the finished {phase.name} in {phase.recipe.output_dir} has another model shape ("
+                          + "; ".join(diffs) + "); replace it with overwrite=true or train into a new output_dir")
 
 
 def _write_labels(recipe: Recipe, accelerator, stop, phase: Phase) -> None:
@@ -169,6 +184,7 @@ def run_rounds(recipe: Recipe, accelerator, stop, train_one: Callable[..., Path]
             if relabelled:
                 _write_labels(recipe, accelerator, stop, ph)
         if resumed and not relabelled and _agree(accelerator, finished(ph.recipe.output_dir)):
+            _check_kept_shape(ph)
             accelerator.print(f"self-training: the {ph.name} in {ph.recipe.output_dir} is finished; kept")
             if last:
                 accelerator.end_training()
@@ -177,7 +193,7 @@ def run_rounds(recipe: Recipe, accelerator, stop, train_one: Callable[..., Path]
         ph.recipe.overwrite = recipe.overwrite or (relabelled and ph.labels is not None)
         ph.recipe.resume = "" if ph.recipe.overwrite or not resumed else recipe.resume if i == 0 else "auto"
         accelerator.print(f"self-training: training the {ph.name} into {ph.recipe.output_dir}")
-        train_one(ph.recipe, accelerator, stop, phase=ph.name, final=last)
+        train_one(ph.recipe, accelerator, stop, phase=ph.name, final=last, pipeline=recipe.self_training)
     if accelerator.is_main_process:
         _write_summary(recipe, phases)
     return Path(recipe.output_dir)

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, Recipe, dump_recipe, flatten, load_recipe, to_dict
+from .config import ConfigError, Recipe, SelfTrainingConfig, dump_recipe, flatten, load_recipe, to_dict
 from .data.loader import EpochLoader, ShardSource
 from .data.records import DataError
 from .distributed import Gatherer
@@ -53,7 +53,7 @@ from . import checkpoints as ckpts
 from . import peers
 from .lifetime import die_with_parent, launched_worker
 from .evaluation.predict import model_from_info, predict
-from .model import RUN_CONFIG_FILE as INFO_FILE, WEIGHTS_FILE as MODEL_FILE
+from .model import RUN_CONFIG_FILE as INFO_FILE, SHAPE_KEYS, WEIGHTS_FILE as MODEL_FILE
 from .run_folder import PHASES_DIR, RunLock, check_reuse, clear_previous_run, previous_run, set_aside_failed_start
 from .stop_signals import STALL_S, StopDuringRead, Stopped, StopSignals
 
@@ -290,9 +290,6 @@ def _checkpoint_info(path: Path, where: str) -> dict:
         if isinstance(r, dict) and isinstance(r.get("model"), dict):
             return {"model": r["model"]}
     return {"model": {}}
-
-
-SHAPE_KEYS = ("hidden", "depth", "input_norm")  # model.* keys that decide the parameters' names and shapes
 
 
 def check_resume_compatible(path: Path, info: dict, model: torch.nn.Module, where: str) -> None:
@@ -533,6 +530,7 @@ class _Run:
     debug_dir: str | None = None
     sample_log: object = None
     phase: str | None = None  # a phase of a self-training run (its name), None for a run of its own
+    pipeline: object = None  # that run's SelfTrainingConfig (a phase's own recipe has self-training off)
     final: bool = True  # the process's last training: ends the trackers, the peer watch and the process group
     # time and throughput: evaluation and checkpoints are not training time
     t_start: float = 0.0
@@ -555,16 +553,16 @@ class _Run:
 
 
 def _train(recipe: Recipe, accelerator, stop: StopSignals | None = None, phase: str | None = None,
-           final: bool = True) -> Path:
-    """One training into recipe.output_dir (the folder is already owned); `phase`/`final`: a phase of a
-    self-training run, and whether it is the process's last."""
+           final: bool = True, pipeline: SelfTrainingConfig | None = None) -> Path:
+    """One training into recipe.output_dir (the folder is already owned); `phase`/`final`/`pipeline`: a phase of
+    a self-training run, whether it is the process's last, and that run's self_training settings."""
     from accelerate.utils import set_seed
 
     set_seed(recipe.seed)
     if recipe.train.deterministic:
         torch.use_deterministic_algorithms(True)
     run = _open_data(recipe, accelerator)
-    run.stop, run.phase, run.final = stop, phase, final
+    run.stop, run.phase, run.final, run.pipeline = stop, phase, final, pipeline
     try:
         return _train_run(run)
     except StopDuringRead as e:  # a signal while shard data did not come: the step cannot finish
@@ -946,7 +944,7 @@ def _finish(run: _Run) -> Path:
             "train_s": round(run.t_loop - run.t_excluded, 3), "processes": run.world,
             "graph_replays": getattr(run.step_fn, "replays", 0),
         }, indent=1))
-        write_hparams(accelerator, recipe, state.history, final, state.step)
+        write_hparams(accelerator, recipe, state.history, final, state.step, run.phase, run.pipeline)
     with peers.waiting("the final barrier", state.step):
         accelerator.wait_for_everyone()
     if run.final:
@@ -981,13 +979,17 @@ def hparam_metrics(history: list[dict], final: dict) -> dict[str, float]:
     return out
 
 
-def write_hparams(accelerator, recipe: Recipe, history: list[dict], final: dict, step: int) -> None:
-    """Hyper-parameters and metric columns into the run's own TensorBoard folder (one HParams row per run)."""
+def write_hparams(accelerator, recipe: Recipe, history: list[dict], final: dict, step: int,
+                  phase: str | None = None, pipeline: SelfTrainingConfig | None = None) -> None:
+    """Hyper-parameters and metric columns into the run's own TensorBoard folder (one HParams row per run).
+    A self-training phase's row shows the pipeline's self_training.* (its own recipe has them off) and its phase."""
     from torch.utils.tensorboard.summary import hparams
 
     writer = accelerator.get_tracker("tensorboard", unwrap=True)
-    hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-          for k, v in flatten(to_dict(recipe)).items() if v is not None}
+    d = to_dict(recipe)
+    if pipeline is not None:
+        d["self_training"] = {**dataclasses.asdict(pipeline), "phase": phase}
+    hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flatten(d).items() if v is not None}
     metrics = hparam_metrics(history, final)
     for summary in hparams(hp, metrics):
         writer.file_writer.add_summary(summary)
