@@ -181,7 +181,8 @@ def test_a_wider_student_learns_the_same_teacher_s_labels(built, planted_charade
     assert load_recipe(out / "recipe.yaml").model.hidden == 24
     again = tmp_path / "again"
     shutil.copytree(built, again)
-    with pytest.raises(ConfigError, match=r"finished student 1 .* another model shape \(model.hidden 16 there, 24 here"):
+    shape = r"finished student 1 .* another model shape \(model.hidden 16 there, 24 here"
+    with pytest.raises(ConfigError, match=shape):
         train(_recipe(shards, again, *ROUND, "self_training.hidden=24", "resume=latest"))
     for bad, why in (("-1", "must be an integer >= 0"), ("1.5", "expected an integer")):
         with pytest.raises(ConfigError, match=f"self_training.hidden:? {why}"):

@@ -10,7 +10,8 @@ runs in one command what `wsra-dist pseudo-label` and a second training run by h
    the other ranks wait (evaluation/pseudo_labels.py: no annotated time is read or kept; with
    `self_training.keep` < 1 only the teacher's most confident fraction trains L_supervised);
 3. the student: the same recipe trained from scratch on those shards with loss.w_supervised =
-   `self_training.w_supervised` (and model.hidden = `self_training.hidden` when > 0), into OUTPUT_DIR itself, so `evaluate --checkpoint OUTPUT_DIR` is the student.
+   `self_training.w_supervised` (and model.hidden = `self_training.hidden` when > 0), into OUTPUT_DIR itself, so
+   `evaluate --checkpoint OUTPUT_DIR` is the student.
 
 With rounds > 1 each student teaches the next (self_training/round-R).  resume=latest|auto skips the finished
 phases and continues the one that stopped (labels are written again only when their teacher changed);
